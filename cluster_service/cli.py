@@ -1,0 +1,202 @@
+"""`cluster-service` command line (typer: typed options and help text without argparse plumbing;
+rich: progress bars and tables). Commands parse arguments and call library functions only."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cluster_service.config import ConfigError, FitConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="DeepDPM clustering that infers K.")
+console = Console(stderr=True)
+out = Console()
+
+
+def main() -> None:
+    try:
+        app()
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # clear message, non-zero exit
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+def load_config(config: Path | None, overrides: list[str] | None = None, **flags) -> FitConfig:
+    """Config file (YAML/JSON) < --set key=value < explicit flags; validated once here."""
+    data: dict = {}
+    if config is not None:
+        if not config.is_file():
+            raise ConfigError(f"{config}: config file not found")
+        try:
+            data = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{config}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{config}: expected a mapping at the top level")
+        data = data.get("fit", data)
+    cfg = FitConfig.from_dict(data)
+    extra: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        extra[k.strip()] = yaml.safe_load(v)
+    extra.update({k: v for k, v in flags.items() if v is not None})
+    return cfg.replace(**extra) if extra else cfg
+
+
+class FitProgress:
+    """A rich progress bar fed by the per-epoch records."""
+
+    def __init__(self, epochs: int, quiet: bool = False):
+        self.progress = Progress(
+            TextColumn("[bold]fit"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("K={task.fields[k]} loss={task.fields[loss]:.3f}"), TimeElapsedColumn(),
+            console=console, disable=quiet,
+        )
+        self.task = self.progress.add_task("fit", total=epochs, k="?", loss=0.0)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def __call__(self, rec, engine) -> None:
+        self.progress.update(self.task, completed=rec.epoch + 1, k=rec.n_clusters, loss=rec.loss_cluster)
+
+
+def run_fit(data_path: Path, out_dir: Path, cfg: FitConfig, quiet: bool = False, tracking: bool = True) -> dict:
+    """Fit on a data file or shard directory; write RUN_DIR/model and RUN_DIR/assignments.parquet."""
+    from cluster_service.data import assignments_table, load_features, write_parquet_atomic
+    from cluster_service.fit import fit
+
+    feats = load_features(data_path)
+    if feats.x.shape[0] < max(2, cfg.k_init):
+        raise ValueError(f"{data_path}: {feats.x.shape[0]} rows; at least {max(2, cfg.k_init)} are needed")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = []
+    t0 = time.perf_counter()
+    with FitProgress(cfg.schedule.epochs, quiet) as progress:
+        callbacks.append(progress)
+        result = fit(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash)
+    elapsed = time.perf_counter() - t0
+    result.model.save(out_dir / "model")
+    write_parquet_atomic(
+        assignments_table(feats.ids, result.clusters, result.log_prob, result.model.version),
+        out_dir / "assignments.parquet",
+    )
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out_dir / "history.json").write_text(json.dumps([r.as_dict() for r in result.history], indent=1))
+    summary = {"n_samples": int(feats.x.shape[0]), "n_features": int(feats.x.shape[1]),
+               "k_found": result.n_clusters, "seconds": round(elapsed, 2), "out": str(out_dir)}
+    if feats.labels is not None:
+        from cluster_service.evaluate import score
+
+        summary.update(score(feats.labels, result.clusters).as_dict())
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def print_summary(summary: dict, title: str) -> None:
+    table = Table(title=title, show_header=False)
+    for k, v in summary.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(table)
+
+
+@app.command()
+def fit(
+    data: Annotated[Path, typer.Argument(help=".npy/.npz file (X, optional y) or a directory of Parquet shards")],
+    out_dir: Annotated[Path, typer.Option("--out", help="run directory to write")] = Path("runs/fit"),
+    k_init: Annotated[int | None, typer.Option(help="initial number of clusters (k-means)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="training epochs")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set prior.alpha=5")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Fit DeepDPM on DATA in this process; K is inferred."""
+    cfg = load_config(config, set_, k_init=k_init, seed=seed, device=device, **{"schedule.epochs": epochs})
+    summary = run_fit(data, out_dir, cfg, quiet=quiet)
+    print_summary(summary, f"fit {data}")
+    out.print(f"model: {out_dir / 'model'}\nassignments: {out_dir / 'assignments.parquet'}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `fit`")],
+    labels: Annotated[Path, typer.Option(help=".npy labels, .npz with y, or the shard dir with a label column")],
+) -> None:
+    """NMI / ARI / ACC / K of a run's assignments against ground-truth labels."""
+    import pyarrow.parquet as pq
+
+    from cluster_service.data import load_features
+    from cluster_service.evaluate import score
+
+    assign_file = run_dir / "assignments.parquet"
+    if not assign_file.is_file():
+        raise FileNotFoundError(f"{assign_file}: not found (is {run_dir} a run directory?)")
+    clusters = pq.read_table(assign_file, columns=["cluster"]).column("cluster").to_numpy()
+    if labels.suffix == ".npy":
+        y = np.load(labels, allow_pickle=False)
+    else:
+        y = load_features(labels).labels
+        if y is None:
+            raise ValueError(f"{labels}: contains no labels")
+    if len(y) != len(clusters):
+        raise ValueError(f"{labels}: {len(y)} labels but {assign_file} has {len(clusters)} rows")
+    s = score(np.asarray(y), clusters)
+    print_summary(s.as_dict(), f"evaluate {run_dir}")
+
+
+@app.command()
+def plan(
+    config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
+    epochs: Annotated[int | None, typer.Option(help="training epochs")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set schedule.move_period=20")] = None,
+) -> None:
+    """Print the training schedule (warm-up, subclusters, split and merge epochs)."""
+    from cluster_service.schedule import build_plan, format_plan
+
+    cfg = load_config(config, set_, **{"schedule.epochs": epochs})
+    out.print(format_plan(build_plan(cfg.schedule)))
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="where to write the demo runs")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Cluster a generated 12-cluster mixture and sklearn's digits, starting from K=1."""
+    from cluster_service.datasets import load_digits_pca, make_mixture
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = out_dir / "data"
+    data_dir.mkdir(exist_ok=True)
+    x, y = make_mixture(20000, 16, 12, seed=seed)
+    np.savez(data_dir / "mixture.npz", X=x, y=y)
+    xd, yd = load_digits_pca(16, seed=seed)
+    np.savez(data_dir / "digits.npz", X=xd, y=yd)
+    cfg = FitConfig().replace(seed=seed)
+    for name in ("mixture", "digits"):
+        console.print(f"[bold]{name}[/]: {data_dir / (name + '.npz')}")
+        summary = run_fit(data_dir / f"{name}.npz", out_dir / name, cfg)
+        print_summary(summary, f"demo: {name}")
+    out.print(f"outputs under {out_dir}/ (model/, assignments.parquet, history.json, summary.json)")
+
+
+if __name__ == "__main__":
+    main()

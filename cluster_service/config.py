@@ -1,0 +1,265 @@
+"""Typed, frozen configuration: one dataclass per component, composed into `FitConfig`.
+
+Every default lives here and only here. `FitConfig.from_dict` parses and validates a
+(possibly nested, possibly partial) mapping once, at the edge (CLI, job YAML, Ray Tune);
+components receive only their own sub-config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message says what is allowed."""
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Dirichlet-process concentration and Normal-Inverse-Wishart hyperparameters.
+
+    The NIW prior is parameterised as in DESIGN §2: (kappa, m, nu, psi) with the prior scale
+    matrix nu * psi, so `psi` is on the scale of a covariance.
+    """
+
+    # DP concentration. Larger alpha favours more clusters (enters split ratios as +log alpha).
+    # 10 is the DeepDPM default; K is insensitive to it within an order of magnitude.
+    alpha: float = 10.0
+    # Pseudo-count of the prior mean. Tiny so cluster means follow the data.
+    kappa: float = 1e-4
+    # Degrees of freedom in excess of the dimension: nu = n_features + nu_offset. Must be > -1
+    # (nu > d - 1). 2 gives the weakest prior with a finite mean covariance (DeepDPM: nu = d + 2).
+    nu_offset: float = 2.0
+    # How psi is chosen: "data_diag" = psi_scale * mean per-dimension variance of the data * I
+    # (scale-free: works for L2-normalised embeddings and raw features alike);
+    # "fixed" = psi_scale * I (the reference code's 0.005 * I when psi_scale=0.005).
+    psi_mode: Literal["data_diag", "fixed"] = "data_diag"
+    # Fraction of the data variance a single cluster is expected to have a priori.
+    psi_scale: float = 0.005
+
+    def validate(self) -> None:
+        if not self.alpha > 0:
+            raise ConfigError(f"prior.alpha must be > 0, got {self.alpha}")
+        if not self.kappa > 0:
+            raise ConfigError(f"prior.kappa must be > 0, got {self.kappa}")
+        if not self.nu_offset > -1:
+            raise ConfigError(f"prior.nu_offset must be > -1 (nu > n_features - 1), got {self.nu_offset}")
+        if self.psi_mode not in ("data_diag", "fixed"):
+            raise ConfigError(f"prior.psi_mode must be 'data_diag' or 'fixed', got {self.psi_mode!r}")
+        if not self.psi_scale > 0:
+            raise ConfigError(f"prior.psi_scale must be > 0, got {self.psi_scale}")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Clustering net and batched subclustering nets (DeepDPM §3)."""
+
+    cluster_hidden: int = 128  # hidden width of the clustering net f_cl
+    sub_hidden: int = 32  # hidden width of each subclustering net f_sub^k
+    lr: float = 2e-3  # Adam learning rate of the clustering net
+    sub_lr: float = 5e-3  # Adam learning rate of the subclustering nets
+    batch_size: int = 1024
+    # Small data sets still get this many optimizer steps per epoch (data cycled).
+    min_steps_per_epoch: int = 20
+    # Clustering loss: "kl" = KL(r || r^E) (DeepDPM); "ajs" = alpha-skew Jensen-Shannon.
+    loss: Literal["kl", "ajs"] = "kl"
+    ajs_alpha: float = 0.5  # skew of the ajs loss; 0.5 is the symmetric JS divergence
+
+    def validate(self) -> None:
+        for name in ("cluster_hidden", "sub_hidden", "batch_size", "min_steps_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"net.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "sub_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"net.{name} must be > 0, got {getattr(self, name)}")
+        if self.loss not in ("kl", "ajs"):
+            raise ConfigError(f"net.loss must be 'kl' or 'ajs', got {self.loss!r}")
+        if not 0 < self.ajs_alpha < 1:
+            raise ConfigError(f"net.ajs_alpha must be in (0, 1), got {self.ajs_alpha}")
+
+
+@dataclass(frozen=True)
+class MoveConfig:
+    """Split/merge proposals and their guards."""
+
+    # A cluster (or subcluster) with fewer (weighted) points than this is never split, and a
+    # split that would create one is rejected.
+    min_cluster_size: float = 10.0
+    # Merge candidates: each cluster's this-many nearest cluster means (FAISS).
+    merge_neighbors: int = 3
+    # Clusters whose weighted count falls below this are removed (their points go elsewhere).
+    prune_below: float = 1.0
+    # Upper bound on K (a safety net, not a tuning knob).
+    max_clusters: int = 5000
+
+    def validate(self) -> None:
+        if self.min_cluster_size < 2:
+            raise ConfigError(f"moves.min_cluster_size must be >= 2, got {self.min_cluster_size}")
+        if self.merge_neighbors < 1:
+            raise ConfigError(f"moves.merge_neighbors must be >= 1, got {self.merge_neighbors}")
+        if self.prune_below < 0:
+            raise ConfigError(f"moves.prune_below must be >= 0, got {self.prune_below}")
+        if self.max_clusters < 1:
+            raise ConfigError(f"moves.max_clusters must be >= 1, got {self.max_clusters}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When things happen, in epochs. `schedule.build_plan` turns this into per-epoch data."""
+
+    epochs: int = 120
+    # Epochs during which only the clustering net trains against the k-means init (no M-step).
+    warmup_epochs: int = 5
+    # First epoch in which the subclustering nets train.
+    subcluster_start: int = 5
+    # First split epoch; splits then come every `move_period` epochs; merges half-way between.
+    first_split: int = 15
+    move_period: int = 10
+    # After a move, the cluster parameters stay frozen this many epochs while the nets adapt
+    # to the new K (the M-step would otherwise average the new clusters back together).
+    freeze_epochs: int = 3
+    # No moves in the last `final_epochs` epochs: the model settles.
+    final_epochs: int = 10
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"schedule.epochs must be >= 1, got {self.epochs}")
+        for name in ("warmup_epochs", "subcluster_start", "first_split", "freeze_epochs", "final_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"schedule.{name} must be >= 0, got {getattr(self, name)}")
+        if self.move_period < 2:
+            raise ConfigError(f"schedule.move_period must be >= 2 (split and merge alternate), got {self.move_period}")
+        if self.freeze_epochs >= self.move_period // 2 + 1:
+            raise ConfigError(
+                f"schedule.freeze_epochs ({self.freeze_epochs}) must be <= move_period // 2 "
+                f"({self.move_period // 2}) so the nets adapt before the next move"
+            )
+        if self.first_split <= self.subcluster_start:
+            raise ConfigError(
+                f"schedule.first_split ({self.first_split}) must come after subcluster_start "
+                f"({self.subcluster_start}): splits need trained subclusters"
+            )
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything a fit needs. Compose sub-configs; parse with `FitConfig.from_dict`."""
+
+    k_init: int = 1
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    # Which responsibilities weight the M-step: "net" (DeepDPM: the clustering net's) or
+    # "estep" (classic EM responsibilities; the net is still trained and saved).
+    responsibilities: Literal["net", "estep"] = "net"
+    # Rows per chunk for E-step and statistics: memory is O(chunk * K + K * d^2).
+    chunk_size: int = 8192
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    moves: MoveConfig = field(default_factory=MoveConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def validate(self) -> FitConfig:
+        if self.k_init < 1:
+            raise ConfigError(f"k_init must be >= 1, got {self.k_init}")
+        if self.chunk_size < 1:
+            raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.responsibilities not in ("net", "estep"):
+            raise ConfigError(f"responsibilities must be 'net' or 'estep', got {self.responsibilities!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.k_init > self.moves.max_clusters:
+            raise ConfigError(f"k_init ({self.k_init}) exceeds moves.max_clusters ({self.moves.max_clusters})")
+        for sub in (self.prior, self.net, self.moves, self.schedule):
+            sub.validate()
+        return self
+
+    # ---- parsing -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys, e.g. {"prior.alpha": 10.0, ...}, for logging as params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, d: dict[str, Any]) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(f"{prefix}{k}.", v)
+                else:
+                    out[f"{prefix}{k}"] = v
+
+        walk("", self.to_dict())
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None = None) -> FitConfig:
+        """Build and validate from a nested mapping; dotted keys ("prior.alpha") are accepted."""
+        return _build(cls, _nest(data or {}), "").validate()
+
+    def replace(self, **overrides: Any) -> FitConfig:
+        """A copy with overrides given as dotted keys, e.g. replace(**{"schedule.epochs": 50})."""
+        merged = _deep_update(self.to_dict(), _nest(overrides))
+        return FitConfig.from_dict(merged)
+
+
+def _nest(data: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        parts = str(key).split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {key!r} conflicts with a scalar at {p!r}")
+        if isinstance(value, dict):
+            value = _nest(value)
+            node[parts[-1]] = _deep_update(node.get(parts[-1], {}), value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def _deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+_CASTS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"allowed under {prefix or 'top level'}: {', '.join(sorted(known))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = known[name]
+        if dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a mapping, got {value!r}")
+            kwargs[name] = _build(f.default_factory, value, f"{prefix}{name}.")
+            continue
+        type_name = str(f.type).split("[")[0]
+        cast = _CASTS.get(type_name)
+        if cast is not None and value is not None:
+            try:
+                if cast is int and isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                if cast is bool and not isinstance(value, bool):
+                    raise ValueError
+                value = cast(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{prefix}{name} must be {type_name}, got {value!r}") from None
+        kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,95 @@
+"""Loading feature matrices for `fit` and `evaluate`: .npy / .npz files or Parquet shard dirs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and row or column) and what was expected."""
+
+
+@dataclass
+class FeatureSet:
+    ids: np.ndarray  # (n,) int64 or str
+    x: np.ndarray  # (n, d) float32
+    labels: np.ndarray | None  # (n,) int64
+    manifest_hash: str | None = None
+    source: str = ""
+
+
+def load_features(path: str | os.PathLike) -> FeatureSet:
+    """Read X (and optional labels y) from .npy, .npz (arrays X/x and optional y/labels/label)
+    or a directory of Parquet feature shards (DESIGN §3)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    if p.is_dir():
+        from cluster_service.shards import read_feature_table
+
+        t = read_feature_table(p)
+        return FeatureSet(t.ids, t.features, t.labels, t.manifest_hash, str(p))
+    if p.suffix == ".npy":
+        try:
+            x = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DataError(f"{p}: not a readable .npy array ({e})") from e
+        labels = None
+    elif p.suffix == ".npz":
+        try:
+            z = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DataError(f"{p}: not a readable .npz archive ({e})") from e
+        key = next((k for k in ("X", "x", "features") if k in z.files), None)
+        if key is None:
+            raise DataError(f"{p}: expected an array named X (or x, features); found {z.files}")
+        x = z[key]
+        lk = next((k for k in ("y", "labels", "label") if k in z.files), None)
+        labels = z[lk] if lk else None
+    else:
+        raise DataError(f"{p}: expected a .npy or .npz file or a directory of Parquet shards")
+    if x.ndim != 2:
+        raise DataError(f"{p}: expected a 2-D array (n_samples, n_features), got shape {x.shape}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (x.shape[0],):
+            raise DataError(f"{p}: labels have shape {labels.shape}, expected ({x.shape[0]},) to match X")
+        labels = labels.astype(np.int64)
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{p}: expected numeric features, got dtype {x.dtype}")
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise DataError(f"{p}: row {int(bad[0])} contains NaN or Inf ({bad.size} bad row(s) in all)")
+    return FeatureSet(np.arange(x.shape[0], dtype=np.int64), x.astype(np.float32), labels, None, str(p))
+
+
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write a Parquet file under a temporary name in the same directory, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def assignments_table(ids: np.ndarray, clusters: np.ndarray, log_prob: np.ndarray, version: str) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array(ids),
+            "cluster": pa.array(clusters.astype(np.int32)),
+            "log_prob": pa.array(log_prob.astype(np.float32)),
+            "model_version": pa.array([version] * len(ids), pa.string()),
+        }
+    )

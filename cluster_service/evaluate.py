@@ -1,0 +1,52 @@
+"""Clustering metrics against ground truth. Never imported by training code."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+
+def cluster_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """Unsupervised accuracy: best one-to-one matching of clusters to labels (Hungarian)."""
+    labels = np.asarray(labels)
+    clusters = np.asarray(clusters)
+    _, li = np.unique(labels, return_inverse=True)
+    _, ci = np.unique(clusters, return_inverse=True)
+    counts = np.zeros((ci.max() + 1, li.max() + 1), dtype=np.int64)
+    np.add.at(counts, (ci, li), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    return float(counts[rows, cols].sum() / labels.size)
+
+
+@dataclass(frozen=True)
+class Scores:
+    nmi: float
+    ari: float
+    acc: float
+    k_found: int
+    k_true: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (
+            f"K found {self.k_found} (true {self.k_true})  NMI {self.nmi:.4f}  ARI {self.ari:.4f}  ACC {self.acc:.4f}"
+        )
+
+
+def score(labels: np.ndarray, clusters: np.ndarray) -> Scores:
+    labels = np.asarray(labels)
+    clusters = np.asarray(clusters)
+    if labels.shape != clusters.shape:
+        raise ValueError(f"labels {labels.shape} and clusters {clusters.shape} differ in length")
+    return Scores(
+        nmi=float(normalized_mutual_info_score(labels, clusters)),
+        ari=float(adjusted_rand_score(labels, clusters)),
+        acc=cluster_accuracy(labels, clusters),
+        k_found=int(np.unique(clusters).size),
+        k_true=int(np.unique(labels).size),
+    )

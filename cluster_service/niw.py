@@ -1,0 +1,287 @@
+"""Normal-Inverse-Wishart prior, sufficient statistics and the DPGMM quantities built on them.
+
+Pure functions over float64 tensors: no I/O, no devices chosen, no distribution. Notation
+follows DESIGN §2 (and Chang & Fisher 2013 / DeepDPM eq. 6-9):
+
+    prior          NIW(kappa, m, nu, psi), prior scale matrix nu * psi
+    posterior      kappa* = kappa + N,  nu* = nu + N,  m* = (kappa m + s) / kappa*
+                   nu* psi* = nu psi + kappa m m^T + S - kappa* m* m*^T
+    marginal       log f(X) = -(N d / 2) log pi + log Gamma_d(nu*/2) - log Gamma_d(nu/2)
+                              + (nu/2) log|nu psi| - (nu*/2) log|nu* psi*| + (d/2) log(kappa/kappa*)
+
+Statistics (N, s, S) are batched with any number of leading axes (clusters, subclusters).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+STAT_DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class SuffStats:
+    """Sufficient statistics of weighted point sets, batched over leading axes.
+
+    count: (...,)            N = sum_i w_i
+    sum:   (..., d)          s = sum_i w_i x_i
+    scatter: (..., d, d)     S = sum_i w_i x_i x_i^T   (uncentred)
+    """
+
+    count: torch.Tensor
+    sum: torch.Tensor
+    scatter: torch.Tensor
+
+    @property
+    def n_features(self) -> int:
+        return self.sum.shape[-1]
+
+    def __add__(self, other: SuffStats) -> SuffStats:
+        return SuffStats(self.count + other.count, self.sum + other.sum, self.scatter + other.scatter)
+
+    def __getitem__(self, idx) -> SuffStats:
+        return SuffStats(self.count[idx], self.sum[idx], self.scatter[idx])
+
+    def reduce_sum(self, dim: int = 0) -> SuffStats:
+        """Statistics of the union along a leading axis."""
+        return SuffStats(self.count.sum(dim), self.sum.sum(dim), self.scatter.sum(dim))
+
+    def to(self, *args, **kwargs) -> SuffStats:
+        return SuffStats(self.count.to(*args, **kwargs), self.sum.to(*args, **kwargs), self.scatter.to(*args, **kwargs))
+
+    def flatten(self) -> torch.Tensor:
+        """One contiguous 1-D tensor (for a single all_reduce)."""
+        return torch.cat([self.count.reshape(-1), self.sum.reshape(-1), self.scatter.reshape(-1)])
+
+    @staticmethod
+    def unflatten(flat: torch.Tensor, batch_shape: tuple[int, ...], n_features: int) -> SuffStats:
+        nb = math.prod(batch_shape)
+        d = n_features
+        count = flat[:nb].reshape(batch_shape)
+        s = flat[nb : nb + nb * d].reshape(*batch_shape, d)
+        S = flat[nb + nb * d :].reshape(*batch_shape, d, d)
+        return SuffStats(count, s, S)
+
+    @staticmethod
+    def zeros(batch_shape: tuple[int, ...], n_features: int, device=None) -> SuffStats:
+        d = n_features
+        return SuffStats(
+            torch.zeros(batch_shape, dtype=STAT_DTYPE, device=device),
+            torch.zeros(*batch_shape, d, dtype=STAT_DTYPE, device=device),
+            torch.zeros(*batch_shape, d, d, dtype=STAT_DTYPE, device=device),
+        )
+
+    @staticmethod
+    def concat(parts: list[SuffStats], dim: int = 0) -> SuffStats:
+        return SuffStats(
+            torch.cat([p.count for p in parts], dim),
+            torch.cat([p.sum for p in parts], dim),
+            torch.cat([p.scatter for p in parts], dim),
+        )
+
+
+def stats_from_points(x: torch.Tensor, weights: torch.Tensor | None = None) -> SuffStats:
+    """Statistics of points under per-cluster weights.
+
+    x: (n_samples, d); weights: (n_samples, n_clusters) or None (one cluster, unit weights).
+    Returns batch shape (n_clusters,) (or () when weights is None), float64.
+    """
+    x = x.to(STAT_DTYPE)
+    if weights is None:
+        return SuffStats(torch.tensor(float(x.shape[0]), dtype=STAT_DTYPE, device=x.device), x.sum(0), x.T @ x)
+    w = weights.to(STAT_DTYPE)
+    return SuffStats(w.sum(0), w.T @ x, torch.einsum("nk,ni,nj->kij", w, x, x))
+
+
+@dataclass(frozen=True)
+class NIWPrior:
+    """NIW hyperparameters. kappa, nu: scalars; mean: (d,); psi: (d, d) SPD."""
+
+    kappa: float
+    nu: float
+    mean: torch.Tensor
+    psi: torch.Tensor
+
+    @property
+    def n_features(self) -> int:
+        return self.mean.shape[-1]
+
+    def to(self, *args, **kwargs) -> NIWPrior:
+        return NIWPrior(self.kappa, self.nu, self.mean.to(*args, **kwargs), self.psi.to(*args, **kwargs))
+
+
+@dataclass(frozen=True)
+class NIWPosterior:
+    """Posterior NIW parameters, batched. kappa, nu: (...,); mean: (..., d); psi: (..., d, d)."""
+
+    kappa: torch.Tensor
+    nu: torch.Tensor
+    mean: torch.Tensor
+    psi: torch.Tensor
+
+
+def make_prior(
+    data_mean: torch.Tensor,
+    data_var: torch.Tensor,
+    kappa: float,
+    nu_offset: float,
+    psi_mode: str,
+    psi_scale: float,
+) -> NIWPrior:
+    """Priors scaled to the data.
+
+    data_mean: (d,); data_var: (d,) per-dimension variance of the data.
+    psi = psi_scale * mean(data_var) * I for "data_diag" (scale-free), psi_scale * I for "fixed".
+    """
+    d = data_mean.shape[-1]
+    eye = torch.eye(d, dtype=STAT_DTYPE, device=data_mean.device)
+    if psi_mode == "data_diag":
+        scale = float(data_var.to(STAT_DTYPE).mean().clamp_min(1e-30))
+        psi = psi_scale * scale * eye
+    elif psi_mode == "fixed":
+        psi = psi_scale * eye
+    else:
+        raise ValueError(f"unknown psi_mode {psi_mode!r}")
+    return NIWPrior(kappa=float(kappa), nu=float(d + nu_offset), mean=data_mean.to(STAT_DTYPE), psi=psi)
+
+
+def posterior(prior: NIWPrior, stats: SuffStats) -> NIWPosterior:
+    """NIW posterior given statistics (DESIGN §2). Zero counts give back the prior."""
+    N = stats.count
+    kappa_n = prior.kappa + N
+    nu_n = prior.nu + N
+    m = prior.mean
+    mean_n = (prior.kappa * m + stats.sum) / kappa_n[..., None]
+    outer_m = torch.outer(m, m)
+    nu_psi_n = (
+        prior.nu * prior.psi
+        + prior.kappa * outer_m
+        + stats.scatter
+        - kappa_n[..., None, None] * mean_n[..., :, None] * mean_n[..., None, :]
+    )
+    nu_psi_n = 0.5 * (nu_psi_n + nu_psi_n.transpose(-1, -2))
+    return NIWPosterior(kappa_n, nu_n, mean_n, nu_psi_n / nu_n[..., None, None])
+
+
+def safe_cholesky(a: torch.Tensor, what: str = "matrix") -> torch.Tensor:
+    """Cholesky factor of a batch of (nearly) SPD matrices; adds growing jitter where needed.
+
+    a: (..., d, d). Non-SPD inputs get jitter eps * mean(diag) * I (eps = 1e-10 .. 1e-2) and a
+    warning naming how many matrices needed it; never raises for finite input.
+    """
+    L, info = torch.linalg.cholesky_ex(a)
+    if not bool((info > 0).any()):
+        return L
+    bad = info > 0
+    d = a.shape[-1]
+    eye = torch.eye(d, dtype=a.dtype, device=a.device)
+    scale = a.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(torch.finfo(a.dtype).tiny)
+    for eps in (1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1e0):
+        fixed = a + (eps * scale)[..., None, None] * eye
+        L_fix, info_fix = torch.linalg.cholesky_ex(fixed)
+        L = torch.where(bad[..., None, None], L_fix, L)
+        bad = bad & (info_fix > 0)
+        if not bool(bad.any()):
+            break
+    warnings.warn(
+        f"{what}: {int((info > 0).sum())} matrix(es) not positive definite; added jitter to the diagonal",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    if bool(bad.any()):
+        raise FloatingPointError(f"{what}: could not make {int(bad.sum())} matrix(es) positive definite")
+    return L
+
+
+def logdet_from_cholesky(L: torch.Tensor) -> torch.Tensor:
+    """log|A| from its Cholesky factor L: (..., d, d) -> (...,)."""
+    return 2.0 * torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
+
+
+def log_marginal_likelihood(prior: NIWPrior, stats: SuffStats) -> torch.Tensor:
+    """log f(X) of each set under the NIW prior (DESIGN §2), from statistics only. -> (...,)."""
+    post = posterior(prior, stats)
+    d = prior.n_features
+    N = stats.count
+    prior_logdet = logdet_from_cholesky(safe_cholesky(prior.nu * prior.psi, "prior scale"))
+    post_logdet = logdet_from_cholesky(safe_cholesky(post.nu[..., None, None] * post.psi, "posterior scale"))
+    nu = torch.as_tensor(prior.nu, dtype=STAT_DTYPE, device=N.device)
+    return (
+        -0.5 * N * d * math.log(math.pi)
+        + torch.special.multigammaln(post.nu / 2, d)
+        - torch.special.multigammaln(nu / 2, d)
+        + 0.5 * prior.nu * prior_logdet
+        - 0.5 * post.nu * post_logdet
+        + 0.5 * d * (math.log(prior.kappa) - torch.log(post.kappa))
+    )
+
+
+@dataclass(frozen=True)
+class GaussianParams:
+    """Mixture parameters. log_weights: (K,); means: (K, d); chol: (K, d, d) lower Cholesky of Sigma."""
+
+    log_weights: torch.Tensor
+    means: torch.Tensor
+    chol: torch.Tensor
+
+    @property
+    def n_clusters(self) -> int:
+        return self.means.shape[0]
+
+    def to(self, *args, **kwargs) -> GaussianParams:
+        return GaussianParams(
+            self.log_weights.to(*args, **kwargs), self.means.to(*args, **kwargs), self.chol.to(*args, **kwargs)
+        )
+
+    def __getitem__(self, idx) -> GaussianParams:
+        return GaussianParams(self.log_weights[idx], self.means[idx], self.chol[idx])
+
+
+def map_estimate(prior: NIWPrior, stats: SuffStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted MAP M-step: the NIW mode.
+
+    mu = m*,  Sigma = nu* psi* / (nu* + d + 2)   (joint mode of the NIW; DESIGN §2 "mode" form).
+    Returns means (..., d) and the Cholesky factor of Sigma (..., d, d).
+    """
+    post = posterior(prior, stats)
+    d = prior.n_features
+    cov = (post.nu / (post.nu + d + 2))[..., None, None] * post.psi
+    return post.mean, safe_cholesky(cov, "M-step covariance")
+
+
+def dp_log_weights(counts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Mixture weights from the Dirichlet posterior of the weighted counts (posterior mean).
+
+    pi_k = (N_k + alpha / K) / (N + alpha)   -- finite symmetric-Dirichlet approximation of the DP.
+    counts: (K,) -> log pi: (K,)
+    """
+    K = counts.shape[-1]
+    a = counts.to(STAT_DTYPE).clamp_min(0) + alpha / K
+    return torch.log(a) - torch.log(a.sum(-1, keepdim=True))
+
+
+def log_split_ratio(prior: NIWPrior, alpha: float, part1: SuffStats, part2: SuffStats) -> torch.Tensor:
+    """log H_s for splitting (part1 ∪ part2) into part1, part2 (DeepDPM eq. 9). Batched -> (...,).
+
+    H_s = alpha Gamma(N_1) f(X_1) Gamma(N_2) f(X_2) / (Gamma(N) f(X)).
+    The merge ratio of the same pair is its negative (H_m = 1 / H_s).
+    """
+    whole = part1 + part2
+    return (
+        math.log(alpha)
+        + torch.lgamma(part1.count)
+        + log_marginal_likelihood(prior, part1)
+        + torch.lgamma(part2.count)
+        + log_marginal_likelihood(prior, part2)
+        - torch.lgamma(whole.count)
+        - log_marginal_likelihood(prior, whole)
+    )
+
+
+def log_merge_ratio(prior: NIWPrior, alpha: float, part1: SuffStats, part2: SuffStats) -> torch.Tensor:
+    """log H_m = -log H_s for merging part1 and part2. Batched -> (...,)."""
+    return -log_split_ratio(prior, alpha, part1, part2)
