@@ -1,0 +1,19 @@
+"""Shared fixtures. Ray and MLflow fixtures start real local instances, as a user would."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def mixture_small():
+    """A 6-cluster generated mixture, d=8, 3000 points."""
+    from cluster_service.datasets import make_mixture
+
+    return make_mixture(3000, 8, 6, seed=1)
