@@ -121,25 +121,39 @@ def kl_loss(logits: torch.Tensor, log_target: torch.Tensor) -> torch.Tensor:
 def ajs_loss(logits: torch.Tensor, log_target: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """Alpha-skew Jensen-Shannon divergence JS_a(r_i || r^E_i) per point: (n, K) -> (n,).
 
-    For categorical p (net) and q (target) and skew a in (0, 1), with the mixture
-    m = (1 - a) p + a q:
+    logits: (n, K) the clustering net's; log_target: (n, K) log E-step responsibilities (may
+    hold -inf for zero-probability clusters); alpha: the skew a in (0, 1).
+
+    Definition (Nielsen's skew JS). For categorical p = softmax(logits), q = exp(log_target)
+    and the a-mixture m = (1 - a) p + a q:
 
         JS_a(p || q) = (1 - a) KL(p || m) + a KL(q || m)
                      = sum_k (1 - a) p_k (log p_k - log m_k) + a q_k (log q_k - log m_k)
 
-    Derivation: JS_a is the a-weighted mean of each distribution's KL to their a-mixture;
-    both KLs are finite because m_k >= (1 - a) p_k and m_k >= a q_k, so it needs no clamping.
-    Closed form, symmetric at a = 0.5 (JS_a(p||q) = JS_{1-a}(q||p)), 0 iff p = q, and bounded
-    by the entropy of the mixing weights, H(a) <= log 2. log m is taken with logsumexp so the
-    loss stays in log space.
+    Closed form in log space: log m_k = logsumexp(log(1 - a) + log p_k, log a + log q_k), and
+    q_k log q_k is xlogy(q_k, q_k) so that q_k = 0 contributes 0 (not 0 * -inf = NaN).
+
+    Properties (each pinned by tests/test_ajs.py):
+    - Swapping p and q maps a to 1 - a (the mixture is the same), so a = 0.5 is symmetric
+      and is the ordinary Jensen-Shannon divergence.
+    - 0 iff p = q: both KLs are >= 0 and KL(p || m) = 0 iff p = m iff p = q (for 0 < a < 1).
+    - Bounded: m_k >= (1 - a) p_k and m_k >= a q_k, so log(p_k / m_k) <= -log(1 - a) and
+      log(q_k / m_k) <= -log a; hence JS_a <= -(1 - a) log(1 - a) - a log a = H(a) <= log 2.
+      The terms never need clamping, unlike KL(p || q).
+    - Entropy form: since sum_k ((1 - a) p_k + a q_k) log m_k = sum_k m_k log m_k,
+      JS_a = H(m) - (1 - a) H(p) - a H(q) (H the Shannon entropy).
+    - Gradient: from the entropy form, dJS_a/dp_k = (1 - a)(log p_k + 1) - (1 - a)(log m_k + 1)
+      = (1 - a) log(p_k / m_k); through the softmax, dJS_a/dlogit_j = (1 - a) p_j (g_j - E_p[g])
+      with g = log(p / m). Every factor log(p_k / m_k) is weighted by p_k, so the gradient stays
+      finite even where the target q_k is 0 (where KL(p || q) would be infinite).
     """
     log_p = torch.log_softmax(logits, dim=-1)
     log_q = log_target
-    log_m = torch.logsumexp(
-        torch.stack([log_p + math.log(1 - alpha), log_q + math.log(alpha)]), dim=0
-    )
-    js = (1 - alpha) * (log_p.exp() * (log_p - log_m)).sum(-1) + alpha * (log_q.exp() * (log_q - log_m)).sum(-1)
-    return js
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(1 - alpha), log_q + math.log(alpha)]), dim=0)
+    q = log_q.exp()
+    kl_p = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_q = (torch.special.xlogy(q, q) - q * log_m).sum(-1)
+    return (1 - alpha) * kl_p + alpha * kl_q
 
 
 def subcluster_loss(sub_logits: torch.Tensor, x: torch.Tensor, sub_means: torch.Tensor) -> torch.Tensor:

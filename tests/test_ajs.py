@@ -1,0 +1,138 @@
+"""The alpha-skew Jensen-Shannon clustering loss (nets.ajs_loss) against its definition.
+
+The reference here is a direct, naive implementation in probabilities (softmax, then the
+mixture, then sums of p log(p / m)); the loss under test works in log space.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cluster_service.nets import ajs_loss, kl_loss
+
+
+def naive_ajs(logits: torch.Tensor, target: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 - a) KL(p || m) + a KL(q || m), m = (1 - a) p + a q, in plain probabilities."""
+    p = torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True)
+    m = (1 - alpha) * p + alpha * target
+    kl_pm = (p * torch.log(p / m)).sum(-1)
+    safe_q = torch.where(target > 0, target, torch.ones_like(target))
+    kl_qm = torch.where(target > 0, target * torch.log(safe_q / m), torch.zeros_like(target)).sum(-1)
+    return (1 - alpha) * kl_pm + alpha * kl_qm
+
+
+def entropy2(a: float) -> float:
+    return -(a * math.log(a) + (1 - a) * math.log(1 - a))
+
+
+def random_logits(n: int, k: int, seed: int, spread: float = 3.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g, dtype=torch.float64) * spread
+
+
+def test_matches_naive_definition_and_scipy_js():
+    from scipy.spatial.distance import jensenshannon
+
+    logits = random_logits(64, 7, 0)
+    log_q = torch.log_softmax(random_logits(64, 7, 1), -1)
+    for alpha in (0.1, 0.5, 0.8):
+        got = ajs_loss(logits, log_q, alpha)
+        assert torch.allclose(got, naive_ajs(logits, log_q.exp(), alpha), atol=1e-12)
+    # alpha = 0.5 is the ordinary JS divergence; scipy returns its square root (natural log).
+    p, q = torch.softmax(logits, -1).numpy(), log_q.exp().numpy()
+    ref = jensenshannon(p, q, axis=1) ** 2
+    np.testing.assert_allclose(ajs_loss(logits, log_q, 0.5).numpy(), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_symmetric_at_half_and_skew_swaps():
+    a, b = random_logits(50, 5, 2), random_logits(50, 5, 3)
+    log_pa, log_pb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    assert torch.allclose(ajs_loss(a, log_pb, 0.5), ajs_loss(b, log_pa, 0.5), atol=1e-13)
+    # In general JS_a(p || q) = JS_{1-a}(q || p), and JS_a is NOT symmetric for a != 1/2.
+    assert torch.allclose(ajs_loss(a, log_pb, 0.2), ajs_loss(b, log_pa, 0.8), atol=1e-13)
+    assert (ajs_loss(a, log_pb, 0.2) - ajs_loss(b, log_pa, 0.2)).abs().max() > 1e-3
+
+
+def test_zero_iff_equal():
+    logits = random_logits(40, 6, 4)
+    log_p = torch.log_softmax(logits, -1)
+    for alpha in (0.05, 0.5, 0.95):
+        assert ajs_loss(logits, log_p, alpha).abs().max() < 1e-14
+        # Shifting the logits leaves p unchanged: still zero.
+        assert ajs_loss(logits + 7.0, log_p, alpha).abs().max() < 1e-12
+    # Any difference gives a strictly positive value, even a tiny one.
+    other = logits.clone()
+    other[:, 0] += 1e-3
+    assert (ajs_loss(other, log_p, 0.5) > 0).all()
+
+
+def test_bounded_by_binary_entropy_and_attains_it_on_disjoint_supports():
+    # Disjoint supports: p concentrated on cluster 0, q one-hot on cluster 1 (log q = -inf elsewhere).
+    logits = torch.tensor([[60.0, -60.0, -60.0]], dtype=torch.float64)
+    log_q = torch.log(torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64))
+    for alpha in (0.1, 0.3, 0.5, 0.9):
+        val = float(ajs_loss(logits, log_q, alpha))
+        assert math.isfinite(val)
+        assert val == pytest.approx(entropy2(alpha), abs=1e-12)
+    assert float(ajs_loss(logits, log_q, 0.5)) == pytest.approx(math.log(2), abs=1e-12)
+
+
+def test_gradient_matches_autograd_of_naive_implementation():
+    logits = random_logits(16, 5, 5, spread=2.0).requires_grad_(True)
+    target = torch.softmax(random_logits(16, 5, 6), -1)
+    target[0] = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # zeros in the target
+    for alpha in (0.25, 0.5, 0.7):
+        (g_fast,) = torch.autograd.grad(ajs_loss(logits, torch.log(target), alpha).sum(), logits)
+        (g_ref,) = torch.autograd.grad(naive_ajs(logits, target, alpha).sum(), logits)
+        assert torch.isfinite(g_fast).all()
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
+        # And the closed form of the docstring: dJS/dz_j = (1 - a) p_j (g_j - E_p[g]), g = log(p/m).
+        p = torch.softmax(logits.detach(), -1)
+        g = torch.log(p / ((1 - alpha) * p + alpha * target))
+        closed = (1 - alpha) * p * (g - (p * g).sum(-1, keepdim=True))
+        torch.testing.assert_close(g_fast, closed, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck():
+    logits = random_logits(6, 4, 7, spread=1.5).requires_grad_(True)
+    log_q = torch.log_softmax(random_logits(6, 4, 8), -1)
+    assert torch.autograd.gradcheck(lambda z: ajs_loss(z, log_q, 0.3), (logits,))
+
+
+def test_stationary_point_is_the_target_like_kl():
+    """Both clustering losses have zero gradient exactly at p = q (the net matches the E-step)."""
+    log_q = torch.log_softmax(random_logits(10, 4, 9), -1)
+    z = log_q.clone().requires_grad_(True)
+    for fn in (lambda a, b: ajs_loss(a, b, 0.5), kl_loss):
+        (g,) = torch.autograd.grad(fn(z, log_q).sum(), z)
+        assert g.abs().max() < 1e-12
+
+
+distributions = st.integers(min_value=2, max_value=8).flatmap(
+    lambda k: st.tuples(
+        st.lists(st.floats(-20, 20), min_size=k, max_size=k),
+        st.lists(st.floats(-30, 30), min_size=k, max_size=k),
+        st.floats(0.01, 0.99),
+    )
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(distributions)
+def test_properties_on_random_distributions(case):
+    a_list, b_list, alpha = case
+    logits = torch.tensor([a_list], dtype=torch.float64)
+    log_q = torch.log_softmax(torch.tensor([b_list], dtype=torch.float64), -1)
+    val = float(ajs_loss(logits, log_q, alpha))
+    assert -1e-12 <= val <= entropy2(alpha) + 1e-12
+    assert entropy2(alpha) <= math.log(2) + 1e-15
+    assert val == pytest.approx(float(naive_ajs(logits, log_q.exp(), alpha)), abs=1e-10)
+    # Skew swap (exact identity for every alpha).
+    back = float(ajs_loss(log_q, torch.log_softmax(logits, -1), 1 - alpha))
+    assert val == pytest.approx(back, abs=1e-10)
