@@ -198,5 +198,27 @@ def demo(
     out.print(f"outputs under {out_dir}/ (model/, assignments.parquet, history.json, summary.json)")
 
 
+shards_app = typer.Typer(no_args_is_help=True, help="Feature-shard directories (Parquet + manifest.json).")
+app.add_typer(shards_app, name="shards")
+
+
+@shards_app.command("validate")
+def shards_validate(
+    shard_dir: Annotated[Path, typer.Argument(help="directory of Parquet feature shards with manifest.json")],
+) -> None:
+    """Check a shard directory completely; print every problem (file, row, what), exit 1 if any."""
+    from cluster_service.shards import validate_shards
+
+    problems = validate_shards(shard_dir)
+    for p in problems:
+        out.print(str(p), markup=False, highlight=False, soft_wrap=True)
+    if problems:
+        console.print(f"[bold red]{len(problems)} problem(s)[/] in {shard_dir}")
+        raise typer.Exit(1)
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    out.print(f"{shard_dir}: valid — {manifest.get('rows')} rows in {len(manifest['shards'])} shard(s), "
+              f"d={manifest['d']}", soft_wrap=True)
+
+
 if __name__ == "__main__":
     main()
