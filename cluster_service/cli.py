@@ -77,22 +77,38 @@ class FitProgress:
         self.progress.update(self.task, completed=rec.epoch + 1, k=rec.n_clusters, loss=rec.loss_cluster)
 
 
-def run_fit(data_path: Path, out_dir: Path, cfg: FitConfig, quiet: bool = False, tracking: bool = True) -> dict:
-    """Fit on a data file or shard directory; write RUN_DIR/model and RUN_DIR/assignments.parquet."""
+def run_fit(
+    data_path: Path,
+    out_dir: Path,
+    cfg: FitConfig,
+    quiet: bool = False,
+    tracking: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    eval_every: int = 5,
+) -> dict:
+    """Fit on a data file or shard directory; write RUN_DIR/model and RUN_DIR/assignments.parquet.
+    With `tracking`, the fit is an MLflow run (default store ./mlflow.db; see tracking.py)."""
     from cluster_service.data import assignments_table, load_features, write_parquet_atomic
     from cluster_service.fit import fit
+    from cluster_service.tracking import Tracker
 
     feats = load_features(data_path)
     if feats.x.shape[0] < max(2, cfg.k_init):
         raise ValueError(f"{data_path}: {feats.x.shape[0]} rows; at least {max(2, cfg.k_init)} are needed")
     out_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = []
-    t0 = time.perf_counter()
-    with FitProgress(cfg.schedule.epochs, quiet) as progress:
-        callbacks.append(progress)
-        result = fit(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash)
-    elapsed = time.perf_counter() - t0
-    result.model.save(out_dir / "model")
+    tracker = Tracker(cfg, tracking_uri, experiment, run_name=out_dir.name, enabled=tracking,
+                      labels=feats.labels, eval_every=eval_every, tags={"data.path": str(data_path)})
+    tracker.start(feats.manifest_hash, {"data.n_samples": len(feats.x), "data.n_features": feats.x.shape[1]})
+    with tracker:
+        callbacks = [tracker]
+        t0 = time.perf_counter()
+        with FitProgress(cfg.schedule.epochs, quiet) as progress:
+            callbacks.append(progress)
+            result = fit(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash)
+        elapsed = time.perf_counter() - t0
+        result.model.save(out_dir / "model")
+        tracker.log_result(result, feats.x, feats.labels, out_dir / "model", {"fit_seconds": elapsed})
     write_parquet_atomic(
         assignments_table(feats.ids, result.clusters, result.log_prob, result.model.version),
         out_dir / "assignments.parquet",
@@ -105,6 +121,8 @@ def run_fit(data_path: Path, out_dir: Path, cfg: FitConfig, quiet: bool = False,
         from cluster_service.evaluate import score
 
         summary.update(score(feats.labels, result.clusters).as_dict())
+    if tracker.run_id is not None:
+        summary["mlflow_run"] = tracker.run_id
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -127,10 +145,17 @@ def fit(
     config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set prior.alpha=5")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name")] = None,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")] = False,
+    eval_every: Annotated[int, typer.Option(
+        help="with labels: log NMI/ARI/ACC every N epochs (0: only at the end)")] = 5,
 ) -> None:
-    """Fit DeepDPM on DATA in this process; K is inferred."""
+    """Fit DeepDPM on DATA in this process; K is inferred. The run is logged to MLflow."""
     cfg = load_config(config, set_, k_init=k_init, seed=seed, device=device, **{"schedule.epochs": epochs})
-    summary = run_fit(data, out_dir, cfg, quiet=quiet)
+    summary = run_fit(data, out_dir, cfg, quiet=quiet, tracking=not no_tracking, tracking_uri=tracking_uri,
+                      experiment=experiment, eval_every=eval_every)
     print_summary(summary, f"fit {data}")
     out.print(f"model: {out_dir / 'model'}\nassignments: {out_dir / 'assignments.parquet'}")
 
