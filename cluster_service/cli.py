@@ -161,6 +161,54 @@ def fit(
 
 
 @app.command()
+def tune(
+    data: Annotated[Path, typer.Argument(help=".npy/.npz file (X, optional y) or a directory of Parquet shards")],
+    num_samples: Annotated[int, typer.Option(help="number of trials")] = 8,
+    max_concurrent: Annotated[int | None, typer.Option(help="trials at once (default: as CPUs allow)")] = None,
+    cpus_per_trial: Annotated[int, typer.Option(help="CPUs (torch threads) per trial")] = 1,
+    heldout: Annotated[float, typer.Option(help="fraction of rows held out to score trials")] = 0.2,
+    out_dir: Annotated[Path, typer.Option("--out", help="where trials.json, best_config.yaml, ray_results go")] = Path(
+        "runs/tune"),
+    epochs: Annotated[int | None, typer.Option(help="training epochs per trial")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed (fits, held-out split, search)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML base config (the sweep overrides its keys)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="base-config override, e.g. --set net.batch_size=512")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name")] = None,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")] = False,
+) -> None:
+    """Ray Tune sweep of priors and learning rates (search space: cluster_service/tune.py); each trial
+    is an MLflow child run of one parent run; the best trial has the highest held-out log-likelihood."""
+    from cluster_service.data import load_features
+    from cluster_service.tune import METRIC, run_sweep
+
+    cfg = load_config(config, set_, seed=seed, **{"schedule.epochs": epochs})
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    feats = load_features(data)
+    res = run_sweep(feats.x, feats.labels, cfg, num_samples=num_samples, max_concurrent=max_concurrent,
+                    cpus_per_trial=cpus_per_trial, heldout_frac=heldout, seed=cfg.seed, out_dir=out_dir,
+                    tracking=not no_tracking, tracking_uri=tracking_uri, experiment=experiment,
+                    manifest_hash=feats.manifest_hash)
+    keys = list(res.best_params)
+    table = Table(title=f"tune {data}: {len(res.trials)} trial(s), best first")
+    for col in [METRIC, "K", *(["NMI", "ACC"] if feats.labels is not None else []), *keys]:
+        table.add_column(col, justify="right")
+    for t in res.trials:
+        row = [f"{t[METRIC]:.4f}", str(t["n_clusters"])]
+        if feats.labels is not None:
+            row += [f"{t.get('nmi', float('nan')):.4f}", f"{t.get('acc', float('nan')):.4f}"]
+        row += [f"{t[k]:.4g}" if isinstance(t[k], float) else str(t[k]) for k in keys]
+        table.add_row(*row)
+    out.print(table)
+    if res.errors:
+        console.print(f"[yellow]{len(res.errors)} trial(s) failed[/] (see {out_dir / 'ray_results'})")
+    out.print(f"best config: {out_dir / 'best_config.yaml'} (refit: cluster-service fit DATA --config "
+              f"{out_dir / 'best_config.yaml'})" + (f"\nMLflow parent run: {res.parent_run_id}" if res.parent_run_id else ""))
+
+
+@app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by `fit`")],
     labels: Annotated[Path, typer.Option(help=".npy labels, .npz with y, or the shard dir with a label column")],
@@ -243,6 +291,42 @@ def shards_validate(
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     out.print(f"{shard_dir}: valid — {manifest.get('rows')} rows in {len(manifest['shards'])} shard(s), "
               f"d={manifest['d']}", soft_wrap=True)
+
+
+@app.command()
+def extract(
+    images: Annotated[Path, typer.Argument(help="ImageFolder tree (folder = class) or a list of paths")],
+    checkpoint: Annotated[Path, typer.Option(help="MoCo v2 checkpoint, or resnet50 weights")],
+    out_dir: Annotated[Path, typer.Option("--out", help="shard directory to write (must be empty)")],
+    head: Annotated[str, typer.Option(help="proj: MoCo head output (128-d) | backbone: 2048-d")] = "proj",
+    normalize: Annotated[bool, typer.Option(help="L2-normalise the features")] = True,
+    batch_size: Annotated[int, typer.Option(help="images per encoder call")] = 128,
+    rows_per_shard: Annotated[int, typer.Option(help="rows per Parquet shard")] = 65_536,
+    pca_dim: Annotated[int | None, typer.Option(help="project to D principal components")] = None,
+    image_size: Annotated[int, typer.Option(help="center-crop size (224 for ImageNet models)")] = 224,
+    num_actors: Annotated[int | None, typer.Option(help="encoder actors (default: 1 per GPU)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Encode images with a MoCo ResNet-50 on Ray Data; write Parquet feature shards + manifest.json."""
+    from feature_extraction.extract import REPORT, ExtractConfig
+    from feature_extraction.extract import extract as run_extract
+
+    cfg = ExtractConfig(checkpoint, head=head, normalize=normalize, batch_size=batch_size,
+                        image_size=image_size, rows_per_shard=rows_per_shard, pca_dim=pca_dim,
+                        num_actors=num_actors)
+    progress = Progress(TextColumn("[bold]extract"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=console, disable=quiet)
+    with progress:
+        task = progress.add_task("extract", total=None)
+
+        def show(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        report = run_extract(images, out_dir, cfg, show)
+    print_summary({"images": report.n_images, "written": report.n_written, "failed": len(report.failed),
+                   "images/s": report.images_per_second, "decode share": report.decode_share,
+                   "device": report.device}, f"extract {images}")
+    out.print(f"shards: {out_dir}\nreport: {out_dir / REPORT}", soft_wrap=True)
 
 
 if __name__ == "__main__":
