@@ -30,6 +30,7 @@ dropping them. The Ray Data variant (`_run_with_ray`) is the only Ray touch poin
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -65,6 +66,12 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """torch view of a numpy array; read-only arrays (Arrow buffers, Ray objects) are copied first."""
+    a = np.asarray(a)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def _best_two(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """scores: (n, M) -> argmax (n,), max (n,), max minus second max (n,) (+inf when M = 1)."""
     if scores.shape[1] == 1:
@@ -86,14 +93,14 @@ class GaussianScorer:
 
     def __init__(self, model: FittedModel, device: torch.device, dtype: torch.dtype = torch.float64):
         K, d = model.means.shape
-        chol = torch.from_numpy(model.chol).to(device, torch.float64)
+        chol = _tensor(model.chol).to(device, torch.float64)
         eye = torch.eye(d, dtype=torch.float64, device=device).expand(K, d, d)
         w = torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)  # (K, d, d)
-        means = torch.from_numpy(model.means).to(device, torch.float64)
+        means = _tensor(model.means).to(device, torch.float64)
         self.weight = w.to(dtype)
         self.bias = torch.einsum("kd,kde->ke", means, w).to(dtype)  # (K, d)
         self.const = (
-            torch.from_numpy(model.log_weights).to(device, torch.float64)
+            _tensor(model.log_weights).to(device, torch.float64)
             - 0.5 * d * np.log(2 * np.pi)
             - torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1)
         ).to(dtype)
@@ -202,7 +209,7 @@ class ShortlistAssigner:
         x = np.asarray(x)
         self.model.check_features(x)
         cand = torch.from_numpy(self.candidates(x))
-        scores = self.scorer.score_pairs(torch.from_numpy(x), cand)
+        scores = self.scorer.score_pairs(_tensor(x), cand)
         pos, best, margin = _best_two(scores)
         cluster = cand.gather(1, pos.cpu()[:, None])[:, 0]
         return Assignment(cluster.numpy(), best.cpu().numpy(), margin.cpu().numpy())
@@ -228,7 +235,7 @@ class NetAssigner:
     def __call__(self, x: np.ndarray) -> Assignment:
         logits = torch.from_numpy(self.model.net_logits(x))
         cluster, _, margin = _best_two(logits)
-        log_prob = self.scorer.score_pairs(torch.from_numpy(np.asarray(x)), cluster[:, None])[:, 0]
+        log_prob = self.scorer.score_pairs(_tensor(x), cluster[:, None])[:, 0]
         return Assignment(cluster.numpy(), log_prob.cpu().numpy(), margin.numpy().astype(np.float64))
 
 
@@ -261,7 +268,9 @@ def agreement(a: Assignment, b: Assignment) -> float:
 STAMP_KEY = b"cluster_service.assign"  # Parquet footer key: what produced this output shard
 
 
-def open_model(spec: str | os.PathLike, n_features: int | None = None) -> FittedModel:
+def open_model(
+    spec: str | os.PathLike, n_features: int | None = None, tracking_uri: str | None = None
+) -> FittedModel:
     """A model directory, a run directory holding model/, or an MLflow model URI
     (models:/name/version, runs:/run_id/path); refused if its d differs from n_features."""
     path = Path(spec)
@@ -271,7 +280,7 @@ def open_model(spec: str | os.PathLike, n_features: int | None = None) -> Fitted
     if ":/" in str(spec):
         from cluster_service.pyfunc import download_model_dir
 
-        return load_model(download_model_dir(str(spec)), n_features=n_features)
+        return load_model(download_model_dir(str(spec), tracking_uri), n_features=n_features)
     raise FileNotFoundError(
         f"{spec}: neither a model directory nor an MLflow model URI (models:/name/version, runs:/id/path)"
     )
@@ -472,7 +481,8 @@ class _RayShardWorker:
         import ray
 
         torch.set_num_threads(n_threads)
-        self.worker = ShardWorker(ray.get(model_ref[0]), spec)  # RAY: the model comes once per actor
+        model = copy.deepcopy(ray.get(model_ref[0]))  # RAY: the model comes once per actor (writable copy)
+        self.worker = ShardWorker(model, spec)
         self.n_clusters = spec.n_clusters
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
