@@ -162,17 +162,16 @@ def fit(
 
 @app.command()
 def tune(
-    data: Annotated[Path, typer.Argument(help=".npy/.npz file (X, optional y) or a directory of Parquet shards")],
+    data: Annotated[Path, typer.Argument(help=".npy/.npz file (X, optional y) or a Parquet shard dir")],
     num_samples: Annotated[int, typer.Option(help="number of trials")] = 8,
-    max_concurrent: Annotated[int | None, typer.Option(help="trials at once (default: as CPUs allow)")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="trials at once (default: CPUs allow)")] = None,
     cpus_per_trial: Annotated[int, typer.Option(help="CPUs (torch threads) per trial")] = 1,
     heldout: Annotated[float, typer.Option(help="fraction of rows held out to score trials")] = 0.2,
-    out_dir: Annotated[Path, typer.Option("--out", help="where trials.json, best_config.yaml, ray_results go")] = Path(
-        "runs/tune"),
+    out_dir: Annotated[Path, typer.Option("--out", help="trials.json, best_config.yaml")] = Path("runs/tune"),
     epochs: Annotated[int | None, typer.Option(help="training epochs per trial")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (fits, held-out split, search)")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML base config (the sweep overrides its keys)")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="base-config override, e.g. --set net.batch_size=512")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML base config (swept keys overridden)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="base-config override: --set a.b=1")] = None,
     tracking_uri: Annotated[str | None, typer.Option(
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment name")] = None,
@@ -193,19 +192,21 @@ def tune(
                     manifest_hash=feats.manifest_hash)
     keys = list(res.best_params)
     table = Table(title=f"tune {data}: {len(res.trials)} trial(s), best first")
-    for col in [METRIC, "K", *(["NMI", "ACC"] if feats.labels is not None else []), *keys]:
-        table.add_column(col, justify="right")
+    for col in ["held-out LL", "K", *(["NMI", "ACC"] if feats.labels is not None else []), *keys]:
+        table.add_column(col.split(".")[-1], justify="right")
     for t in res.trials:
-        row = [f"{t[METRIC]:.4f}", str(t["n_clusters"])]
+        row = [f"{t[METRIC]:.3f}", str(t["n_clusters"])]
         if feats.labels is not None:
-            row += [f"{t.get('nmi', float('nan')):.4f}", f"{t.get('acc', float('nan')):.4f}"]
-        row += [f"{t[k]:.4g}" if isinstance(t[k], float) else str(t[k]) for k in keys]
+            row += [f"{t.get('nmi', float('nan')):.3f}", f"{t.get('acc', float('nan')):.3f}"]
+        row += [f"{t[k]:.3g}" if isinstance(t[k], float) else str(t[k]) for k in keys]
         table.add_row(*row)
     out.print(table)
     if res.errors:
         console.print(f"[yellow]{len(res.errors)} trial(s) failed[/] (see {out_dir / 'ray_results'})")
-    out.print(f"best config: {out_dir / 'best_config.yaml'} (refit: cluster-service fit DATA --config "
-              f"{out_dir / 'best_config.yaml'})" + (f"\nMLflow parent run: {res.parent_run_id}" if res.parent_run_id else ""))
+    best_file = out_dir / "best_config.yaml"
+    out.print(f"best config: {best_file} (refit: cluster-service fit {data} --config {best_file})")
+    if res.parent_run_id:
+        out.print(f"MLflow parent run: {res.parent_run_id}")
 
 
 @app.command()

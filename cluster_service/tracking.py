@@ -330,6 +330,16 @@ class Tracker:
             self._safe(f"log artifacts {artifact_path or local_dir}", self.client.log_artifacts, self.run_id,
                        str(local_dir), artifact_path)
 
+    def log_texts(self, files: Mapping[str, str]) -> None:
+        """Small text artifacts {relative path: content} (tables, configs)."""
+        if not self.active or self.run_id is None:
+            return
+        with tempfile.TemporaryDirectory(prefix="cs-mlflow-") as tmp:
+            for name, text in files.items():
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / name).write_text(text)
+            self.log_artifact_dir(tmp)
+
     def log_result(
         self,
         result,
