@@ -330,7 +330,7 @@ class AssignReport:
     outcomes: list[ShardOutcome]
     n_clusters: int
     seconds: float
-    same_manifest: bool  # the shards' manifest is the one the model was fitted on
+    same_manifest: bool | None  # shards' manifest == the model's training manifest (None: unknown)
 
     @property
     def failed(self) -> list[ShardOutcome]:
@@ -464,7 +464,7 @@ def assign_shards(
                 progress(outcome)
     order = {t.name: t.index for t in tasks}
     outcomes.sort(key=lambda o: order[o.shard])
-    same = model.manifest_hash is not None and model.manifest_hash == manifest_hash
+    same = None if model.manifest_hash is None else model.manifest_hash == manifest_hash
     return AssignReport(outcomes, model.n_clusters, time.perf_counter() - t0, same)
 
 

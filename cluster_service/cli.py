@@ -330,5 +330,90 @@ def extract(
     out.print(f"shards: {out_dir}\nreport: {out_dir / REPORT}", soft_wrap=True)
 
 
+@app.command()
+def assign(
+    model: Annotated[str, typer.Argument(help="model dir, run dir, models:/NAME/VERSION or runs:/ID/PATH")],
+    shard_dir: Annotated[Path, typer.Argument(help="directory of Parquet feature shards with manifest.json")],
+    out_dir: Annotated[Path, typer.Option("--out", help="where assignment shards go (same file names)")],
+    method: Annotated[str, typer.Option(help="shortlist (FAISS, exact rescore) | exact | net")] = "shortlist",
+    top_m: Annotated[int, typer.Option(help="shortlist size: candidate clusters rescored exactly")] = 16,
+    local: Annotated[bool, typer.Option(help="run in this process instead of a Ray Data job")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI for model URIs (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Assign feature shards to a fitted model's clusters; one output Parquet per shard, re-runs
+    skip finished shards; exit 1 if any shard could not be assigned."""
+    from cluster_service.assign import assign_shards, open_model
+    from cluster_service.shards import load_manifest
+
+    manifest, _ = load_manifest(shard_dir)
+    uri = None
+    if ":/" in model:
+        from cluster_service.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(tracking_uri)
+    fitted = open_model(model, n_features=manifest["d"], tracking_uri=uri)
+    progress = Progress(TextColumn("[bold]assign"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total} shards"),
+                        TextColumn("{task.fields[rows]} rows, {task.fields[failed]} failed"),
+                        TimeElapsedColumn(), console=console, disable=quiet)
+    with progress:
+        task = progress.add_task("assign", total=len(manifest["shards"]), rows=0, failed=0)
+        seen = {"rows": 0, "failed": 0}
+
+        def show(o) -> None:
+            seen["rows"] += o.rows
+            seen["failed"] += o.status == "failed"
+            progress.update(task, advance=1, **seen)
+            if o.status == "failed":
+                console.print(f"[red]failed[/] {o.shard}: {o.error}", markup=True, highlight=False)
+
+        report = assign_shards(fitted, shard_dir, out_dir, method, top_m, device,
+                               use_ray=not local, progress=show)
+    summary = report.as_dict()
+    print_summary(summary, f"assign {shard_dir} ({method})")
+    sizes = report.cluster_sizes()
+    table = Table(title="largest clusters")
+    table.add_column("cluster", justify="right")
+    table.add_column("rows", justify="right")
+    table.add_column("share", justify="right")
+    for k in np.argsort(-sizes, kind="stable")[:10]:
+        table.add_row(str(k), str(sizes[k]), f"{sizes[k] / max(1, sizes.sum()):.2%}")
+    out.print(table)
+    used = sizes[sizes > 0]
+    if used.size:
+        out.print(f"cluster sizes: min {used.min()}, median {int(np.median(used))}, max {used.max()} "
+                  f"over {used.size}/{sizes.size} clusters; empty: {sizes.size - used.size}")
+    if report.same_manifest is False:
+        console.print("note: these shards' manifest differs from the one the model was fitted on "
+                      "(expected for new data; check they come from the same extractor)")
+    if report.failed:
+        console.print(f"[bold red]{len(report.failed)} shard(s) not assigned[/]: "
+                      + ", ".join(o.shard for o in report.failed))
+        raise typer.Exit(1)
+    out.print(f"assignments: {out_dir}")
+
+
+@app.command("register-model")
+def register_model(
+    model_dir: Annotated[Path, typer.Argument(help="model directory (RUN_DIR/model)")],
+    name: Annotated[str, typer.Option(help="registered model name")],
+    method: Annotated[str, typer.Option(help="the pyfunc's predict: shortlist | exact | net")] = "shortlist",
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")] = None,
+) -> None:
+    """Log MODEL_DIR as an MLflow pyfunc model and register it (then: assign models:/NAME/VERSION …)."""
+    import mlflow
+
+    from cluster_service.pyfunc import log_pyfunc_model
+    from cluster_service.tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    info = log_pyfunc_model(model_dir, registered_name=name, method=method)
+    out.print(f"registered models:/{name}/{info.registered_model_version} ({info.model_uri})")
+
+
 if __name__ == "__main__":
     main()
