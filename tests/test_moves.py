@@ -1,0 +1,153 @@
+"""Split/merge decisions and surgery."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cluster_service import index
+from cluster_service import moves as mv
+from cluster_service.nets import ClusterNet, SubclusterNets, resize_cluster_net, resize_subnets
+from cluster_service.niw import GaussianParams, SuffStats, make_prior, map_estimate, stats_from_points
+
+D = torch.float64
+
+
+def prior_for(x: torch.Tensor):
+    return make_prior(x.mean(0), x.var(0), 1e-4, 2.0, "data_diag", 0.005)
+
+
+def two_way(x: torch.Tensor, z: torch.Tensor) -> SuffStats:
+    """(1, 2) subcluster statistics from a hard 2-way labelling."""
+    s = stats_from_points(x, torch.nn.functional.one_hot(z, 2).to(D))
+    return SuffStats(s.count[None], s.sum[None], s.scatter[None])
+
+
+def test_split_of_two_gaussians_is_accepted():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 4, generator=g, dtype=D)
+    b = torch.randn(300, 4, generator=g, dtype=D) + torch.tensor([6.0, 0, 0, 0], dtype=D)
+    x = torch.cat([a, b])
+    z = torch.cat([torch.zeros(300), torch.ones(300)]).long()
+    dec = mv.propose_splits(prior_for(x), 10.0, two_way(x, z), 10, 100, torch.Generator().manual_seed(1))
+    assert dec.accepted == (0,)
+    assert dec.log_ratios[0] > 50
+
+
+def test_split_of_one_gaussian_is_rejected_over_seeds():
+    """Its best 2-way split (principal-axis halves) is rejected for every seed tried."""
+    accepted = 0
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(400, 4, generator=g, dtype=D) @ torch.diag(torch.tensor([3.0, 1, 1, 0.5], dtype=D))
+        z = (x[:, 0] > x[:, 0].median()).long()  # the split a subclustering net would find
+        dec = mv.propose_splits(prior_for(x), 10.0, two_way(x, z), 10, 100, torch.Generator().manual_seed(seed))
+        accepted += len(dec.accepted)
+    assert accepted == 0
+
+
+def test_merge_of_two_halves_of_one_gaussian_is_accepted():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 3, generator=g, dtype=D)
+    halves = stats_from_points(x, torch.nn.functional.one_hot((x[:, 0] > 0).long(), 2).to(D))
+    far = stats_from_points(torch.randn(300, 3, generator=g, dtype=D) + 20)
+    stats = SuffStats.concat([halves, SuffStats(far.count[None], far.sum[None], far.scatter[None])])
+    xall = torch.cat([x, torch.randn(300, 3, generator=g, dtype=D) + 20])
+    means = stats.sum / stats.count[:, None]
+    neighbors = index.nearest_clusters(means, 2)
+    dec = mv.propose_merges(prior_for(xall), 10.0, stats, neighbors, torch.Generator().manual_seed(0))
+    assert dec.accepted == ((0, 1),)
+    # each cluster in at most one merge per round
+    flat = [c for pair in dec.accepted for c in pair]
+    assert len(flat) == len(set(flat))
+
+
+def test_each_cluster_merges_at_most_once_per_round():
+    """Three halves of one blob: all pairs have H_m > 1, but only one merge is taken."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(900, 2, generator=g, dtype=D)
+    z = torch.bucketize(x[:, 0].contiguous(), torch.tensor([-0.43, 0.43], dtype=D))
+    stats = stats_from_points(x, torch.nn.functional.one_hot(z, 3).to(D))
+    neighbors = torch.tensor([[1, 2], [0, 2], [0, 1]])
+    dec = mv.propose_merges(prior_for(x), 10.0, stats, neighbors, torch.Generator().manual_seed(0))
+    assert len(dec.accepted) == 1 and len(dec.proposed) == 3
+
+
+def test_decisions_are_reproducible_with_a_seeded_generator():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(60, 2, generator=g, dtype=D)
+    z = (x[:, 0] > 0).long()
+    subs = SuffStats.concat([two_way(x, z)] * 30)
+    prior = prior_for(x)
+    d1 = mv.propose_splits(prior, 10.0, subs, 2, 100, torch.Generator().manual_seed(9))
+    d2 = mv.propose_splits(prior, 10.0, subs, 2, 100, torch.Generator().manual_seed(9))
+    assert d1 == d2
+
+
+def test_min_cluster_size_and_max_clusters_guard_splits():
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(8, 2, generator=g, dtype=D)
+    b = torch.randn(8, 2, generator=g, dtype=D) + 30
+    x = torch.cat([a, b])
+    z = torch.cat([torch.zeros(8), torch.ones(8)]).long()
+    prior = prior_for(x)
+    assert mv.propose_splits(prior, 10.0, two_way(x, z), 10, 100, torch.Generator()).accepted == ()
+    assert mv.propose_splits(prior, 10.0, two_way(x, z), 5, 100, torch.Generator()).accepted == (0,)
+    assert mv.propose_splits(prior, 10.0, two_way(x, z), 5, 1, torch.Generator()).accepted == ()
+
+
+def test_merge_then_split_restores_both_clusters():
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(200, 3, generator=g, dtype=D) + 5 * k for k in range(3)]
+    x = torch.cat(xs)
+    prior = prior_for(x)
+    stats = SuffStats.concat([SuffStats(*(t[None] for t in (s.count, s.sum, s.scatter))) for s in map(stats_from_points, xs)])
+    means, chol = map_estimate(prior, stats)
+    params = GaussianParams(torch.log(stats.count / stats.count.sum()), means, chol)
+    subs = mv.principal_axis_subclusters(prior, stats)
+    merged = mv.apply_merges(mv.MergeDecision(((0, 2),), (0.0,), ((0, 2),)), params, subs, prior, stats)
+    assert merged.params.n_clusters == 2 and merged.source.tolist() == [0, 1]
+    # the merged cluster's subclusters are the former clusters 0 and 2 ...
+    sub_stats = SuffStats(
+        torch.stack([stats.count[[0, 2]], stats.count[[1, 1]]]),
+        torch.stack([stats.sum[[0, 2]], stats.sum[[1, 1]]]),
+        torch.stack([stats.scatter[[0, 2]], stats.scatter[[1, 1]]]),
+    )
+    # ... so splitting it again gives back clusters 0 and 2 exactly
+    split = mv.apply_splits(mv.SplitDecision((0,), (0.0,), (0,)), merged.params, merged.sub_params, prior, sub_stats)
+    assert split.params.n_clusters == 3
+    torch.testing.assert_close(split.params.means[[0, 2]], torch.stack([params.means[0], params.means[2]]))
+    torch.testing.assert_close(split.params.chol[2], params.chol[2])
+    torch.testing.assert_close(split.params.means[1], params.means[1])
+    torch.testing.assert_close(split.params.log_weights.exp().sum(), torch.tensor(1.0, dtype=D))
+    assert split.source.tolist() == [0, 1, 0] and sorted(split.fresh.tolist()) == [0, 2]
+
+
+def test_prune_never_removes_every_cluster():
+    assert mv.propose_prunes(torch.tensor([0.0, 0.2, 0.1], dtype=D), 1.0).removed == (0, 2)
+    assert mv.propose_prunes(torch.tensor([5.0, 0.2], dtype=D), 1.0).removed == (1,)
+
+
+def test_k_change_surgery_keeps_inherited_rows():
+    net = ClusterNet(4, 3, 8)
+    new = resize_cluster_net(net, torch.tensor([0, 2, 2]))
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(new(x)[:, [0, 1]], net(x)[:, [0, 2]])
+    torch.testing.assert_close(new(x)[:, 2], net(x)[:, 2])
+    subs = SubclusterNets(4, 3, 6, generator=torch.Generator().manual_seed(0))
+    z = torch.tensor([0, 1, 2, 1, 0])
+    new_subs = resize_subnets(subs, torch.tensor([1, 2]), torch.tensor([1]), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(new_subs(x, torch.zeros(5, dtype=torch.long)), subs(x, torch.ones(5, dtype=torch.long)))
+    assert not torch.allclose(new_subs(x, torch.ones(5, dtype=torch.long)), subs(x, torch.full((5,), 2)))
+    assert subs(x, z).shape == (5, 2)
+
+
+def test_principal_axis_subclusters_split_along_the_long_axis():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2000, 3, generator=g, dtype=D) * torch.tensor([5.0, 1.0, 1.0], dtype=D)
+    prior = prior_for(x)
+    s = stats_from_points(x)
+    subs = mv.principal_axis_subclusters(prior, SuffStats(s.count[None], s.sum[None], s.scatter[None]))
+    diff = (subs.means[0, 1] - subs.means[0, 0]).abs()
+    assert diff[0] > 6 and diff[1:].max() < 0.5
+    assert np.isclose(float(subs.log_weights.exp().sum()), 1.0)
