@@ -138,6 +138,7 @@ class Engine:
         self.init_gen = torch.Generator().manual_seed(cfg.seed + 2)  # net (re)initialisation
         self.epoch = 0
         self.frozen_until = -1
+        self.last_stats: tuple[SuffStats, SuffStats] | None = None  # set by run_epoch
         self.params: GaussianParams
         self.sub_params: GaussianParams
         self.cluster_net: torch.nn.Module
@@ -229,15 +230,20 @@ class Engine:
                 sub_loss.backward()
                 self.sub_opt.step()
                 tot_sub += float(sub_loss.detach()) / world
-        return tot_cl / steps, tot_sub / steps
+        # Each rank summed only its members of every batch: add the ranks' parts.
+        tot = self.comm.all_reduce_sum(torch.tensor([tot_cl, tot_sub], dtype=STAT_DTYPE, device=self.device))
+        return float(tot[0]) / steps, float(tot[1]) / steps
 
     @torch.no_grad()
     def log_responsibilities(self, x: torch.Tensor, use_estep: bool) -> torch.Tensor:
         """log r_ik for rows x: the clustering net's (DeepDPM) or the E-step's. -> (n, K)."""
         if use_estep:
             return torch.log_softmax(log_joint(x, self.params, self.dtype, self.cfg.chunk_size), -1)
-        self.cluster_net.eval()
-        return torch.log_softmax(self.cluster_net(x.float()).to(self.dtype), -1)
+        # The un-wrapped net: a DDP forward is a collective (buffer broadcast), and ranks run
+        # different numbers of inference chunks.
+        net = unwrap(self.cluster_net)
+        net.eval()
+        return torch.log_softmax(net(x.float()).to(self.dtype), -1)
 
     @torch.no_grad()
     def accumulate(self, use_estep: bool) -> tuple[SuffStats, SuffStats]:
@@ -246,13 +252,14 @@ class Engine:
         K, d = self.n_clusters, self.n_features
         stats = SuffStats.zeros((K,), d, device=self.device)
         sub = SuffStats.zeros((2 * K,), d, device=self.device)
-        self.subnets.eval()
+        subnets = unwrap(self.subnets)  # no DDP collectives in inference (see log_responsibilities)
+        subnets.eval()
         for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(d, K, self.cfg.chunk_size)):
             xc = self.x[sl]
             log_r = self.log_responsibilities(xc, use_estep)
             add_weighted_stats_(stats, xc, log_r.exp())
             z = log_r.argmax(-1)
-            r_sub = torch.softmax(self.subnets(xc.float(), z), -1).to(self.dtype)
+            r_sub = torch.softmax(subnets(xc.float(), z), -1).to(self.dtype)
             for j in (0, 1):
                 add_hard_stats_(sub, xc, 2 * z + j, r_sub[:, j])
         sub = SuffStats(sub.count.view(K, 2), sub.sum.view(K, 2, d), sub.scatter.view(K, 2, d, d))
@@ -326,6 +333,7 @@ class Engine:
         stats, sub_stats = self.accumulate(use_estep)
         t2 = time.perf_counter()
         stats, sub_stats = self.reduce_stats(stats), self.reduce_stats(sub_stats)
+        self.last_stats = (stats, sub_stats)  # the epoch's global statistics, for callbacks
         t3 = time.perf_counter()
         self.m_step(stats, sub_stats, clusters=plan.m_step and not frozen, subclusters=plan.train_subnets)
         log_ml = float(log_marginal_likelihood(self.prior, stats).sum())
