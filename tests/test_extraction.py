@@ -125,6 +125,14 @@ def test_list_images_path_file(tmp_path):
         list_images(lst)
 
 
+def test_extract_refuses_a_directory_that_holds_shards(tmp_path):
+    from feature_extraction.extract import ExtractConfig, extract
+
+    write_shards(tmp_path / "s", np.arange(3), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="already holds shards"):
+        extract(tmp_path, tmp_path / "s", ExtractConfig(tmp_path / "moco.pth.tar"))
+
+
 # ------------------------------------------------------------------------------------ the Ray job
 
 
