@@ -97,7 +97,9 @@ def render(reader: dict | None, ext: dict | None, load: float) -> str:
             f"| {ext['images_per_s']:.1f} | {ext['network_images_per_s']:.1f} | {ext['decode_share']:.1%} "
             f"| {ext['decode_s']:.2f} | {ext['network_s']:.2f} |", "",
             "Decode share = time in decode tasks (PIL decode, resize, crop) / (decode + encoder calls), both "
-            "summed over workers.", ""]
+            "summed over workers. Wall rate includes starting the actor and loading the encoder (~6 s)."
+            + ("" if ext.get("gpu") else " GPU: not measured (no GPU here); run the same command on a GPU "
+               "node to add it."), ""]
     if reader:
         gb = reader["feature_gb"]
         rate = [(k, reader[f"{k}_s"]) for k in ("table", "stream", "stream_torch")]
