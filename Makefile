@@ -6,13 +6,14 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-all bench bench-gpu lint plan mlflow-ui cluster-up cluster-down clean
+.PHONY: help setup demo test test-all bench bench-gpu bench-features lint plan mlflow-ui cluster-up cluster-down clean
 
 help:
 	@echo "make demo       set up if needed, then cluster a generated mixture and sklearn digits"
 	@echo "make test       set up if needed, then run the test suite (what CI runs)"
 	@echo "make bench      benchmarks vs sklearn BGM and faiss k-means; writes BENCHMARKS.md"
 	@echo "make bench-gpu  GPU epoch benchmark at ImageNet scale (needs CUDA)"
+	@echo "make bench-features  extraction images/s and shard-reader throughput; updates BENCHMARKS.md"
 	@echo "make lint       ruff"
 	@echo "make mlflow-ui  MLflow UI on the local store (./mlflow.db)"
 
@@ -37,6 +38,9 @@ bench: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(PY) -m cluster_service.bench --gpu --out BENCHMARKS.md
+
+bench-features: $(STAMP)
+	$(PY) -m feature_extraction.bench --out BENCHMARKS.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
