@@ -17,3 +17,16 @@ def mixture_small():
     from cluster_service.datasets import make_mixture
 
     return make_mixture(3000, 8, 6, seed=1)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance for the whole test session (2 CPUs, no dashboard); shut down at
+    the end. Tests that run Ray Train / Ray Data / Tune take this fixture instead of calling
+    ray.init themselves."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
+    yield ray
+    ray.shutdown()
