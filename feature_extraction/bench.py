@@ -82,9 +82,9 @@ def bench_extract(workdir: Path, n_images: int, image_size: int, batch_size: int
 
 
 def render(reader: dict | None, ext: dict | None, load: float) -> str:
+    """The Markdown body (no heading): extraction and reader tables."""
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
-    lines = [BEGIN, "## Feature extraction and shard reading", "",
-             f"Measured with `python -m feature_extraction.bench` on {cpu}"
+    lines = [f"Measured with `python -m feature_extraction.bench` on {cpu}"
              f"{'; GPU ' + ext['gpu'] if ext and ext.get('gpu') else ', no GPU'}; "
              f"load average at start {load:.1f} (other jobs share the machine).", ""]
     if ext:
@@ -112,12 +112,24 @@ def render(reader: dict | None, ext: dict | None, load: float) -> str:
                  "stream_torch": "`iter_feature_batches(as_torch=True)`"}
         lines += [f"| {names[k]} | {s:.2f} | {reader['rows'] / s:,.0f} | {gb / s:.2f} |" for k, s in rate]
         lines += ["", f"Writing them took {reader['write_s']:.1f} s; `shards validate` (sha256, every row, "
-                      f"duplicate ids) {reader['validate_s']:.1f} s.", ""]
-    lines.append(END)
+                      f"duplicate ids) {reader['validate_s']:.1f} s."]
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
+def bench_features(rows: int = 1_000_000, images: int = 64, image_size: int = 224, batch_size: int = 32,
+                   skip_extract: bool = False) -> str:
+    """Run both benchmarks in a temporary directory; return the Markdown body. (Also the hook for
+    `cluster_service.bench`'s optional sections.)"""
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        reader = bench_reader(Path(tmp), rows)
+        ext = None if skip_extract else bench_extract(Path(tmp), images, image_size, batch_size)
+    return render(reader, ext, load)
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace (or append) this benchmark's marked section of ``path``, keeping everything else."""
+    section = f"{BEGIN}\n## Feature extraction and shard reading\n\n{body}{END}\n"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if BEGIN in text and END in text:
         text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", lambda _: section, text, flags=re.S)
@@ -137,15 +149,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--skip-extract", action="store_true")
     args = ap.parse_args()
-    load = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        reader = bench_reader(Path(tmp), args.rows)
-        ext = None if args.skip_extract else bench_extract(Path(tmp), args.images, args.image_size,
-                                                            args.batch_size)
-    section = render(reader, ext, load)
-    print(section)
+    body = bench_features(args.rows, args.images, args.image_size, args.batch_size, args.skip_extract)
+    print(body)
     if args.out:
-        write_section(args.out, section)
+        write_section(args.out, body)
 
 
 if __name__ == "__main__":
