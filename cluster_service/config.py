@@ -146,6 +146,64 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class AutoencoderConfig:
+    """Autoencoder mode (`fit --autoencoder`): cluster an MLP autoencoder's latent codes with the
+    DPGMM and alternate AE fine-tuning with clustering (cluster_service.autoencoder)."""
+
+    # Off by default: the DPGMM runs on the features as given (MoCo features need no AE).
+    enabled: bool = False
+    # Latent dimension the DPGMM sees. 10 as in DeepDPM's AE runs: full covariances stay cheap
+    # (K * latent^2 statistics) and well determined even for clusters of a few dozen points.
+    latent_dim: int = 10
+    # Encoder widths d -> h1 -> h2 -> h3 -> latent; the decoder mirrors them. (500, 500, 2000)
+    # is the DEC/DCN/DeepDPM architecture; small data sets train faster with e.g. (128, 128, 256).
+    hidden: tuple[int, ...] = (500, 500, 2000)
+    # Reconstruction-only epochs before the first clustering: the latent space must already
+    # carry the data's structure, or the first DPGMM fit locks in a poor K.
+    pretrain_epochs: int = 50
+    # Alternation rounds after the first clustering: each fine-tunes the AE, re-encodes and
+    # continues the DPGMM from its previous state. 0 = pretrained AE + one DPGMM fit.
+    rounds: int = 2
+    # AE fine-tuning epochs per round (reconstruction + clustering loss against a fixed DPGMM).
+    finetune_epochs: int = 5
+    # DPGMM epochs per later round (the first round runs schedule.epochs). Long enough for the
+    # net to adapt (warm-up) and for a split and a merge at the schedule's period.
+    round_epochs: int = 40
+    lr: float = 1e-3  # Adam learning rate of the autoencoder (pretraining and fine-tuning)
+    batch_size: int = 256  # AE mini-batch; smaller than the nets' since the AE is much larger
+    # Loss = recon_weight * MSE(x, x_hat) + cluster_weight * clustering loss. The clustering
+    # loss (net.loss: kl | ajs) is bounded and vanishes where the DPGMM and the net agree, so a
+    # small weight shapes boundaries without letting codes collapse onto the means.
+    recon_weight: float = 1.0
+    cluster_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hidden, list):  # YAML/JSON give lists; keep the frozen config hashable
+            object.__setattr__(self, "hidden", tuple(self.hidden))
+
+    def validate(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"autoencoder.enabled must be true or false, got {self.enabled!r}")
+        if not isinstance(self.hidden, tuple) or not all(isinstance(h, int) and h >= 1 for h in self.hidden):
+            raise ConfigError(f"autoencoder.hidden must be a list of positive integers, got {self.hidden!r}")
+        for name in ("latent_dim", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"autoencoder.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("pretrain_epochs", "rounds", "finetune_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"autoencoder.{name} must be >= 0, got {getattr(self, name)}")
+        if self.round_epochs < 1:
+            raise ConfigError(f"autoencoder.round_epochs must be >= 1, got {self.round_epochs}")
+        if not self.lr > 0:
+            raise ConfigError(f"autoencoder.lr must be > 0, got {self.lr}")
+        for name in ("recon_weight", "cluster_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"autoencoder.{name} must be >= 0, got {getattr(self, name)}")
+        if self.recon_weight == 0 and self.cluster_weight == 0:
+            raise ConfigError("autoencoder.recon_weight and autoencoder.cluster_weight cannot both be 0")
+
+
+@dataclass(frozen=True)
 class FitConfig:
     """Everything a fit needs. Compose sub-configs; parse with `FitConfig.from_dict`."""
 
@@ -161,6 +219,7 @@ class FitConfig:
     net: NetConfig = field(default_factory=NetConfig)
     moves: MoveConfig = field(default_factory=MoveConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     def validate(self) -> FitConfig:
         if self.k_init < 1:
@@ -173,7 +232,7 @@ class FitConfig:
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.k_init > self.moves.max_clusters:
             raise ConfigError(f"k_init ({self.k_init}) exceeds moves.max_clusters ({self.moves.max_clusters})")
-        for sub in (self.prior, self.net, self.moves, self.schedule):
+        for sub in (self.prior, self.net, self.moves, self.schedule, self.autoencoder):
             sub.validate()
         return self
 
