@@ -271,7 +271,10 @@ class Tracker:
             self.client.log_batch(self.run_id, params=batch[i : i + 100])
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.run_id is not None:
+        """Close the run, also when tracking was switched off mid-run (best effort)."""
+        if self.run_id is not None and self.client is not None:
+            self.active = True
+            self._failures = MAX_CONSECUTIVE_FAILURES - 1  # one try
             self._safe("end run", self.client.set_terminated, self.run_id, status)
         self.active = False
 
