@@ -1,0 +1,477 @@
+"""Autoencoder mode: the DPGMM clusters an MLP autoencoder's latent codes, alternating with AE
+training ("deep model selection": splits and merges change K in the latent space while the AE
+learns). DeepDPM's ImageNet-50 alternation, with the alpha-JS paper's clustering loss option.
+
+    pretrain    AE on reconstruction only                                  (pretrain_epochs)
+    round 0     encode -> Engine on the codes -> run_schedule              (schedule.epochs)
+    round r>0   fine-tune AE: recon + cluster_weight * D(net || E-step)    (finetune_epochs)
+                re-encode -> rebase_engine (same state, M-step on the new codes)
+                -> run_schedule of the round                               (round_epochs)
+    output      AEModel: encoder weights + the latent FittedModel; predict(x) = encode, then
+                FittedModel.predict
+
+A thin driver: the Engine never knows it sees codes, and no engine step is copied here.
+
+Distribution: `fit_autoencoder` takes the same (comm, global_index, n_global) as `Engine`. The AE
+is wrapped with `comm.wrap` (DDP), mini-batches come from one global permutation shared by all
+ranks (each rank trains on its members of the global batch; loss scaled by world / batch as in
+`Engine.train_nets`), the input normalisation is all-reduced, and the Engine all-reduces the
+latent statistics exactly as on raw features. A Ray worker calls it with a `TorchDistComm`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cluster_service.comm import LocalComm, unwrap
+from cluster_service.config import FitConfig
+from cluster_service.engine import Engine, EpochRecord, resolve_device
+from cluster_service.fit import EpochCallback, check_features, run_schedule
+from cluster_service.gaussian import WhitenedGaussians
+from cluster_service.model import FittedModel, ModelError, load_model, model_from_engine
+from cluster_service.nets import ajs_loss, kl_loss
+
+ENCODER_SCHEMA_VERSION = 1
+
+
+class Autoencoder(nn.Module):
+    """x (n, d) -> (z (n, latent), x_hat (n, d)). Encoder d -> h_1 ... h_m -> latent with ReLU
+    between layers and a linear code; the decoder mirrors it (linear output)."""
+
+    def __init__(self, n_features: int, latent_dim: int, hidden: Sequence[int]):
+        super().__init__()
+        dims = [n_features, *hidden, latent_dim]
+        self.encoder = _mlp(dims)
+        self.decoder = _mlp(dims[::-1])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)
+        return z, self.decoder(z)
+
+
+def _mlp(dims: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+# ---- the clustering loss in latent space ----------------------------------------------------
+
+
+def latent_cluster_loss(z: torch.Tensor, engine: Engine) -> torch.Tensor:
+    """D(p_i || r^E_i(z_i)) per code, the DPGMM and the clustering net held fixed. z: (n, L) -> (n,).
+
+    p_i = softmax(f_cl(z_i)) is the engine's clustering net (a detached target) and
+    r^E_i(z) = softmax_k(log pi_k + log N(z_i; mu_k, Sigma_k)) the E-step of the current DPGMM,
+    differentiable in the code. D is the configured clustering loss: kl -> KL(p || r^E), whose
+    gradient w.r.t. the log-joint is r^E - p; ajs -> JS_a(r^E || p).
+
+    Why this and not a DEC/DCN pull ||z_i - mu_k||^2 toward the means: the pull is unbounded and
+    rewards shrinking every code toward its mean (the decoder can undo any scale), so it needs a
+    tuned weight to avoid collapse; this loss is bounded (ajs by H(a)), vanishes wherever the net
+    and the DPGMM already agree, and moves only codes the DPGMM finds ambiguous into the cluster
+    the net assigns them, i.e. it sharpens boundaries. It is the same divergence the net is
+    trained with, so `net.loss` selects the method end to end (the alpha-JS paper's setting).
+    """
+    zc = z - engine.shift.to(z.dtype)
+    g = WhitenedGaussians(engine.params.means, engine.params.chol, z.dtype)
+    log_joint = g.log_prob(zc) + engine.params.log_weights.to(z.dtype)  # (n, K)
+    with torch.no_grad():
+        log_p = torch.log_softmax(unwrap(engine.cluster_net).eval()(zc.detach()), -1)  # (n, K)
+    if engine.cfg.net.loss == "kl":
+        return kl_loss(log_joint, log_p)
+    return ajs_loss(log_joint, log_p, engine.cfg.net.ajs_alpha)
+
+
+# ---- AE training over one global permutation -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AEEpochRecord:
+    phase: str  # "pretrain" or "finetune"
+    round: int
+    epoch: int
+    loss_recon: float  # mean squared error per feature (normalised inputs)
+    loss_cluster: float  # mean clustering loss per point (0 in pretraining)
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _AETrainer:
+    """The AE, its optimizer and the normalised local rows; one method per epoch kind."""
+
+    def __init__(self, cfg: FitConfig, x: torch.Tensor, g2l: torch.Tensor, n_global: int, comm, device):
+        a = cfg.autoencoder
+        self.cfg, self.comm, self.device, self.g2l, self.n_global = cfg, comm, device, g2l, n_global
+        n_local, d = x.shape
+        moments = torch.cat([torch.tensor([float(n_local)], dtype=torch.float64, device=device), x.sum(0)])
+        moments = comm.all_reduce_sum(moments)
+        self.shift = moments[1:] / moments[0]  # (d,)
+        var = comm.all_reduce_sum((x - self.shift).square().sum(0)) / moments[0]
+        # One scalar scale (not per-feature): keeps relative feature variances, so low-variance
+        # noise directions (PCA tails) are not blown up to unit variance.
+        self.scale = float(var.mean().clamp_min(1e-30).sqrt())
+        self.x = ((x - self.shift) / self.scale).float()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 3)
+            ae = Autoencoder(d, a.latent_dim, a.hidden)
+        self.ae = comm.wrap(ae.to(device))
+        self.opt = torch.optim.Adam(self.ae.parameters(), lr=a.lr)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 4)  # identical on every rank
+
+    def epoch(self, engine: Engine | None, phase: str, rnd: int, epoch: int) -> AEEpochRecord:
+        a = self.cfg.autoencoder
+        t0 = time.perf_counter()
+        B, world = a.batch_size, self.comm.world_size
+        perm = torch.randperm(self.n_global, generator=self.gen).to(self.device)
+        tot_rec = tot_cl = 0.0
+        self.ae.train()
+        for start in range(0, self.n_global, B):
+            nb = min(B, self.n_global - start)
+            loc = self.g2l[perm[start : start + nb]]
+            xb = self.x[loc[loc >= 0]]
+            z, x_hat = self.ae(xb)
+            rec = (x_hat - xb).square().mean(-1)  # (n,)
+            loss = a.recon_weight * rec.sum()
+            if engine is not None and a.cluster_weight > 0:
+                cl = latent_cluster_loss(z, engine)
+                loss = loss + a.cluster_weight * cl.sum()
+                tot_cl += float(cl.detach().sum())
+            loss = loss * (world / nb)  # DDP averages over ranks: the sum over the global batch / nb
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            tot_rec += float(rec.detach().sum())
+        sums = torch.tensor([tot_rec, tot_cl], dtype=torch.float64, device=self.device)
+        sums = self.comm.all_reduce_sum(sums)
+        return AEEpochRecord(
+            phase, rnd, epoch, float(sums[0]) / self.n_global, float(sums[1]) / self.n_global,
+            time.perf_counter() - t0,
+        )
+
+    @torch.no_grad()
+    def encode(self, chunk: int = 8192) -> torch.Tensor:
+        """Codes of all local rows: (n_local, latent) float64."""
+        enc = unwrap(self.ae).encoder.eval()
+        return torch.cat([enc(self.x[s : s + chunk]) for s in range(0, self.x.shape[0], chunk)]).double()
+
+
+def rebase_engine(old: Engine, codes: torch.Tensor, cfg: FitConfig, global_index, n_global: int) -> Engine:
+    """The same DPGMM state on new codes: a fresh Engine (new centring, data-scaled prior) that
+    loads the old state with means moved into its coordinates, restarts its epoch count for the
+    round's schedule, and runs one M-step on the new codes (E-step responsibilities of the old
+    parameters as weights, all-reduced like any epoch's statistics)."""
+    new = Engine(cfg, codes, global_index, n_global, old.comm, old.device)
+    state = old.state_dict()
+    delta = (old.shift - new.shift).cpu()
+    for key in ("params", "sub_params"):
+        state[key] = {**state[key], "means": state[key]["means"] + delta.to(state[key]["means"].dtype)}
+    state["epoch"], state["frozen_until"] = 0, -1
+    new.load_state_dict(state)
+    stats, sub_stats = new.accumulate(use_estep=True)
+    new.m_step(new.reduce_stats(stats), new.reduce_stats(sub_stats), clusters=True, subclusters=True)
+    return new
+
+
+# ---- the fitted model: encoder + latent mixture ----------------------------------------------
+
+
+@dataclass
+class AEModel:
+    """Assigns new data: normalise, encode, then the latent FittedModel.
+
+    encoder: [(weight (out, in), bias (out,)), ...] Linear layers with ReLU between them.
+    Stored in the model directory as encoder.npz + encoder.json beside the FittedModel files
+    (which `load_model` ignores), so the directory is still a plain latent-space FittedModel.
+    """
+
+    encoder: list[tuple[np.ndarray, np.ndarray]]
+    input_shift: np.ndarray  # (d,)
+    input_scale: float
+    mixture: FittedModel
+
+    @property
+    def n_features(self) -> int:
+        return int(self.encoder[0][0].shape[1])
+
+    @property
+    def n_clusters(self) -> int:
+        return self.mixture.n_clusters
+
+    @torch.no_grad()
+    def encode(self, x, chunk: int = 65536) -> np.ndarray:
+        """Latent codes (n, latent) float64 of raw features x (n, d)."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise ModelError(
+                f"features: expected an (n, {self.n_features}) array for this autoencoder model, "
+                f"got shape {tuple(x.shape)}"
+            )
+        layers = [(torch.from_numpy(w).float(), torch.from_numpy(b).float()) for w, b in self.encoder]
+        shift = torch.from_numpy(self.input_shift).float()
+        out = []
+        for s in range(0, x.shape[0], chunk):
+            h = torch.from_numpy(np.ascontiguousarray(x[s : s + chunk], dtype=np.float32))
+            h = (h - shift) / self.input_scale
+            for i, (w, b) in enumerate(layers):
+                h = h @ w.T + b
+                if i < len(layers) - 1:
+                    h = torch.relu(h)
+            out.append(h.double().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.mixture.n_features))
+
+    def predict(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """(cluster (n,) int64, log pi_k + log N(z; mu_k, Sigma_k) (n,) float64) of raw features."""
+        return self.mixture.predict(self.encode(x))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the FittedModel directory plus the encoder files, atomically (one rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            staged = self.mixture.save(tmp / "model")
+            arrays = {"input_shift": self.input_shift, "input_scale": np.float64(self.input_scale)}
+            for i, (w, b) in enumerate(self.encoder):
+                arrays[f"w{i}"], arrays[f"b{i}"] = w, b
+            np.savez(staged / "encoder.npz", **arrays)
+            meta = {
+                "schema_version": ENCODER_SCHEMA_VERSION,
+                "n_features": self.n_features,
+                "latent_dim": int(self.encoder[-1][0].shape[0]),
+                "n_layers": len(self.encoder),
+                "activation": "relu",
+            }
+            (staged / "encoder.json").write_text(json.dumps(meta, indent=2))
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                path.rename(old)
+                staged.rename(path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                staged.rename(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+
+def is_ae_model(path: str | os.PathLike) -> bool:
+    return (Path(path) / "encoder.json").is_file()
+
+
+def load_ae_model(path: str | os.PathLike, n_features: int | None = None) -> AEModel:
+    """Load a model directory written by AEModel.save; errors name the file and what is wrong."""
+    path = Path(path)
+    meta_file, arr_file = path / "encoder.json", path / "encoder.npz"
+    if not meta_file.is_file() or not arr_file.is_file():
+        raise ModelError(f"{path}: not an autoencoder model (expected encoder.json and encoder.npz)")
+    try:
+        meta = json.loads(meta_file.read_text())
+        arrays = dict(np.load(arr_file))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: unreadable encoder files ({e})") from e
+    if meta.get("schema_version") != ENCODER_SCHEMA_VERSION:
+        raise ModelError(
+            f"{meta_file}: schema_version {meta.get('schema_version')!r}, expected {ENCODER_SCHEMA_VERSION}"
+        )
+    n_layers = int(meta.get("n_layers", 0))
+    missing = [k for i in range(n_layers) for k in (f"w{i}", f"b{i}") if k not in arrays]
+    if n_layers < 1 or missing or "input_shift" not in arrays:
+        raise ModelError(f"{arr_file}: incomplete encoder (n_layers={n_layers}, missing {missing})")
+    model = AEModel(
+        encoder=[(arrays[f"w{i}"], arrays[f"b{i}"]) for i in range(n_layers)],
+        input_shift=arrays["input_shift"],
+        input_scale=float(arrays["input_scale"]),
+        mixture=load_model(path),
+    )
+    if model.encoder[-1][0].shape[0] != model.mixture.n_features:
+        raise ModelError(
+            f"{path}: encoder latent dimension {model.encoder[-1][0].shape[0]} != mixture dimension "
+            f"{model.mixture.n_features}"
+        )
+    if n_features is not None and n_features != model.n_features:
+        raise ModelError(f"{path}: model expects d={model.n_features} features, the data has d={n_features}")
+    return model
+
+
+# ---- the driver -------------------------------------------------------------------------------
+
+
+@dataclass
+class AEFitResult:
+    model: AEModel
+    history: list[tuple[int, EpochRecord]]  # (round, DPGMM epoch record)
+    ae_history: list[AEEpochRecord]
+    k_per_round: list[int]
+    clusters: np.ndarray  # (n_local,) int64 MAP cluster of the training rows' final codes
+    log_prob: np.ndarray  # (n_local,) float64
+    engine: Engine
+
+    @property
+    def n_clusters(self) -> int:
+        return self.model.n_clusters
+
+
+def fit_autoencoder(
+    x: np.ndarray | torch.Tensor,
+    cfg: FitConfig | None = None,
+    callbacks: Sequence[EpochCallback] = (),
+    manifest_hash: str | None = None,
+    comm=None,
+    global_index: torch.Tensor | None = None,
+    n_global: int | None = None,
+    device: torch.device | None = None,
+) -> AEFitResult:
+    """Autoencoder mode: x (n_local, d) raw features of this process -> AE + latent DPGMM.
+
+    In one process pass x only. Under a distributed trainer pass this rank's rows, their global
+    row positions, n_global and a TorchDistComm (as for `Engine`); every rank returns the same
+    model. cfg.autoencoder holds the AE settings (`enabled` is not consulted here).
+    """
+    cfg = (cfg or FitConfig()).validate()
+    a = cfg.autoencoder
+    comm = comm or LocalComm()
+    device = device or resolve_device(cfg.device)
+    x_np = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    check_features(x_np, "features", min_rows=1 if n_global else max(2, cfg.k_init))
+    n_local = x_np.shape[0]
+    n_global = int(n_global if n_global is not None else n_local)
+    gi = torch.arange(n_local) if global_index is None else torch.as_tensor(global_index, dtype=torch.long)
+    g2l = torch.full((n_global,), -1, dtype=torch.long)
+    g2l[gi] = torch.arange(n_local)
+    xt = torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float64)).to(device)
+    round_cfg = cfg.replace(**{"schedule.epochs": a.round_epochs})
+
+    history: list[tuple[int, EpochRecord]] = []
+    ae_history: list[AEEpochRecord] = []
+    k_per_round: list[int] = []
+
+    def tagged(rnd: int) -> list[EpochCallback]:
+        def record(rec: EpochRecord, engine: Engine) -> None:
+            history.append((rnd, rec))
+
+        return [record, *callbacks]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        trainer = _AETrainer(cfg, xt, g2l.to(device), n_global, comm, device)
+        del xt
+        for e in range(a.pretrain_epochs):
+            ae_history.append(trainer.epoch(None, "pretrain", 0, e))
+        engine = Engine(cfg, trainer.encode(), gi, n_global, comm, device)
+        engine.initialize()
+        run_schedule(engine, tagged(0))
+        k_per_round.append(engine.n_clusters)
+        for rnd in range(1, a.rounds + 1):
+            for e in range(a.finetune_epochs):
+                ae_history.append(trainer.epoch(engine, "finetune", rnd, e))
+            engine = rebase_engine(engine, trainer.encode(), round_cfg, gi, n_global)
+            run_schedule(engine, tagged(rnd))
+            k_per_round.append(engine.n_clusters)
+    clusters, log_prob = engine.assign()
+    enc = unwrap(trainer.ae).encoder
+    linears = [m for m in enc if isinstance(m, nn.Linear)]
+    model = AEModel(
+        encoder=[(m.weight.detach().cpu().numpy(), m.bias.detach().cpu().numpy()) for m in linears],
+        input_shift=trainer.shift.cpu().numpy(),
+        input_scale=trainer.scale,
+        mixture=model_from_engine(engine, manifest_hash),
+    )
+    return AEFitResult(model, history, ae_history, k_per_round, clusters, log_prob, engine)
+
+
+# ---- data and benchmark ---------------------------------------------------------------------
+
+
+def embed_nonlinear(x: np.ndarray, out_dim: int = 64, seed: int = 0, gain: float = 2.0) -> np.ndarray:
+    """Push x (n, d) through a fixed random MLP d -> out_dim -> out_dim (tanh, then linear):
+    standardise, z = tanh(gain * x W1 / sqrt(d) + b1), return z W2 / sqrt(out_dim). gain > 1
+    saturates the tanh, so the clusters stop being Gaussian (or linearly embedded) in 64-d."""
+    rng = np.random.default_rng(seed)
+    d = x.shape[1]
+    xs = (x - x.mean(0)) / x.std(0)
+    w1 = rng.normal(size=(d, out_dim)) / math.sqrt(d)
+    b1 = rng.normal(size=out_dim) * 0.5
+    w2 = rng.normal(size=(out_dim, out_dim)) / math.sqrt(out_dim)
+    return (np.tanh(gain * xs @ w1 + b1) @ w2).astype(np.float32)
+
+
+def make_embedded_mixture(
+    n_samples: int = 3000, n_clusters: int = 10, n_features: int = 8, out_dim: int = 64, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A make_mixture data set (n_clusters in n_features-d) non-linearly embedded in out_dim-d."""
+    from cluster_service.datasets import make_mixture
+
+    x, y = make_mixture(n_samples, n_features, n_clusters, seed=seed)
+    return embed_nonlinear(x, out_dim, seed=1000 + seed), y
+
+
+# AE settings for CPU benchmarks and tests: the (500, 500, 2000) default is the ImageNet-scale
+# architecture; on a few thousand points a smaller AE learns the same latent space in seconds.
+SMALL_AE = {
+    "autoencoder.hidden": (256, 256, 512),
+    "autoencoder.pretrain_epochs": 30,
+    "autoencoder.rounds": 2,
+    "autoencoder.finetune_epochs": 5,
+    "autoencoder.round_epochs": 40,
+}
+
+
+def bench_methods(
+    seeds: Sequence[int] = (0, 1, 2), n_samples: int = 3000, ae_overrides: dict | None = None
+) -> list[dict]:
+    """kl vs ajs, with and without the AE, on the embedded mixture and sklearn digits.
+
+    Returns one row per (dataset, method): K, NMI, ARI, ACC as mean and std over seeds, and
+    seconds per fit. `ae_overrides` (dotted config keys) default to SMALL_AE.
+    """
+    from cluster_service.datasets import load_digits_pca
+    from cluster_service.evaluate import score
+    from cluster_service.fit import fit
+
+    overrides = SMALL_AE if ae_overrides is None else ae_overrides
+    datasets = {
+        f"mixture 10 in 8-d -> 64-d (n={n_samples})": lambda s: make_embedded_mixture(n_samples, seed=s),
+        "digits (PCA 16)": lambda s: load_digits_pca(16, seed=s),
+    }
+    rows = []
+    for name, load in datasets.items():
+        for ae in (False, True):
+            for loss in ("kl", "ajs"):
+                runs = []
+                for s in seeds:
+                    x, y = load(s)
+                    cfg = FitConfig().replace(seed=s, **{"net.loss": loss})
+                    t0 = time.perf_counter()
+                    if ae:
+                        res = fit_autoencoder(x, cfg.replace(**{"autoencoder.enabled": True, **overrides}))
+                    else:
+                        res = fit(x, cfg)
+                    sc = score(y, res.clusters)
+                    runs.append((sc.k_found, sc.nmi, sc.ari, sc.acc, time.perf_counter() - t0))
+                r = np.asarray(runs)
+                mean, std = r.mean(0), r.std(0)
+                rows.append({
+                    "dataset": name, "method": f"{'AE + ' if ae else ''}{loss}", "seeds": len(seeds),
+                    "k_mean": mean[0], "k_std": std[0], "nmi_mean": mean[1], "nmi_std": std[1],
+                    "ari_mean": mean[2], "ari_std": std[2], "acc_mean": mean[3], "acc_std": std[3],
+                    "seconds": mean[4],
+                })
+    return rows
