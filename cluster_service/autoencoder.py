@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from torch import nn
 from cluster_service.comm import LocalComm, unwrap
 from cluster_service.config import FitConfig
 from cluster_service.engine import Engine, EpochRecord, resolve_device
-from cluster_service.fit import EpochCallback, check_features, run_schedule
+from cluster_service.fit import EpochCallback, FitResult, check_features, run_schedule
 from cluster_service.gaussian import WhitenedGaussians
 from cluster_service.model import FittedModel, ModelError, load_model, model_from_engine
 from cluster_service.nets import ajs_loss, kl_loss
@@ -215,6 +215,10 @@ class AEModel:
     def n_clusters(self) -> int:
         return self.mixture.n_clusters
 
+    @property
+    def version(self) -> str:
+        return self.mixture.version
+
     @torch.no_grad()
     def encode(self, x, chunk: int = 65536) -> np.ndarray:
         """Latent codes (n, latent) float64 of raw features x (n, d)."""
@@ -314,19 +318,32 @@ def load_ae_model(path: str | os.PathLike, n_features: int | None = None) -> AEM
 # ---- the driver -------------------------------------------------------------------------------
 
 
+def dpgmm_epochs(cfg: FitConfig) -> int:
+    """DPGMM epochs of an AE-mode fit: the first round's schedule plus the later rounds'."""
+    return cfg.schedule.epochs + cfg.autoencoder.rounds * cfg.autoencoder.round_epochs
+
+
 @dataclass
 class AEFitResult:
     model: AEModel
-    history: list[tuple[int, EpochRecord]]  # (round, DPGMM epoch record)
+    # DPGMM epoch records of all rounds, epochs numbered globally (0 .. dpgmm_epochs - 1);
+    # round r starts at round_starts[r].
+    history: list[EpochRecord]
+    round_starts: list[int]
     ae_history: list[AEEpochRecord]
-    k_per_round: list[int]
-    clusters: np.ndarray  # (n_local,) int64 MAP cluster of the training rows' final codes
+    k_per_round: list[int]  # K at the end of each round
+    codes: np.ndarray  # (n_local, latent) float64 final codes of the training rows
+    clusters: np.ndarray  # (n_local,) int64 MAP cluster of those codes
     log_prob: np.ndarray  # (n_local,) float64
     engine: Engine
 
     @property
     def n_clusters(self) -> int:
         return self.model.n_clusters
+
+    def latent_fit(self) -> FitResult:
+        """The latent-space fit as a plain FitResult (what trackers and plots consume)."""
+        return FitResult(self.model.mixture, self.history, self.clusters, self.log_prob, self.engine)
 
 
 def fit_autoencoder(
@@ -359,15 +376,24 @@ def fit_autoencoder(
     xt = torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float64)).to(device)
     round_cfg = cfg.replace(**{"schedule.epochs": a.round_epochs})
 
-    history: list[tuple[int, EpochRecord]] = []
+    history: list[EpochRecord] = []
+    round_starts: list[int] = []
     ae_history: list[AEEpochRecord] = []
     k_per_round: list[int] = []
 
-    def tagged(rnd: int) -> list[EpochCallback]:
-        def record(rec: EpochRecord, engine: Engine) -> None:
-            history.append((rnd, rec))
+    def run_round(engine: Engine) -> None:
+        """run_schedule, with the round's epochs renumbered globally for history and callbacks."""
+        offset = len(history)
+        round_starts.append(offset)
 
-        return [record, *callbacks]
+        def renumber(rec: EpochRecord, eng: Engine) -> None:
+            rec = replace(rec, epoch=offset + rec.epoch)
+            history.append(rec)
+            for cb in callbacks:
+                cb(rec, eng)
+
+        run_schedule(engine, [renumber])
+        k_per_round.append(engine.n_clusters)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -377,14 +403,12 @@ def fit_autoencoder(
             ae_history.append(trainer.epoch(None, "pretrain", 0, e))
         engine = Engine(cfg, trainer.encode(), gi, n_global, comm, device)
         engine.initialize()
-        run_schedule(engine, tagged(0))
-        k_per_round.append(engine.n_clusters)
+        run_round(engine)
         for rnd in range(1, a.rounds + 1):
             for e in range(a.finetune_epochs):
                 ae_history.append(trainer.epoch(engine, "finetune", rnd, e))
             engine = rebase_engine(engine, trainer.encode(), round_cfg, gi, n_global)
-            run_schedule(engine, tagged(rnd))
-            k_per_round.append(engine.n_clusters)
+            run_round(engine)
     clusters, log_prob = engine.assign()
     enc = unwrap(trainer.ae).encoder
     linears = [m for m in enc if isinstance(m, nn.Linear)]
@@ -394,7 +418,10 @@ def fit_autoencoder(
         input_scale=trainer.scale,
         mixture=model_from_engine(engine, manifest_hash),
     )
-    return AEFitResult(model, history, ae_history, k_per_round, clusters, log_prob, engine)
+    codes = (engine.x.double() + engine.shift).cpu().numpy()
+    return AEFitResult(
+        model, history, round_starts, ae_history, k_per_round, codes, clusters, log_prob, engine
+    )
 
 
 # ---- data and benchmark ---------------------------------------------------------------------

@@ -103,12 +103,21 @@ def run_fit(
     with tracker:
         callbacks = [tracker]
         t0 = time.perf_counter()
-        with FitProgress(cfg.schedule.epochs, quiet) as progress:
-            callbacks.append(progress)
-            result = fit(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash)
+        if cfg.autoencoder.enabled:  # AE mode: the DPGMM clusters latent codes (autoencoder.py)
+            from cluster_service.autoencoder import dpgmm_epochs, fit_autoencoder
+
+            with FitProgress(dpgmm_epochs(cfg), quiet) as progress:
+                callbacks.append(progress)
+                result = fit_autoencoder(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash)
+            tracked, tracked_x = result.latent_fit(), result.codes
+        else:
+            with FitProgress(cfg.schedule.epochs, quiet) as progress:
+                callbacks.append(progress)
+                result = fit(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash)
+            tracked, tracked_x = result, feats.x
         elapsed = time.perf_counter() - t0
         result.model.save(out_dir / "model")
-        tracker.log_result(result, feats.x, feats.labels, out_dir / "model", {"fit_seconds": elapsed})
+        tracker.log_result(tracked, tracked_x, feats.labels, out_dir / "model", {"fit_seconds": elapsed})
     write_parquet_atomic(
         assignments_table(feats.ids, result.clusters, result.log_prob, result.model.version),
         out_dir / "assignments.parquet",
@@ -151,9 +160,14 @@ def fit(
     no_tracking: Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")] = False,
     eval_every: Annotated[int, typer.Option(
         help="with labels: log NMI/ARI/ACC every N epochs (0: only at the end)")] = 5,
+    autoencoder: Annotated[bool, typer.Option("--autoencoder", help=(
+        "cluster an MLP autoencoder's latent codes, alternating AE training and clustering "
+        "(settings under autoencoder.*); the model dir then also holds the encoder"))] = False,
+    loss: Annotated[str | None, typer.Option(help="clustering loss: kl (DeepDPM) | ajs (alpha-JS)")] = None,
 ) -> None:
     """Fit DeepDPM on DATA in this process; K is inferred. The run is logged to MLflow."""
-    cfg = load_config(config, set_, k_init=k_init, seed=seed, device=device, **{"schedule.epochs": epochs})
+    cfg = load_config(config, set_, k_init=k_init, seed=seed, device=device, **{
+        "schedule.epochs": epochs, "net.loss": loss, "autoencoder.enabled": True if autoencoder else None})
     summary = run_fit(data, out_dir, cfg, quiet=quiet, tracking=not no_tracking, tracking_uri=tracking_uri,
                       experiment=experiment, eval_every=eval_every)
     print_summary(summary, f"fit {data}")
