@@ -113,7 +113,7 @@ def optional_section(title: str, module: str, func: str, **kwargs) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    ap.add_argument("--sections", default="quality,assign,epochs,methods", help="comma-separated")
+    ap.add_argument("--sections", default="quality,assign,epochs,methods,features", help="comma-separated")
     ap.add_argument("--gpu", action="store_true", help="run the GPU sections (needs CUDA)")
     args = ap.parse_args(argv)
     sections = args.sections.split(",")
@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         parts.append(optional_section("Distributed epoch time (CPU workers)", "cluster_service.trainer", "bench_epoch_distributed"))
     if "methods" in sections:
         parts.append(optional_section("Methods: kl vs ajs, with/without autoencoder", "cluster_service.autoencoder", "bench_methods"))
+    if "features" in sections:
+        parts.append(optional_section("Feature extraction and shard reading", "feature_extraction.bench", "bench_features"))
     text = "\n".join(parts) + "\n"
     tmp = args.out.with_suffix(".md.tmp")
     tmp.write_text(text)
