@@ -77,11 +77,11 @@ def plot_k_history(history: Sequence, scores: Mapping[int, Mapping[str, float]] 
             if rej:
                 ax_k.scatter([r["epoch"] for r in rej], [r["n_clusters"] for r in rej], marker=marker, s=30,
                              facecolor="none", edgecolor=REJECT_COLOR, zorder=3,
-                             label=f"{label.split()[0]} proposed, none accepted")
+                             label=f"{label.split()[0][:-1]} proposed, none accepted")
 
-    marks("splits_accepted", "splits_proposed", "^", SPLIT_COLOR, "split")
-    marks("merges_accepted", "merges_proposed", "v", MERGE_COLOR, "merge")
-    marks("pruned", "", "X", PRUNE_COLOR, "pruned")
+    marks("splits_accepted", "splits_proposed", "^", SPLIT_COLOR, "splits accepted")
+    marks("merges_accepted", "merges_proposed", "v", MERGE_COLOR, "merges accepted")
+    marks("pruned", "", "X", PRUNE_COLOR, "clusters pruned")
     ax_k.set_ylabel("number of clusters K")
     ax_k.set_ylim(0, max(k.max() * 1.18, k.max() + 1.5))
     ax_k.yaxis.get_major_locator().set_params(integer=True)
@@ -101,7 +101,7 @@ def plot_k_history(history: Sequence, scores: Mapping[int, Mapping[str, float]] 
             vals = [scores[e].get(name) for e in s_ep]
             if any(v is not None for v in vals):
                 ax_s.plot(s_ep, vals, "o-", color=color, ms=3, lw=1.2, label=name.upper())
-        ax_s.set_ylim(0, 1.02)
+        ax_s.set_ylim(-0.03, 1.03)
         ax_s.set_ylabel("vs labels")
         ax_s.legend(loc="lower right", fontsize=8)
     return fig
