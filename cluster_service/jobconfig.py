@@ -317,6 +317,9 @@ def _check_paths(job: str, cfg: Any) -> None:
             if getattr(getattr(cfg, section), key) is not None:
                 raise ConfigError(f"{section}.{key} is set by the imagenet job (under imagenet.work_dir); "
                                   "remove it from the config")
+        if cfg.extract.options.get("pca_dim") is not None:
+            raise ConfigError("extract.pca_dim is not supported by the imagenet job: the train and val "
+                              "splits would be projected by different PCAs; use head: proj (128-d)")
     for section in ("train",):
         t = getattr(cfg, section, None)
         if t is None:
