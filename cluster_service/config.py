@@ -8,6 +8,8 @@ components receive only their own sub-config.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -16,6 +18,10 @@ SCHEMA_VERSION = 1
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message says what is allowed."""
+
+
+class ScheduleWarning(UserWarning):
+    """A valid schedule that cannot do what a fit usually wants (e.g. no split can happen)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,9 @@ class PriorConfig:
     psi_scale: float = 0.005
 
     def validate(self) -> None:
+        for name in ("alpha", "kappa", "nu_offset", "psi_scale"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"prior.{name} must be a finite number, got {getattr(self, name)}")
         if not self.alpha > 0:
             raise ConfigError(f"prior.alpha must be > 0, got {self.alpha}")
         if not self.kappa > 0:
@@ -132,7 +141,9 @@ class ScheduleConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"schedule.{name} must be >= 0, got {getattr(self, name)}")
         if self.move_period < 2:
-            raise ConfigError(f"schedule.move_period must be >= 2 (split and merge alternate), got {self.move_period}")
+            raise ConfigError(
+                f"schedule.move_period must be >= 2 (split and merge alternate), got {self.move_period}"
+            )
         if self.freeze_epochs >= self.move_period // 2 + 1:
             raise ConfigError(
                 f"schedule.freeze_epochs ({self.freeze_epochs}) must be <= move_period // 2 "
@@ -142,6 +153,21 @@ class ScheduleConfig:
             raise ConfigError(
                 f"schedule.first_split ({self.first_split}) must come after subcluster_start "
                 f"({self.subcluster_start}): splits need trained subclusters"
+            )
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(
+                f"schedule.warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs}): "
+                "otherwise the M-step never runs and the result is the k-means initialisation"
+            )
+        last_move = self.epochs - self.final_epochs
+        if self.first_split >= last_move:
+            # A warning, not an error: short no-move runs (smoke tests, autoencoder rounds) are legitimate.
+            warnings.warn(
+                f"schedule: no split or merge can happen (first_split {self.first_split} >= epochs - "
+                f"final_epochs = {last_move}), so K stays <= k_init; to infer K use "
+                f"schedule.epochs >= {self.first_split + self.final_epochs + 1} or a smaller first_split",
+                ScheduleWarning,
+                stacklevel=2,
             )
 
 
@@ -222,6 +248,8 @@ class FitConfig:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     def validate(self) -> FitConfig:
+        for sub in (self.prior, self.net, self.moves, self.schedule, self.autoencoder):
+            sub.validate()  # first, so each field's own rule is the message
         if self.k_init < 1:
             raise ConfigError(f"k_init must be >= 1, got {self.k_init}")
         if self.chunk_size < 1:
@@ -231,9 +259,9 @@ class FitConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.k_init > self.moves.max_clusters:
-            raise ConfigError(f"k_init ({self.k_init}) exceeds moves.max_clusters ({self.moves.max_clusters})")
-        for sub in (self.prior, self.net, self.moves, self.schedule, self.autoencoder):
-            sub.validate()
+            raise ConfigError(
+                f"k_init ({self.k_init}) exceeds moves.max_clusters ({self.moves.max_clusters})"
+            )
         return self
 
     # ---- parsing -------------------------------------------------------------------------
@@ -304,7 +332,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         f = known[name]
-        if dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False:
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name} must be a mapping, got {value!r}")
             kwargs[name] = _build(f.default_factory, value, f"{prefix}{name}.")
@@ -317,8 +345,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
                     raise ValueError
                 if cast is bool and not isinstance(value, bool):
                     raise ValueError
+                if cast in (int, float) and isinstance(value, bool):  # True is not a number here
+                    raise ValueError
                 value = cast(value)
             except (TypeError, ValueError):
                 raise ConfigError(f"{prefix}{name} must be {type_name}, got {value!r}") from None
+            if cast is float and not math.isfinite(value):
+                raise ConfigError(f"{prefix}{name} must be a finite number, got {value!r}")
         kwargs[name] = value
     return cls(**kwargs)
