@@ -30,3 +30,17 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store_outside_checkout(tmp_path_factory):
+    """Fits that tests run log to MLflow (tracking is on by default); send those runs to a temporary
+    sqlite store instead of ./mlflow.db in the checkout. Tests of the default store chdir to
+    tmp_path and unset MLFLOW_TRACKING_URI themselves."""
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        yield os.environ["MLFLOW_TRACKING_URI"]
+        return
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
