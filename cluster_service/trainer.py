@@ -309,7 +309,9 @@ def fit_distributed(
         train_loop_per_worker,
         train_loop_config=job,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name=RUN_NAME,
             storage_path=str(storage),
