@@ -74,3 +74,41 @@ def assign_nearest(x, centroids) -> np.ndarray:
     """Index of the nearest centroid for every row of x: (n,) int64."""
     _, idx = flat_index(centroids).search(_as_f32(x), 1)
     return idx[:, 0].astype(np.int64)
+
+
+class MipsIndex:
+    """Top-k maximum-inner-product search over `keys` (K, D) for assignment shortlists.
+
+    kind: "flat" (exact search, one GEMM; on the GPU when available), "hnsw" (graph search for
+    large K, CPU), or "auto" (flat up to `hnsw_above` keys, HNSW beyond). HNSW searches the
+    equivalent L2 problem: keys get one more coordinate sqrt(phi^2 - |k|^2) (phi = max |k|) and
+    queries a 0, so |q - k|^2 = |q|^2 + phi^2 - 2 <q, k> and the nearest key is the best inner product.
+    """
+
+    def __init__(self, keys, kind: str = "auto", hnsw_above: int = 8192):
+        k = _as_f32(keys)
+        if kind == "auto":
+            kind = "flat" if k.shape[0] <= hnsw_above else "hnsw"
+        self.kind = kind
+        if kind == "flat":
+            self.index = faiss.IndexFlatIP(k.shape[1])
+            if gpu_available():
+                self.index = faiss.index_cpu_to_all_gpus(self.index)
+        elif kind == "hnsw":
+            norms = np.square(k.astype(np.float64)).sum(1)
+            extra = np.sqrt(np.maximum(norms.max() - norms, 0.0)).astype(np.float32)
+            k = np.ascontiguousarray(np.concatenate([k, extra[:, None]], axis=1))
+            self.index = faiss.IndexHNSWFlat(k.shape[1], 32)
+            self.index.hnsw.efConstruction = 80
+        else:
+            raise ValueError(f"index kind must be auto, flat or hnsw, got {kind!r}")
+        self.index.add(k)
+
+    def search(self, queries, k: int) -> np.ndarray:
+        """Ids of the k best keys for every query: (n, k) int64, -1 where the index found fewer."""
+        q = _as_f32(queries)
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = max(256, 16 * k)  # MIPS-as-L2 needs a wide beam for recall
+            q = np.ascontiguousarray(np.concatenate([q, np.zeros((q.shape[0], 1), np.float32)], axis=1))
+        _, idx = self.index.search(q, k)
+        return idx

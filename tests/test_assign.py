@@ -1,0 +1,223 @@
+"""Assignment: exact math against scipy, shortlist against exact, the shard job (resume, bad shards,
+dimension mismatch, Ray Data == local) and the MLflow pyfunc model through a real store."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from scipy.stats import multivariate_normal
+from typer.testing import CliRunner
+
+import cluster_service.assign as assign_mod
+from cluster_service.assign import (
+    ExactAssigner,
+    NetAssigner,
+    ShortlistAssigner,
+    agreement,
+    assign_shards,
+    exact_assign,
+    sample_model,
+    synthetic_model,
+)
+from cluster_service.model import ModelError
+from cluster_service.shards import write_shards
+
+
+def scipy_log_joint(model, x):
+    """(n, K) log pi_k + log N(x; mu_k, Sigma_k) straight from scipy."""
+    return np.stack([lw + multivariate_normal(m, c).logpdf(x) for lw, m, c in
+                     zip(model.log_weights, model.means, model.covariances, strict=True)], axis=1)
+
+
+def with_net(model, hidden=7, seed=0):
+    rng = np.random.default_rng(seed)
+    d, K = model.n_features, model.n_clusters
+    model.net = {"body.0.weight": rng.normal(size=(hidden, d)), "body.0.bias": rng.normal(size=hidden),
+                 "body.2.weight": rng.normal(size=(hidden, hidden)), "body.2.bias": rng.normal(size=hidden),
+                 "head.weight": rng.normal(size=(K, hidden)), "head.bias": rng.normal(size=K)}
+    model.net = {k: v.astype(np.float32) for k, v in model.net.items()}
+    return model
+
+
+def test_exact_shortlist_and_net_match_scipy():
+    model = with_net(synthetic_model(6, 5, seed=1, separation=1.5))
+    x, _ = sample_model(model, 300, seed=2)
+    ref = scipy_log_joint(model, x.astype(np.float64))
+    top2 = np.sort(ref, axis=1)[:, -2:]
+
+    exact = exact_assign(model, x)
+    np.testing.assert_array_equal(exact.cluster, ref.argmax(1))
+    np.testing.assert_allclose(exact.log_prob, top2[:, 1], rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(exact.margin, top2[:, 1] - top2[:, 0], rtol=1e-8, atol=1e-8)
+
+    full = ShortlistAssigner(model, top_m=6)(x)  # shortlist of all K: must equal exact
+    np.testing.assert_array_equal(full.cluster, exact.cluster)
+    np.testing.assert_allclose(full.log_prob, exact.log_prob, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(full.margin, exact.margin, rtol=1e-8, atol=1e-8)
+
+    # arbitrary (row, cluster) pairs, including padding (-1) and repeats
+    cand = np.random.default_rng(3).integers(-1, 6, size=(300, 4))
+    scorer = ShortlistAssigner(model, top_m=2).scorer
+    import torch
+
+    got = scorer.score_pairs(torch.from_numpy(x), torch.from_numpy(cand)).numpy()
+    want = np.where(cand >= 0, np.take_along_axis(ref, np.maximum(cand, 0), 1), -np.inf)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-9)
+
+    net = NetAssigner(model)(x)
+    logits = model.net_logits(x)
+    np.testing.assert_array_equal(net.cluster, logits.argmax(1))
+    np.testing.assert_allclose(net.log_prob, ref[np.arange(300), net.cluster], rtol=1e-10, atol=1e-9)
+    sl = np.sort(logits, axis=1)
+    np.testing.assert_allclose(net.margin, sl[:, -1] - sl[:, -2], rtol=1e-5, atol=1e-5)
+
+
+def test_shortlist_agrees_with_exact_k200():
+    model = synthetic_model(200, 32, seed=3, separation=1.0)
+    x, z = sample_model(model, 3000, seed=4)
+    exact = ExactAssigner(model)(x)
+    assert 0.95 < (exact.cluster == z).mean() < 1.0  # overlapping clusters: the task is not trivial
+    for kind in ("flat", "hnsw"):
+        fast = ShortlistAssigner(model, top_m=16, index_kind=kind)(x)
+        assert agreement(fast, exact) >= 0.999, kind
+        same = fast.cluster == exact.cluster
+        np.testing.assert_allclose(fast.log_prob[same], exact.log_prob[same], rtol=1e-10, atol=1e-9)
+    # a 1-candidate shortlist is worse: the rescoring step is doing work
+    assert agreement(ShortlistAssigner(model, top_m=1)(x), exact) < agreement(fast, exact)
+
+
+def test_dimension_mismatch_fails_clearly(tmp_path):
+    model = synthetic_model(4, 8, seed=0)
+    x6 = np.zeros((10, 6), np.float32)
+    with pytest.raises(ModelError, match=r"\(n, 8\).*\(10, 6\)"):
+        ShortlistAssigner(model)(x6)
+    write_shards(tmp_path / "shards", np.arange(10), x6, rows_per_shard=5)
+    model.save(tmp_path / "model")
+    with pytest.raises(ModelError, match="d=8.*d=6"):
+        assign_shards(tmp_path / "model", tmp_path / "shards", tmp_path / "out", use_ray=False)
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+@pytest.fixture
+def job(tmp_path):
+    model = synthetic_model(12, 6, seed=5, separation=1.5, version="v-test")
+    x, _ = sample_model(model, 1000, seed=6)
+    write_shards(tmp_path / "shards", np.arange(1000) * 7, x, rows_per_shard=200)
+    model.save(tmp_path / "model")
+    return tmp_path, model, x
+
+
+def read_outputs(out_dir):
+    return {p.name: pq.read_table(p) for p in sorted(out_dir.glob("*.parquet"))}
+
+
+def test_interrupted_assign_resumes_and_redoes_only_missing(job, monkeypatch):
+    tmp, model, x = job
+    clean = assign_shards(tmp / "model", tmp / "shards", tmp / "clean", use_ray=False)
+    assert [o.status for o in clean.outcomes] == ["done"] * 5
+    want = read_outputs(tmp / "clean")
+    t = want["part-00001.parquet"]
+    assert t.column_names == ["id", "cluster", "log_prob", "margin", "model_version"]
+    assert str(t.schema.field("cluster").type) == "int32" and str(t.schema.field("margin").type) == "float"
+    np.testing.assert_array_equal(t.column("id").to_numpy(), np.arange(200, 400) * 7)
+    np.testing.assert_array_equal(t.column("cluster").to_numpy(), exact_assign(model, x[200:400]).cluster)
+
+    real_writer, calls = assign_mod.write_parquet_atomic, []
+
+    def dies_on_second(table, path):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the job is killed while writing its second shard
+        return real_writer(table, path)
+
+    monkeypatch.setattr(assign_mod, "write_parquet_atomic", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        assign_shards(tmp / "model", tmp / "shards", tmp / "out", use_ray=False)
+    assert sorted(read_outputs(tmp / "out")) == ["part-00000.parquet"]
+    (tmp / "out" / "part-00003.parquet").write_bytes(b"PAR1 half a file")  # a partial copy
+    (tmp / "out" / ".part-00001.parquet.tmp-999").write_bytes(b"junk")  # left by a killed writer
+    first_mtime = os.stat(tmp / "out" / "part-00000.parquet").st_mtime_ns
+
+    calls.clear()
+    def counting(table, path):
+        calls.append(path.name)
+        return real_writer(table, path)
+
+    monkeypatch.setattr(assign_mod, "write_parquet_atomic", counting)
+    again = assign_shards(tmp / "model", tmp / "shards", tmp / "out", use_ray=False)
+    assert calls == [f"part-{i:05d}.parquet" for i in range(1, 5)]  # only the unfinished shards
+    assert [o.status for o in again.outcomes] == ["skipped"] + ["done"] * 4
+    assert os.stat(tmp / "out" / "part-00000.parquet").st_mtime_ns == first_mtime
+    assert not list((tmp / "out").glob(".*tmp*"))
+    got = read_outputs(tmp / "out")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].equals(want[name]), name
+    np.testing.assert_array_equal(again.cluster_sizes(), clean.cluster_sizes())
+    assert again.cluster_sizes().sum() == 1000
+
+    # a different method is not mistaken for finished work
+    calls.clear()
+    assign_shards(tmp / "model", tmp / "shards", tmp / "out", method="exact", use_ray=False)
+    assert len(calls) == 5
+
+
+def test_cli_reports_bad_shard_and_exits_nonzero(job):
+    from cluster_service.cli import app
+
+    tmp, _, _ = job
+    bad = tmp / "shards" / "part-00002.parquet"
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    args = ["assign", str(tmp / "model"), str(tmp / "shards"), "--out", str(tmp / "out"), "--local", "--quiet",
+            "--method", "exact"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    assert "part-00002.parquet" in res.output and "not assigned" in res.output
+    assert sorted(read_outputs(tmp / "out")) == [f"part-{i:05d}.parquet" for i in (0, 1, 3, 4)]
+    assert "800" in res.output  # rows assigned, in the summary table
+
+
+@pytest.mark.ray
+def test_ray_data_job_matches_local(job, ray_local):
+    tmp, _, _ = job
+    local = assign_shards(tmp / "model", tmp / "shards", tmp / "local", use_ray=False)
+    seen = []
+    remote = assign_shards(tmp / "model", tmp / "shards", tmp / "ray", use_ray=True, progress=seen.append)
+    assert sorted(o.shard for o in seen) == [f"part-{i:05d}.parquet" for i in range(5)]
+    assert [o.status for o in remote.outcomes] == ["done"] * 5
+    np.testing.assert_array_equal(remote.cluster_sizes(), local.cluster_sizes())
+    want, got = read_outputs(tmp / "local"), read_outputs(tmp / "ray")
+    assert got.keys() == want.keys() and all(got[k].equals(want[k]) for k in want)
+
+
+def test_pyfunc_round_trip_through_mlflow_registry(tmp_path, job):
+    import mlflow
+
+    from cluster_service.assign import open_model
+    from cluster_service.pyfunc import log_pyfunc_model
+
+    tmp, model, x = job
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = mlflow.create_experiment("assign-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=exp)
+    info = log_pyfunc_model(tmp / "model", registered_name="clusters", method="exact")
+    assert str(info.registered_model_version) == "1"
+
+    loaded = mlflow.pyfunc.load_model("models:/clusters/1")
+    want = exact_assign(model, x[:50])
+    for data in (x[:50], pd.DataFrame({"feature": list(x[:50])}),
+                 pd.DataFrame(x[:50], columns=[f"f{i}" for i in range(6)])):
+        out = loaded.predict(data)
+        np.testing.assert_array_equal(out["cluster"].to_numpy(), want.cluster)
+        np.testing.assert_allclose(out["log_prob"].to_numpy(), want.log_prob, rtol=1e-6)
+    with pytest.raises(Exception, match=r"\(n, 6\)"):
+        loaded.predict(x[:5, :4])
+
+    back = open_model("models:/clusters/1", n_features=6)
+    np.testing.assert_array_equal(back.chol, model.chol)
+    assert back.version == "v-test"
+    mlflow.set_tracking_uri(None)
