@@ -8,6 +8,7 @@ tracking module saves them as PNGs and logs them to MLflow.
     plot_cluster_sizes(clusters)       cluster sizes, largest first
     plot_projection(x, clusters, y)    2-D PCA of a sample, coloured by cluster (and by label)
     plot_confusion(labels, clusters)   labels x clusters, clusters ordered by best match
+    plot_sweep(trials, metric, params) a Tune sweep: the criterion against each swept parameter
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from scipy.optimize import linear_sum_assignment
 
 SPLIT_COLOR, MERGE_COLOR, PRUNE_COLOR, REJECT_COLOR = "#2ca02c", "#d62728", "#9467bd", "#7f7f7f"
@@ -260,4 +262,38 @@ def plot_confusion(labels: np.ndarray, clusters: np.ndarray) -> Figure:
     acc = n_matched / max(1, counts.sum())
     ax.set_ylabel("true label")
     ax.set_title(f"labels vs clusters: {n_l} labels, {n_c} clusters, matched accuracy {acc:.3f}")
+    return fig
+
+
+def plot_sweep(trials: Sequence[Mapping], metric: str, params: Sequence[str]) -> Figure:
+    """One small panel per swept parameter (and K found): the trials' `metric` against its value,
+    the best trial starred; points coloured by NMI when the trials have it."""
+    keys = ["n_clusters", *params]
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig = new_figure(3.3 * cols, 2.9 * rows + 0.4)
+    axs = np.atleast_1d(fig.subplots(rows, cols, sharey=True)).ravel()
+    y = np.array([t[metric] for t in trials], dtype=float)
+    best = int(np.argmax(y))
+    nmi = [t.get("nmi") for t in trials]
+    colour = np.array(nmi, dtype=float) if all(v is not None for v in nmi) else None
+    sc = None
+    for ax, key in zip(axs, keys, strict=False):
+        x = np.array([t[key] for t in trials], dtype=float)
+        style = {"c": "#1f77b4"} if colour is None else {"c": colour, "cmap": "viridis", "vmin": 0, "vmax": 1}
+        sc = ax.scatter(x, y, s=40, edgecolor="black", lw=0.4, **style)
+        ax.scatter(x[best], y[best], marker="*", s=260, facecolor="none", edgecolor="#d62728", lw=1.5)
+        finite = x[np.isfinite(x)]
+        if key != "n_clusters" and finite.size and finite.min() > 0 and finite.max() > 20 * finite.min():
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("K found" if key == "n_clusters" else key, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axs[len(keys):]:
+        ax.set_visible(False)
+    for ax in axs[::cols]:
+        ax.set_ylabel(metric, fontsize=9)
+    if colour is not None and sc is not None:
+        fig.colorbar(sc, ax=list(axs[: len(keys)]), label="NMI (labels; not used to choose)", shrink=0.8)
+    fig.suptitle(f"{len(trials)} trials; best (★) has the highest {metric}")
     return fig

@@ -219,9 +219,21 @@ def _log_parent(parent, result: SweepResult) -> None:
                      **{f"best.{k}": v for k, v in result.best_params.items()}})
     import yaml
 
+    parent._safe("render sweep plot", _log_sweep_plot, parent, result)
     best_yaml = yaml.safe_dump({"fit": result.best_config.to_dict()}, sort_keys=False)
     trials_json = json.dumps(result.trials, indent=1, default=str)
     parent.log_texts({"trials.json": trials_json, "best_config.yaml": best_yaml})
+
+
+def _log_sweep_plot(parent, result: SweepResult) -> None:
+    import tempfile
+
+    from cluster_service import plots
+
+    with tempfile.TemporaryDirectory(prefix="cs-sweep-") as tmp:
+        plots.save_figure(plots.plot_sweep(result.trials, METRIC, list(result.best_params)),
+                          Path(tmp) / "plots" / "sweep.png")
+        parent.log_artifact_dir(tmp)
 
 
 def _write_yaml(path: Path, data: dict) -> None:

@@ -87,3 +87,5 @@ def test_sweep_of_two_trials_logs_child_runs_under_one_parent(ray_local, tmp_pat
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["tune.best_run_id"] == res.best["mlflow_run_id"]
     assert parent.data.metrics[f"best/{METRIC}"] == pytest.approx(res.best[METRIC])
+    assert {"plots/sweep.png", "best_config.yaml", "trials.json"} <= {
+        f.path for d in ("", "plots") for f in client.list_artifacts(parent.info.run_id, d or None)}
