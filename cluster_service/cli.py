@@ -164,10 +164,32 @@ def fit(
         "cluster an MLP autoencoder's latent codes, alternating AE training and clustering "
         "(settings under autoencoder.*); the model dir then also holds the encoder"))] = False,
     loss: Annotated[str | None, typer.Option(help="clustering loss: kl (DeepDPM) | ajs (alpha-JS)")] = None,
+    workers: Annotated[int, typer.Option(help=(
+        "Ray Train DDP workers (0: fit in this process). Local Ray unless RAY_ADDRESS is set; "
+        "re-running on the same --out resumes from the last checkpoint"))] = 0,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per worker (0: CPU workers, gloo)")] = 0.0,
+    checkpoint_every: Annotated[int, typer.Option(help="with --workers: epochs between checkpoints")] = 5,
 ) -> None:
-    """Fit DeepDPM on DATA in this process; K is inferred. The run is logged to MLflow."""
+    """Fit DeepDPM on DATA (in this process, or on Ray Train workers); K is inferred. The run is
+    logged to MLflow."""
     cfg = load_config(config, set_, k_init=k_init, seed=seed, device=device, **{
         "schedule.epochs": epochs, "net.loss": loss, "autoencoder.enabled": True if autoencoder else None})
+    if workers < 0 or gpus_per_worker < 0:
+        raise ValueError(f"--workers and --gpus-per-worker must be >= 0, got {workers} and {gpus_per_worker}")
+    if workers >= 1:
+        from cluster_service.jobconfig import TrackingSection, TrainSection
+        from cluster_service.pipeline import fit_job
+
+        if cfg.autoencoder.enabled:
+            raise ValueError("--autoencoder runs in one process; leave out --workers")
+        train = TrainSection(data=str(data), out=str(out_dir), workers=workers, use_gpu=gpus_per_worker > 0,
+                             gpus_per_worker=gpus_per_worker or 1.0, checkpoint_every=checkpoint_every)
+        tracking = TrackingSection(enabled=not no_tracking, uri=tracking_uri,
+                                   **({"experiment": experiment} if experiment else {}))
+        summary = fit_job(train, cfg, tracking)
+        print_summary(summary, f"fit {data} on {workers} worker(s)")
+        out.print(f"model: {out_dir / 'model'}\nassignments: {out_dir / 'assignments.parquet'}")
+        return
     summary = run_fit(data, out_dir, cfg, quiet=quiet, tracking=not no_tracking, tracking_uri=tracking_uri,
                       experiment=experiment, eval_every=eval_every)
     print_summary(summary, f"fit {data}")

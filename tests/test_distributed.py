@@ -227,3 +227,17 @@ def test_killed_worker_recovers_from_last_checkpoint(two_workers, data, tmp_path
     )
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     assert [r["epoch"] for r in history] == list(range(CFG.schedule.epochs))
+
+
+def test_cli_refuses_more_workers_than_shards(data, tmp_path, monkeypatch, capsys):
+    """`fit --workers N` checks the data before starting Ray: a clear message and exit code 2."""
+    from cluster_service import cli
+
+    _, _, shards = data
+    argv = ["cluster-service", "fit", str(shards), "--workers", "7", "--no-tracking", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "6 shard(s) for 7 workers" in err and str(shards.name) in err
