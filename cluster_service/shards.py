@@ -55,7 +55,7 @@ class Problem:
 
     file: str
     kind: str  # manifest | missing | unlisted | corrupt | hash | rows | schema | d | id_type | null_id
-    #            | duplicate_id | null_feature | nonfinite
+    #            | duplicate_id | null_feature | nonfinite | empty | label
     message: str
     row: int | None = None
 
@@ -420,6 +420,11 @@ def read_feature_table(shard_dir: str | os.PathLike, rank: int = 0, world_size: 
     """All rows of rank's shards in memory. Validates the manifest and footers first; raises ShardError
     naming file and row for null features, NaN/Inf, null ids or ids repeated within these shards."""
     manifest, mhash, paths, has_label = _checked_shards(shard_dir, rank, world_size)
+    listed = {s["name"] for s in manifest["shards"]}
+    unlisted = sorted(p.name for p in Path(shard_dir).glob(SHARD_GLOB) if p.name not in listed)
+    if unlisted:  # its rows would silently be left out of the fit
+        raise ShardError(f"{Path(shard_dir) / unlisted[0]}: in the directory but not listed in {MANIFEST} "
+                         f"({len(unlisted)} such file(s)); list it in the manifest or move it elsewhere")
     d = manifest["d"]
     n = sum(pq.read_metadata(p).num_rows for p in paths)
     features = np.empty((n, d), dtype=np.float32)
@@ -431,6 +436,8 @@ def read_feature_table(shard_dir: str | os.PathLike, rank: int = 0, world_size: 
             table = pq.read_table(p, columns=[c for c in cols if c in pq.read_schema(p).names])
         except (pa.ArrowException, OSError) as e:
             raise ShardError(f"{p}: not a readable Parquet file ({e})") from e
+        if len(table) == 0:
+            raise ShardError(f"{p}: 0 rows; every shard must hold at least one row (drop it from {MANIFEST})")
         col = table.column("feature")
         if col.null_count:
             row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
@@ -446,6 +453,11 @@ def read_feature_table(shard_dir: str | os.PathLike, rank: int = 0, world_size: 
         ids.append(_ids_to_numpy(table.column("id")))
         if has_label:
             lab = table.column("label") if "label" in table.column_names else pa.nulls(len(table), pa.int64())
+            neg = np.flatnonzero(lab.fill_null(0).to_numpy() < 0) if lab.null_count < len(lab) else []
+            if len(neg):
+                row = int(neg[0])
+                raise ShardError(f"{p} row {row}: label {lab[row].as_py()} is negative; labels are class "
+                                 f"indices >= 0, or null when unknown ({len(neg)} such row(s))")
             labels.append(lab.fill_null(-1).to_numpy().astype(np.int64) if lab.null_count < len(lab)
                           else np.full(len(table), -1, np.int64))
         pos += len(table)
@@ -561,6 +573,8 @@ def validate_shards(shard_dir: str | os.PathLike, max_rows_reported: int = 20) -
             continue
         if entry is not None and table.num_rows != entry["rows"]:
             problems.append(Problem(name, "rows", f"{table.num_rows} rows, {MANIFEST} says {entry['rows']}"))
+        if table.num_rows == 0:
+            problems.append(Problem(name, "empty", "0 rows; every shard must hold at least one row"))
         ref_d = d if d is not None else _feature_dim(schema)  # no manifest: mixed d is checked below
         problems += _schema_problems(schema, ref_d if ref_d is not None else -1, name)
         problems += _row_problems(table, name, max_rows_reported)
@@ -616,6 +630,10 @@ def _row_problems(table: pa.Table, name: str, cap: int) -> list[Problem]:
     if "id" in table.column_names and table.column("id").null_count:
         rows = np.flatnonzero(table.column("id").is_null().to_numpy(zero_copy_only=False))
         out += _capped(rows, name, "null_id", "id is null (missing)", cap)
+    if "label" in table.column_names and pa.types.is_integer(table.column("label").type):
+        rows = np.flatnonzero(table.column("label").fill_null(0).to_numpy() < 0)
+        out += _capped(rows, name, "label", "label is negative (class indices are >= 0, null if unknown)",
+                       cap)
     if "feature" not in table.column_names:
         return out
     col = table.column("feature")
