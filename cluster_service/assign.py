@@ -585,12 +585,14 @@ def bench_assign(
     device: str = "cpu",
     batch_size: int = 65536,
     seed: int = 0,
+    separation: float = 0.5,
+    individuality: float = 0.5,
 ) -> dict:
     """Rows/s of brute-force exact assignment vs FAISS shortlist + exact rescoring, and their agreement.
 
     Exact runs on the first `exact_rows` rows (it costs 2 K d^2 flops per row); the shortlist on all
     `n_rows`; agreement is measured on the rows both assigned. Returns a flat dict of figures."""
-    model = synthetic_model(n_clusters, n_features, seed)
+    model = synthetic_model(n_clusters, n_features, seed, separation, individuality)
     x, z = sample_model(model, n_rows, seed + 1)
     exact_rows = min(exact_rows, n_rows)
     dev = str(resolve_device(device))
@@ -611,6 +613,7 @@ def bench_assign(
     head = Assignment(fast.cluster[:exact_rows], fast.log_prob[:exact_rows], fast.margin[:exact_rows])
     return {
         "n_features": n_features, "n_clusters": n_clusters, "top_m": top_m, "device": dev,
+        "separation": separation, "individuality": individuality,
         "torch_threads": torch.get_num_threads(), "index": shortlist.index.kind,
         "rows_exact": exact_rows, "rows_shortlist": n_rows,
         "exact_rows_per_s": exact_rows / t_exact, "shortlist_rows_per_s": n_rows / t_short,
