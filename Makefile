@@ -16,6 +16,8 @@ help:
 	@echo "make bench-features  extraction images/s and shard-reader throughput; updates BENCHMARKS.md"
 	@echo "make lint       ruff"
 	@echo "make mlflow-ui  MLflow UI on the local store (./mlflow.db)"
+	@echo "make cluster-up    local Ray head (job server :8265) + MLflow server (:5000) on 127.0.0.1"
+	@echo "make cluster-down  stop them (pids and logs in .cluster/)"
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -47,6 +49,12 @@ lint: $(STAMP)
 
 plan: $(STAMP)
 	$(VENV)/bin/cluster-service plan
+
+cluster-up: $(STAMP)
+	$(VENV)/bin/cluster-service cluster up --state .cluster
+
+cluster-down:
+	$(VENV)/bin/cluster-service cluster down --state .cluster
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

@@ -451,5 +451,70 @@ def register_model(
     out.print(f"registered models:/{name}/{info.registered_model_version} ({info.model_uri})")
 
 
+@app.command()
+def submit(
+    job: Annotated[str, typer.Argument(help="extract | fit | assign | imagenet (runs python -m jobs.JOB)")],
+    config: Annotated[Path, typer.Argument(help="the job's YAML config (validated here before submitting)")],
+    address: Annotated[str | None, typer.Option(
+        help="Ray job server (dashboard) URL; default $RAY_API_SERVER_ADDRESS, else 127.0.0.1:8265")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="submit and return the job id")] = False,
+    env: Annotated[list[str] | None, typer.Option(help="job environment variable: --env KEY=VALUE")] = None,
+) -> None:
+    """Submit a pipeline job to a Ray cluster (Ray Job Submission SDK): validate CONFIG, upload this
+    checkout as the working dir, stream the logs, print the status and the MLflow run; exit 1 unless
+    the job succeeded."""
+    from cluster_service.submit import submit as submit_job
+
+    env_vars = {}
+    for item in env or []:
+        if "=" not in item:
+            raise ValueError(f"--env expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        env_vars[k] = v
+    try:
+        res = submit_job(job, config, address, wait=not no_wait, env_vars=env_vars,
+                         on_log=lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True))
+    except ConnectionError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"job {res.job_id}: [bold]{res.status}[/]" + (f" ({res.message})" if res.message else ""))
+    if res.mlflow_link:
+        out.print(f"MLflow run: {res.mlflow_link} (tracking URI {res.tracking_uri})", soft_wrap=True)
+    if not no_wait and res.status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+cluster_app = typer.Typer(no_args_is_help=True, help="A local Ray head and MLflow server on loopback.")
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+def cluster_up(
+    state_dir: Annotated[Path, typer.Option("--state", help="pids, logs, MLflow store")] = Path(".cluster"),
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs Ray may use (default: all)")] = None,
+    dashboard_port: Annotated[int, typer.Option(help="Ray dashboard / job server port")] = 8265,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow server port (0: no MLflow server)")] = 5000,
+) -> None:
+    """Start a Ray head (with the job server) and an MLflow tracking server on 127.0.0.1."""
+    from cluster_service.local_cluster import start
+
+    info = start(state_dir, num_cpus, dashboard_port, mlflow_port, mlflow=mlflow_port > 0)
+    out.print(f"Ray job server: {info['ray']['dashboard']}  (cluster-service submit JOB CONFIG)")
+    if "mlflow" in info:
+        out.print(f"MLflow: {info['mlflow']['uri']}  (export MLFLOW_TRACKING_URI={info['mlflow']['uri']})")
+    out.print(f"logs: {state_dir}/  stop: make cluster-down")
+
+
+@cluster_app.command("down")
+def cluster_down(
+    state_dir: Annotated[Path, typer.Option("--state", help="as given to `cluster up`")] = Path(".cluster"),
+) -> None:
+    """Stop the Ray head and MLflow server that `cluster up` started (only those)."""
+    from cluster_service.local_cluster import stop
+
+    stopped = stop(state_dir)
+    out.print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing running under {state_dir}")
+
+
 if __name__ == "__main__":
     main()
