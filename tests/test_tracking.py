@@ -144,6 +144,7 @@ def test_fit_run_on_server_has_params_epoch_metrics_and_artifacts(mlflow_server,
     assert model.n_clusters == summary["k_found"]
 
 
+@pytest.mark.filterwarnings("ignore::cluster_service.config.ScheduleWarning")  # 6 epochs: no moves, fine here
 def test_default_store_is_sqlite_in_working_directory(in_tmp, mixture_file):
     from typer.testing import CliRunner
 
@@ -183,7 +184,8 @@ def test_only_rank_zero_logs(in_tmp):
 
 
 def test_unreachable_server_does_not_crash_fit(in_tmp, mixture_file, caplog):
-    cfg = FitConfig().replace(**{**SMALL, "schedule.epochs": 6, "schedule.final_epochs": 0})
+    cfg = FitConfig().replace(**{**SMALL, "schedule.epochs": 6, "schedule.first_split": 4,
+                                 "schedule.final_epochs": 0})
     t0 = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="cluster_service.tracking"):
         summary = run_fit(mixture_file, in_tmp / "run", cfg, quiet=True, tracking_uri="http://127.0.0.1:1")
@@ -196,7 +198,8 @@ def test_failures_mid_run_are_reported_then_tracking_stops(in_tmp, mixture_file,
     """Inject a fault into every MLflow batch call after the run has started."""
     from mlflow import MlflowClient
 
-    cfg = FitConfig().replace(**{**SMALL, "schedule.epochs": 6, "schedule.final_epochs": 0})
+    cfg = FitConfig().replace(**{**SMALL, "schedule.epochs": 6, "schedule.first_split": 4,
+                                 "schedule.final_epochs": 0})
     original = MlflowClient.log_batch
     calls = {"n": 0}
 
