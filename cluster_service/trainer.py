@@ -300,8 +300,11 @@ def fit_distributed(
             f"{data_path}: {n_shards} shard(s) for {num_workers} workers; each worker reads whole shards"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    storage = Path(storage_path).resolve() if storage_path else out_dir / "checkpoints"
-    _check_resume(storage, {"data": str(data_path), "config": cfg.to_dict()})
+    if storage_path and "://" in storage_path:  # object store (s3://, gs://): Ray Train writes it
+        storage = storage_path
+    else:
+        storage = Path(storage_path).resolve() if storage_path else out_dir / "checkpoints"
+        _check_resume(storage, {"data": str(data_path), "config": cfg.to_dict()})
 
     job = TrainJob(str(data_path), str(out_dir), cfg.to_dict(), checkpoint_every, tuple(callbacks), fault)
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
@@ -404,7 +407,9 @@ def bench_epoch_distributed(
     for w in workers:
         run_dir = root / f"run-{w}w"
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resumed one
-        fit_distributed(shards, run_dir, cfg, w, use_gpu=use_gpu, checkpoint_every=epochs, max_failures=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit_distributed(shards, run_dir, cfg, w, use_gpu=use_gpu, checkpoint_every=epochs, max_failures=0)
         history = json.loads((run_dir / "history.json").read_text())
         history = history[1:] if len(history) > 1 else history  # the first epoch warms caches up
         med = {k: float(np.median([r[f"time_{k}"] for r in history]))
