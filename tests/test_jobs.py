@@ -172,7 +172,7 @@ def ray_head(tmp_path_factory):
     state = tmp_path_factory.mktemp("ray-head")
     info = local_cluster.start_ray_head(state, num_cpus=2, dashboard_port=local_cluster.free_port())
     yield info
-    local_cluster.stop(state, "ray")
+    local_cluster.stop(state, "ray", grace_s=3)
     assert not local_cluster.status(state)
 
 
@@ -219,8 +219,9 @@ def test_fit_job_through_job_submission(ray_head, shards, tmp_path):
     # the assign job on the fitted model (in-process entry point, local assigner)
     from jobs.assign import main as assign_main
 
-    section = {"model": str(run_dir), "shards": str(shard_dir), "out": str(tmp_path / "assigned"), "local": True}
-    acfg = write_yaml(tmp_path / "assign.yaml", {"assign": section})
+    out = tmp_path / "assigned"
+    acfg = write_yaml(tmp_path / "assign.yaml", {"assign": {"model": str(run_dir), "shards": str(shard_dir),
+                                                            "out": str(out), "local": True}})
     assign_main([str(acfg)])
     from cluster_service.pipeline import score_assignments
 
