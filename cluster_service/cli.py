@@ -89,7 +89,7 @@ def run_fit(
 ) -> dict:
     """Fit on a data file or shard directory; write RUN_DIR/model and RUN_DIR/assignments.parquet.
     With `tracking`, the fit is an MLflow run (default store ./mlflow.db; see tracking.py)."""
-    from cluster_service.data import assignments_table, load_features, write_parquet_atomic
+    from cluster_service.data import assignments_table, load_features, write_parquet_atomic, write_text_atomic
     from cluster_service.fit import fit
     from cluster_service.tracking import Tracker
 
@@ -122,8 +122,8 @@ def run_fit(
         assignments_table(feats.ids, result.clusters, result.log_prob, result.model.version),
         out_dir / "assignments.parquet",
     )
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    (out_dir / "history.json").write_text(json.dumps([r.as_dict() for r in result.history], indent=1))
+    write_text_atomic(json.dumps(cfg.to_dict(), indent=2), out_dir / "config.json")
+    write_text_atomic(json.dumps([r.as_dict() for r in result.history], indent=1), out_dir / "history.json")
     summary = {"n_samples": int(feats.x.shape[0]), "n_features": int(feats.x.shape[1]),
                "k_found": result.n_clusters, "seconds": round(elapsed, 2), "out": str(out_dir)}
     if feats.labels is not None:
@@ -132,7 +132,7 @@ def run_fit(
         summary.update(score(feats.labels, result.clusters).as_dict())
     if tracker.run_id is not None:
         summary["mlflow_run"] = tracker.run_id
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(json.dumps(summary, indent=2), out_dir / "summary.json")  # last: marks the run complete
     return summary
 
 

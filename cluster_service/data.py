@@ -84,6 +84,19 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     return path
 
 
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write a small text file (JSON summaries) under a temporary name in the same directory, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def assignments_table(ids: np.ndarray, clusters: np.ndarray, log_prob: np.ndarray, version: str) -> pa.Table:
     return pa.table(
         {
