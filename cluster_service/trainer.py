@@ -401,8 +401,8 @@ def bench_epoch_distributed(
         cfg = FitConfig().replace(**{
             "k_init": n_clusters, "seed": seed, "schedule.epochs": epochs, "schedule.warmup_epochs": 0,
             "schedule.subcluster_start": 0, "schedule.first_split": epochs, "schedule.final_epochs": 0,
+            "moves.prune_below": 0.0,
         })
-    stats_mb = 8 * 3 * n_clusters * (1 + n_features + n_features**2) / 1e6  # clusters + 2 subclusters
     out = []
     for w in workers:
         run_dir = root / f"run-{w}w"
@@ -414,10 +414,12 @@ def bench_epoch_distributed(
         history = history[1:] if len(history) > 1 else history  # the first epoch warms caches up
         med = {k: float(np.median([r[f"time_{k}"] for r in history]))
                for k in ("total", "train", "stats", "reduce", "mstep", "moves")}
+        k = history[-1]["n_clusters"]
         out.append({
             "workers": w, "use_gpu": use_gpu, "n_samples": n_samples, "n_features": n_features,
-            "n_clusters": history[-1]["n_clusters"], "epoch_s": med["total"], "train_s": med["train"],
+            "n_clusters": k, "epoch_s": med["total"], "train_s": med["train"],
             "stats_s": med["stats"], "reduce_s": med["reduce"], "mstep_s": med["mstep"],
-            "moves_s": med["moves"], "stats_mb": round(stats_mb, 2),
+            "moves_s": med["moves"],
+            "stats_mb": round(8 * 3 * k * (1 + n_features + n_features**2) / 1e6, 2),  # K + 2K sets
         })
     return out
