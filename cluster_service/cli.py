@@ -13,6 +13,7 @@ import numpy as np
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -27,7 +28,8 @@ def main() -> None:
     try:
         app()
     except (ConfigError, ValueError, FileNotFoundError) as e:  # clear message, non-zero exit
-        console.print(f"[bold red]error:[/] {e}")
+        # No markup in the message ("[schema]" is text) and no wrapping (paths stay copyable).
+        console.print("[bold red]error:[/]", escape(str(e)), soft_wrap=True)
         sys.exit(2)
 
 

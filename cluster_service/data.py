@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
     elif p.suffix == ".npz":
         try:
             z = np.load(p, allow_pickle=False)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
             raise DataError(f"{p}: not a readable .npz archive ({e})") from e
         key = next((k for k in ("X", "x", "features") if k in z.files), None)
         if key is None:
