@@ -172,8 +172,8 @@ def test_cli_reports_bad_shard_and_exits_nonzero(job):
     tmp, _, _ = job
     bad = tmp / "shards" / "part-00002.parquet"
     bad.write_bytes(bad.read_bytes()[:100])  # truncated
-    args = ["assign", str(tmp / "model"), str(tmp / "shards"), "--out", str(tmp / "out"), "--local", "--quiet",
-            "--method", "exact"]
+    args = ["assign", str(tmp / "model"), str(tmp / "shards"), "--out", str(tmp / "out"),
+            "--local", "--quiet", "--method", "exact"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 1, res.output
     assert "part-00002.parquet" in res.output and "not assigned" in res.output
