@@ -271,7 +271,8 @@ def rayjob(v: dict) -> list[dict]:
 
 
 FILES = {"namespace.yaml": namespace, "storage.yaml": storage, "postgres.yaml": postgres,
-         "mlflow.yaml": mlflow, "job-config.yaml": job_config_map, "raycluster.yaml": raycluster, "rayjob.yaml": rayjob}
+         "mlflow.yaml": mlflow, "job-config.yaml": job_config_map, "raycluster.yaml": raycluster,
+         "rayjob.yaml": rayjob}
 
 
 def render(values_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
