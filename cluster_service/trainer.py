@@ -250,6 +250,7 @@ def ensure_ray() -> None:
 def _check_resume(storage: Path, job_key: dict) -> None:
     """A re-run on the same RUN_DIR resumes only the same fit; anything else is refused."""
     key_file = storage / f"{RUN_NAME}.job.json"
+    job_key = json.loads(json.dumps(job_key))  # compare as stored (tuples become lists)
     if key_file.is_file():
         old = json.loads(key_file.read_text())
         if old != job_key:

@@ -241,3 +241,15 @@ def test_cli_refuses_more_workers_than_shards(data, tmp_path, monkeypatch, capsy
     assert exit_info.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "6 shard(s) for 7 workers" in err and str(shards.name) in err
+
+
+def test_rerun_with_another_config_is_refused(data, tmp_path):
+    """A re-run on the same RUN_DIR resumes the same fit only; another config fails before Ray."""
+    from cluster_service.trainer import _check_resume
+
+    _, _, shards = data
+    key = {"data": str(shards.resolve()), "config": CFG.to_dict()}
+    _check_resume(tmp_path / "checkpoints", key)
+    _check_resume(tmp_path / "checkpoints", key)  # the same fit again: accepted
+    with pytest.raises(ValueError, match="different fit .*config"):
+        fit_distributed(shards, tmp_path, CFG.replace(seed=7), num_workers=2)
