@@ -1,0 +1,95 @@
+"""End to end: K recovery, determinism, checkpoint round trip, the exported model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cluster_service.config import FitConfig
+from cluster_service.datasets import load_digits_pca, make_mixture
+from cluster_service.engine import Engine
+from cluster_service.evaluate import score
+from cluster_service.fit import fit, run_schedule
+from cluster_service.schedule import build_plan
+
+
+@pytest.fixture(scope="module")
+def mixture12():
+    return make_mixture(20000, 16, 12, seed=0, imbalance=4.0)
+
+
+@pytest.fixture(scope="module")
+def fit12(mixture12):
+    x, _ = mixture12
+    return fit(x, FitConfig(k_init=2, seed=0))
+
+
+def test_recovers_k_on_an_imbalanced_mixture(mixture12, fit12):
+    _, y = mixture12
+    s = score(y, fit12.clusters)
+    assert abs(s.k_found - 12) <= 1, s
+    assert s.nmi >= 0.9, s
+    assert fit12.history[-1].n_clusters == fit12.n_clusters
+    # K was inferred by moves: it started at 2 and splits were accepted
+    assert fit12.history[0].n_clusters == 2
+    assert sum(r.splits_accepted for r in fit12.history) >= 5
+
+
+def test_exported_model_reproduces_training_assignments(mixture12, fit12, tmp_path):
+    from cluster_service.model import load_model
+
+    x, _ = mixture12
+    path = fit12.model.save(tmp_path / "model")
+    model = load_model(path, n_features=16)
+    clusters, log_prob = model.predict(x)
+    assert (clusters == fit12.clusters).mean() > 0.9999
+    np.testing.assert_allclose(log_prob, fit12.log_prob, rtol=1e-6, atol=1e-6)
+    # the stored clustering net agrees with the exact MAP assignment on almost every point
+    assert (model.net_predict(x) == clusters).mean() > 0.98
+
+
+def test_digits_run_reports_sensible_metrics():
+    x, y = load_digits_pca(16)
+    res = fit(x, FitConfig(seed=0))
+    s = score(y, res.clusters)
+    assert 6 <= s.k_found <= 16, s
+    assert s.nmi > 0.6 and s.acc > 0.5, s
+
+
+def test_same_seed_gives_identical_k_and_assignments():
+    x, _ = make_mixture(3000, 8, 6, seed=3)
+    cfg = FitConfig(seed=7).replace(**{"schedule.epochs": 50})
+    a, b = fit(x, cfg), fit(x, cfg)
+    assert a.n_clusters == b.n_clusters
+    np.testing.assert_array_equal(a.clusters, b.clusters)
+    assert [r.n_clusters for r in a.history] == [r.n_clusters for r in b.history]
+
+
+def test_checkpoint_resume_reproduces_the_uninterrupted_run():
+    x, _ = make_mixture(3000, 8, 6, seed=4)
+    cfg = FitConfig(seed=1).replace(**{"schedule.epochs": 45})
+    full = fit(x, cfg)
+    xt = torch.from_numpy(x.astype(np.float64))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        first = Engine(cfg, xt)
+        first.initialize()
+        run_schedule(first, stop_after=27)  # stop mid-run, right after a move window
+        state = first.state_dict()
+    resumed = Engine(cfg, xt)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 27
+    run_schedule(resumed)
+    clusters, _ = resumed.assign()
+    assert resumed.n_clusters == full.n_clusters
+    np.testing.assert_array_equal(clusters, full.clusters)
+
+
+def test_schedule_plan_alternates_splits_and_merges():
+    plan = build_plan(FitConfig().schedule)
+    moves = [(p.epoch, p.move) for p in plan if p.move]
+    assert moves[0] == (15, "split") and moves[1] == (20, "merge")
+    assert all(a[1] != b[1] for a, b in zip(moves, moves[1:], strict=False))
+    assert all(p.move is None for p in plan[-10:])
+    assert not plan[0].m_step and plan[5].m_step
