@@ -1,6 +1,6 @@
 """Feature shards (or an .npz) -> fitted model on Ray Train workers.  python -m jobs.fit CONFIG.yaml
 
-    ray job submit --working-dir . -- python -m jobs.fit configs/fit.yaml
+    ray job submit --working-dir . -- python -m jobs.fit configs/laptop-smoke.yaml
 
 Config sections: train (data, out, workers, use_gpu, checkpoint_every, max_failures, storage_path),
 fit (the FitConfig tree), tracking. Inside a Ray job the fit runs on that cluster; run locally it
