@@ -233,7 +233,7 @@ def ray_cluster_spec(v: dict) -> dict:
     worker_res = {"cpu": str(g["perPod"] * g["cpusPerGpu"]), "memory": _times(g["memoryPerGpu"], g["perPod"]),
                   g["resourceName"]: str(g["perPod"])}
     worker_pod: dict = {"containers": [_ray_container(v, "ray-worker", worker_res, head=False)],
-                        "volumes": _volumes(head=False),
+                        "volumes": _volumes(head=False), "securityContext": {"fsGroup": 1000},
                         "tolerations": [{"key": g["resourceName"], "operator": "Exists",
                                          "effect": "NoSchedule"}]}
     if g["nodeSelector"]:
@@ -243,7 +243,7 @@ def ray_cluster_spec(v: dict) -> dict:
         "headGroupSpec": {
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
             "template": {"spec": {"containers": [_ray_container(v, "ray-head", head_res, head=True)],
-                                  "volumes": _volumes(head=True)}},
+                                  "volumes": _volumes(head=True), "securityContext": {"fsGroup": 1000}}},
         },
         "workerGroupSpecs": [{
             "groupName": "gpu", "replicas": g["pods"], "minReplicas": g["pods"], "maxReplicas": g["pods"],
