@@ -191,7 +191,8 @@ def test_gpu_counts_volumes_services_and_job_config_agree(rendered):
     services = {o["metadata"]["name"]: o for o in objects(rendered) if o["kind"] == "Service"}
     for pod in pod_specs(spec):
         names = {v["name"] for v in pod["volumes"]}
-        pvcs = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        pvcs = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                if "persistentVolumeClaim" in v}
         assert pvcs <= claims
         (c,) = pod["containers"]
         assert {m["name"] for m in c["volumeMounts"]} <= names
