@@ -239,8 +239,8 @@ def _degenerate(case: str) -> tuple[np.ndarray, int]:
         line = rng.standard_normal((200, 1)) * rng.standard_normal((1, 8)) * 3 + 30
         x, _ = make_mixture(400, 8, 2, seed=3)
         return np.concatenate([line, x]), 3
-    if case == "d_greater_than_n_k":  # d = 64, about 50 points per cluster
-        x, _ = make_mixture(150, 64, 3, seed=4, separation=12)
+    if case == "d_greater_than_n_k":  # d = 32, about 30 points per cluster
+        x, _ = make_mixture(90, 32, 3, seed=4, separation=12)
         return x, 3
     raise KeyError(case)
 
