@@ -43,7 +43,7 @@ CFG = FitConfig().replace(
         "net.min_steps_per_epoch": 4,
     }
 )
-RESUME_AT = 18  # inside the freeze after the split round of epoch 16
+RESUME_AT = 26  # inside the freeze after the split round of epoch 24; a merge and a split follow
 STAT_TOL = 1e-4  # see the module docstring
 TIME_FIELDS = ("time_total", "time_train", "time_stats", "time_reduce", "time_mstep", "time_moves")
 
@@ -143,6 +143,8 @@ def test_engine_resume_reproduces_uninterrupted_run(reference, data):
         engine.load_state_dict(torch.load(state_path, weights_only=False))
         assert engine.epoch == RESUME_AT
         history = run_schedule(engine)
+    assert history[0].frozen, "the restored engine must continue the freeze after the last move"
+    assert any(r.splits_accepted or r.merges_accepted for r in history), "no move after the resume"
     assert [_discrete(r.as_dict()) for r in history] == [
         _discrete(r.as_dict()) for r in result.history[RESUME_AT:]
     ]
