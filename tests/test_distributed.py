@@ -255,3 +255,17 @@ def test_rerun_with_another_config_is_refused(data, tmp_path):
     _check_resume(tmp_path / "checkpoints", key)  # the same fit again: accepted
     with pytest.raises(ValueError, match="different fit .*config"):
         fit_distributed(shards, tmp_path, CFG.replace(seed=7), num_workers=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_gpu_worker_fits(data, tmp_path, ray_local):
+    """The NCCL path: one GPU worker (float32 dense math) fits the mixture and writes a valid model."""
+    _, y, shards = data
+    if ray_local.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the session's Ray instance has no GPU resource")
+    summary = fit_distributed(shards, tmp_path / "out", CFG, num_workers=1, use_gpu=True)
+    model = load_model(tmp_path / "out" / "model")
+    assert model.n_clusters == summary["k_found"] >= 4
+    assert len(_assignments(tmp_path / "out")) == len(y)
+    assert summary["nmi"] > 0.9
