@@ -476,6 +476,7 @@ def _raise_on_duplicates(ids_arr: np.ndarray, per_shard: list[np.ndarray], paths
     if not (counts > 1).any():
         return
     dup = uniq[np.flatnonzero(counts > 1)[0]]
+    dup = dup.item() if isinstance(dup, np.generic) else dup  # 12, not np.int64(12)
     where = [f"{p.name} row {int(r)}"
              for p, a in zip(paths, per_shard, strict=True) for r in np.flatnonzero(a == dup)]
     raise ShardError(f"id {dup!r} occurs more than once ({', '.join(where[:4])}); ids must be unique")

@@ -108,7 +108,7 @@ BAD_SHARDS = {
     "zero_byte_file": (lambda s: (s / P1).write_bytes(b""), [P1, "not a readable Parquet file"]),
     "duplicate_ids": (lambda s: _rewrite(s, P2, lambda t: _set(t, "id", pa.array(
         np.r_[np.arange(200, 205), 12, np.arange(206, 300)]))),
-        ["occurs more than once", f"{P0} row 12", f"{P2} row 5", "ids must be unique"]),
+        ["id 12 occurs more than once", f"{P0} row 12", f"{P2} row 5", "ids must be unique"]),
     "null_id": (lambda s: _rewrite(s, P0, lambda t: _set(t, "id", pa.array(
         [None if i == 2 else i for i in range(100)], pa.int64()))), [f"{P0} row 2", "id is null"]),
     "mixed_id_types": (lambda s: _rewrite(s, P1, lambda t: _set(t, "id", pa.array(
