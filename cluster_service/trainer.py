@@ -64,7 +64,6 @@ class TrainJob:
     checkpoint_every: int = 5
     callbacks: tuple[EpochCallback, ...] = ()  # run on every rank after every epoch
     fault: FaultInjection | None = None
-    write_outputs: bool = True
 
 
 # ---- this rank's rows ----------------------------------------------------------------------
@@ -186,8 +185,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
                 report_checkpoint({**rec.as_dict(), "world_size": world}, eng, history, rank)
 
         run_schedule(engine, [after_epoch])
-    if job.write_outputs:
-        write_outputs(engine, rows, Path(job.out_dir), history)
+    write_outputs(engine, rows, Path(job.out_dir), history)
 
 
 def report_checkpoint(metrics: dict, engine: Engine, history: list[dict], rank: int) -> None:
