@@ -462,24 +462,33 @@ SMALL_AE = {
 
 
 def bench_methods(
-    seeds: Sequence[int] = (0, 1, 2), n_samples: int = 3000, ae_overrides: dict | None = None
+    seeds: Sequence[int] = (0, 1, 2),
+    n_samples: int = 3000,
+    ae_overrides: dict | None = None,
+    datasets: Sequence[str] = ("mixture", "digits"),
 ) -> list[dict]:
     """kl vs ajs, with and without the AE, on the embedded mixture and sklearn digits.
 
     Returns one row per (dataset, method): K, NMI, ARI, ACC as mean and std over seeds, and
-    seconds per fit. `ae_overrides` (dotted config keys) default to SMALL_AE.
+    seconds per fit. `ae_overrides` (dotted config keys) default to SMALL_AE; `datasets` picks
+    "mixture" (make_embedded_mixture, 10 clusters, 8-d -> 64-d) and/or "digits" (PCA 16).
     """
     from cluster_service.datasets import load_digits_pca
     from cluster_service.evaluate import score
     from cluster_service.fit import fit
 
     overrides = SMALL_AE if ae_overrides is None else ae_overrides
-    datasets = {
-        f"mixture 10 in 8-d -> 64-d (n={n_samples})": lambda s: make_embedded_mixture(n_samples, seed=s),
-        "digits (PCA 16)": lambda s: load_digits_pca(16, seed=s),
+    loaders = {
+        "mixture": (
+            f"mixture 10 in 8-d -> 64-d (n={n_samples})", lambda s: make_embedded_mixture(n_samples, seed=s)
+        ),
+        "digits": ("digits (PCA 16)", lambda s: load_digits_pca(16, seed=s)),
     }
+    unknown = sorted(set(datasets) - set(loaders))
+    if unknown:
+        raise ValueError(f"bench_methods: unknown data set(s) {unknown}; choose from {sorted(loaders)}")
     rows = []
-    for name, load in datasets.items():
+    for name, load in (loaders[d] for d in datasets):
         for ae in (False, True):
             for loss in ("kl", "ajs"):
                 runs = []
