@@ -442,6 +442,12 @@ def assign_shards(
     elif model.n_features != d:
         raise ModelError(f"model has feature dimension d={model.n_features}, "
                          f"{Path(shard_dir) / 'manifest.json'} says the shards have d={d}")
+    if model.manifest_hash is not None and model.manifest_hash != manifest_hash:
+        raise ModelError(
+            f"{Path(shard_dir) / 'manifest.json'}: feature space (d + extractor) hash {manifest_hash[:12]} "
+            f"differs from the model's {model.manifest_hash[:12]}: these features come from another "
+            "extractor or preprocessing, and the model's clusters do not apply to them"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.parquet.tmp-*"):  # left by a killed run; never renamed into place

@@ -424,9 +424,6 @@ def assign(
     if used.size:
         out.print(f"cluster sizes: min {used.min()}, median {int(np.median(used))}, max {used.max()} "
                   f"over {used.size}/{sizes.size} clusters; empty: {sizes.size - used.size}")
-    if report.same_manifest is False:
-        console.print("note: these shards' manifest differs from the one the model was fitted on "
-                      "(expected for new data; check they come from the same extractor)")
     if report.failed:
         console.print(f"[bold red]{len(report.failed)} shard(s) not assigned[/]: "
                       + ", ".join(o.shard for o in report.failed))

@@ -71,7 +71,7 @@ class FeatureTable:
     ids: np.ndarray  # (n,) int64, or object array of str
     features: np.ndarray  # (n, d) float32, C-contiguous, writable
     labels: np.ndarray | None  # (n,) int64 (-1 where a label is null), None when there are none
-    manifest_hash: str  # sha256 of manifest.json's bytes
+    manifest_hash: str  # feature_space_hash(manifest): d + extractor
     manifest: dict
     shards: list[Path]
 
@@ -304,8 +304,19 @@ def write_shards(
 # ---------------------------------------------------------------------------------------- reading
 
 
+def feature_space_hash(manifest: dict) -> str:
+    """sha256 of what must match between a fitted model and shards: d and the extractor block
+    (backbone, checkpoint hash, preprocessing, normalisation). New shards from the same
+    extractor get the same hash; the shard list and row counts do not enter it."""
+    key = json.dumps({"d": manifest.get("d"), "extractor": manifest.get("extractor", {})}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def load_manifest(shard_dir: str | os.PathLike) -> tuple[dict, str]:
-    """Parse and structurally check manifest.json; return (manifest, sha256 of its bytes)."""
+    """Parse and structurally check manifest.json; return (manifest, its feature_space_hash).
+
+    The hash identifies the feature space (d + extractor), not the file's bytes: it is what a
+    fitted model records and what `assign` compares with new shards."""
     shard_dir = Path(shard_dir)
     mpath = shard_dir / MANIFEST
     if not shard_dir.is_dir():
@@ -320,7 +331,7 @@ def load_manifest(shard_dir: str | os.PathLike) -> tuple[dict, str]:
     problems = _manifest_problems(manifest, mpath.name)
     if problems:
         raise ShardError(f"{mpath}: " + "; ".join(p.message for p in problems))
-    return manifest, hashlib.sha256(raw).hexdigest()
+    return manifest, feature_space_hash(manifest)
 
 
 def _manifest_problems(manifest, name: str) -> list[Problem]:

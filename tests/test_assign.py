@@ -102,6 +102,25 @@ def test_dimension_mismatch_fails_clearly(tmp_path):
     assert not list((tmp_path / "out").glob("*.parquet"))
 
 
+def test_model_from_another_extractor_is_refused(tmp_path):
+    from cluster_service.shards import load_manifest
+
+    model = synthetic_model(4, 6, seed=0)
+    x = np.zeros((10, 6), np.float32)
+    write_shards(tmp_path / "train", np.arange(10), x, extractor={"backbone": "moco_v2", "head": "proj"})
+    write_shards(tmp_path / "new", np.arange(10, 20), x + 1, extractor={"backbone": "moco_v2", "head": "proj"})
+    write_shards(tmp_path / "other", np.arange(10), x, extractor={"backbone": "resnet50", "head": "backbone"})
+    model.manifest_hash = load_manifest(tmp_path / "train")[1]
+    model.save(tmp_path / "model")
+    # new shards from the same extractor: accepted (the hash covers d + extractor, not the shard list)
+    assert load_manifest(tmp_path / "new")[1] == model.manifest_hash
+    report = assign_shards(tmp_path / "model", tmp_path / "new", tmp_path / "out_new", use_ray=False)
+    assert not report.failed
+    with pytest.raises(ModelError, match="another extractor"):
+        assign_shards(tmp_path / "model", tmp_path / "other", tmp_path / "out_other", use_ray=False)
+    assert not list((tmp_path / "out_other").glob("*.parquet"))
+
+
 @pytest.fixture
 def job(tmp_path):
     model = synthetic_model(12, 6, seed=5, separation=1.5, version="v-test")

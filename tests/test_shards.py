@@ -98,7 +98,9 @@ def test_round_trip_schema_manifest_and_hashes(tmp_path):
     np.testing.assert_array_equal(t.features, x)
     assert t.features.dtype == np.float32 and t.features.flags.c_contiguous and t.features.flags.writeable
     np.testing.assert_array_equal(t.labels, labels)
-    assert t.manifest_hash == hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    manifest = json.loads((out / "manifest.json").read_text())
+    expected = json.dumps({"d": D, "extractor": manifest["extractor"]}, sort_keys=True)
+    assert t.manifest_hash == hashlib.sha256(expected.encode()).hexdigest()  # the feature space, not the bytes
     assert pq.read_table(out / "part-00002.parquet").column("path").to_pylist() == paths[100:]
 
     fs = load_features(out)  # the path `fit` takes
