@@ -278,7 +278,7 @@ def evaluate(
 def plan(
     config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
     epochs: Annotated[int | None, typer.Option(help="training epochs")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set schedule.move_period=20")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set schedule.epochs=60")] = None,
 ) -> None:
     """Print the training schedule (warm-up, subclusters, split and merge epochs)."""
     from cluster_service.schedule import build_plan, format_plan

@@ -74,7 +74,9 @@ def fit(
     return FitResult(model_from_engine(engine, manifest_hash), history, clusters, log_prob, engine)
 
 
-def run_schedule(engine: Engine, callbacks: Sequence[EpochCallback] = (), stop_after: int | None = None) -> list[EpochRecord]:
+def run_schedule(
+    engine: Engine, callbacks: Sequence[EpochCallback] = (), stop_after: int | None = None
+) -> list[EpochRecord]:
     """Run the planned epochs from engine.epoch on (a resumed engine continues where it was)."""
     history = []
     for row in build_plan(engine.cfg.schedule)[engine.epoch :]:

@@ -101,7 +101,9 @@ def test_merge_then_split_restores_both_clusters():
     xs = [torch.randn(200, 3, generator=g, dtype=D) + 5 * k for k in range(3)]
     x = torch.cat(xs)
     prior = prior_for(x)
-    stats = SuffStats.concat([SuffStats(*(t[None] for t in (s.count, s.sum, s.scatter))) for s in map(stats_from_points, xs)])
+    stats = SuffStats.concat(
+        [SuffStats(*(t[None] for t in (s.count, s.sum, s.scatter))) for s in map(stats_from_points, xs)]
+    )
     means, chol = map_estimate(prior, stats)
     params = GaussianParams(torch.log(stats.count / stats.count.sum()), means, chol)
     subs = mv.principal_axis_subclusters(prior, stats)

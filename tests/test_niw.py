@@ -31,7 +31,9 @@ D = torch.float64
 def random_prior(d: int, seed: int = 0) -> NIWPrior:
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(d, d, generator=g, dtype=D)
-    return NIWPrior(kappa=0.7, nu=d + 1.5, mean=torch.randn(d, generator=g, dtype=D), psi=a @ a.T / d + torch.eye(d, dtype=D))
+    return NIWPrior(
+        kappa=0.7, nu=d + 1.5, mean=torch.randn(d, generator=g, dtype=D), psi=a @ a.T / d + torch.eye(d, dtype=D)
+    )
 
 
 def test_marginal_likelihood_equals_chain_rule_of_scipy_t_predictives():
@@ -147,8 +149,15 @@ def test_split_and_merge_ratios_are_reciprocal_and_symmetric():
     # the formula, term by term
     whole = sa + sb
     expected = (
-        math.log(10.0) + math.lgamma(30) + math.lgamma(20) - math.lgamma(50)
-        + float(log_marginal_likelihood(prior, sa) + log_marginal_likelihood(prior, sb) - log_marginal_likelihood(prior, whole))
+        math.log(10.0)
+        + math.lgamma(30)
+        + math.lgamma(20)
+        - math.lgamma(50)
+        + float(
+            log_marginal_likelihood(prior, sa)
+            + log_marginal_likelihood(prior, sb)
+            - log_marginal_likelihood(prior, whole)
+        )
     )
     assert float(log_split_ratio(prior, 10.0, sa, sb)) == pytest.approx(expected)
 
