@@ -283,7 +283,7 @@ def test_two_gloo_ranks_follow_the_single_process_run(tmp_path, mixture_small):
 
     x = mixture_small[0][:1200]
     ref = fit_autoencoder(x, FitConfig().replace(**DIST))
-    assert ref.k_per_round[0] >= 3  # splits happened: the comparison covers moves, not just K = 1
+    assert ref.k_per_round[-1] >= 2  # a split was accepted: the comparison covers moves, not just K = 1
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "store"), x, str(tmp_path)), nprocs=2, join=True)
     clusters = np.empty(x.shape[0], dtype=np.int64)
     codes = np.empty_like(ref.codes)
