@@ -503,7 +503,7 @@ def bench_methods(
                     sc = score(y, res.clusters)
                     runs.append((sc.k_found, sc.nmi, sc.ari, sc.acc, time.perf_counter() - t0))
                 r = np.asarray(runs)
-                mean, std = r.mean(0), r.std(0)
+                mean, std = r.mean(0).tolist(), r.std(0).tolist()  # plain floats
                 rows.append({
                     "dataset": name, "method": f"{'AE + ' if ae else ''}{loss}", "seeds": len(seeds),
                     "k_mean": mean[0], "k_std": std[0], "nmi_mean": mean[1], "nmi_std": std[1],
