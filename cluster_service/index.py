@@ -7,10 +7,9 @@ otherwise), faiss-cpu otherwise.
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import torch
-
-import faiss
 
 
 def gpu_available() -> bool:
