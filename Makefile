@@ -39,7 +39,7 @@ bench: $(STAMP)
 	$(PY) -m cluster_service.bench --out BENCHMARKS.md
 
 bench-gpu: $(STAMP)
-	$(PY) -m cluster_service.bench --gpu --out BENCHMARKS.md
+	$(PY) -m cluster_service.bench --gpu --append --sections assign --out BENCHMARKS.md
 
 bench-features: $(STAMP)
 	$(PY) -m feature_extraction.bench --out BENCHMARKS.md

@@ -123,8 +123,9 @@ def optional_section(title: str, module: str, func: str, **kwargs) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    ap.add_argument("--sections", default="quality,assign,epochs,methods,features", help="comma-separated")
+    ap.add_argument("--sections", default="quality,scaling,assign,epochs,methods,features", help="comma-separated")
     ap.add_argument("--gpu", action="store_true", help="run the GPU sections (needs CUDA)")
+    ap.add_argument("--append", action="store_true", help="append the sections to the existing file")
     args = ap.parse_args(argv)
     sections = args.sections.split(",")
     parts = [
@@ -153,11 +154,18 @@ def main(argv: list[str] | None = None) -> None:
                 "Methods: kl vs ajs, with/without autoencoder", "cluster_service.autoencoder", "bench_methods"
             )
         )
+    if "scaling" in sections:
+        parts.append(optional_section("Epoch time vs N, K, d (CPU), with fitted exponents", "cluster_service.perf",
+                                      "bench_scaling"))
+        parts.append(optional_section("Top ops of one epoch (torch.profiler, N=20k d=32 K=32, CPU)",
+                                      "cluster_service.perf", "profile_epoch_md"))
     if "features" in sections:
         parts.append(
             optional_section("Feature extraction and shard reading", "feature_extraction.bench", "bench_features")
         )
     text = "\n".join(parts) + "\n"
+    if args.append and args.out.exists():
+        text = args.out.read_text() + "\n" + "\n".join(parts[2:]) + "\n"
     tmp = args.out.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(args.out)
