@@ -93,3 +93,25 @@ def test_schedule_plan_alternates_splits_and_merges():
     assert all(a[1] != b[1] for a, b in zip(moves, moves[1:], strict=False))
     assert all(p.move is None for p in plan[-10:])
     assert not plan[0].m_step and plan[5].m_step
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        # L2-normalised embeddings on the unit sphere (like MoCo features), default priors
+        ("sphere d=32 K=8", lambda: (lambda xy: (_l2(xy[0]), xy[1]))(make_mixture(4000, 32, 8, seed=5, separation=5))),
+        # high dimension, few points per cluster relative to d^2, strong imbalance
+        ("d=64 K=6 imbalance 8", lambda: make_mixture(3000, 64, 6, seed=6, imbalance=8.0)),
+        # features in large units: the data-scaled prior makes units irrelevant
+        ("d=8 K=9 scale 1e4", lambda: make_mixture(4000, 8, 9, seed=7, scale=1e4)),
+    ],
+)
+def test_recovers_k_on_varied_data_with_default_settings(name, make):
+    x, y = make()
+    s = score(y, fit(x, FitConfig(seed=0)).clusters)
+    assert s.k_found == s.k_true, (name, s)
+    assert s.nmi > 0.95, (name, s)
