@@ -87,10 +87,15 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write a small text file (JSON summaries) under a temporary name in the same directory, then rename."""
+    return write_bytes_atomic(text.encode(), path)
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Write bytes under a temporary name in the same directory, then rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -34,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cluster_service.data import write_bytes_atomic
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_ROW_GROUP = 65_536
@@ -96,16 +98,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def shard_name(index: int) -> str:
@@ -265,7 +257,7 @@ class ShardWriter:
             "extractor": self.extractor,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _write_bytes_atomic(self.out_dir / MANIFEST, (json.dumps(self.manifest, indent=2) + "\n").encode())
+        write_bytes_atomic((json.dumps(self.manifest, indent=2) + "\n").encode(), self.out_dir / MANIFEST)
         return self.manifest
 
     def __enter__(self) -> ShardWriter:
