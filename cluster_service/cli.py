@@ -308,6 +308,7 @@ def demo(
         summary = run_fit(data_dir / f"{name}.npz", out_dir / name, cfg)
         print_summary(summary, f"demo: {name}")
     out.print(f"outputs under {out_dir}/ (model/, assignments.parquet, history.json, summary.json)")
+    out.print("MLflow runs (params, per-epoch metrics, plots): `make mlflow-ui`, then http://127.0.0.1:5000")
 
 
 shards_app = typer.Typer(no_args_is_help=True, help="Feature-shard directories (Parquet + manifest.json).")
