@@ -115,3 +115,16 @@ def test_recovers_k_on_varied_data_with_default_settings(name, make):
     s = score(y, fit(x, FitConfig(seed=0)).clusters)
     assert s.k_found == s.k_true, (name, s)
     assert s.nmi > 0.95, (name, s)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fit_matches_cpu_fit():
+    """float32 dense math on the GPU reaches the same K and (almost) the same assignments."""
+    x, y = make_mixture(6000, 16, 8, seed=9)
+    cfg = FitConfig(seed=0).replace(**{"schedule.epochs": 70})
+    cpu = fit(x, cfg.replace(device="cpu"))
+    gpu = fit(x, cfg.replace(device="cuda"))
+    assert gpu.n_clusters == cpu.n_clusters == 8
+    assert score(y, gpu.clusters).nmi > 0.99
+    assert np.isfinite(gpu.model.chol).all()
