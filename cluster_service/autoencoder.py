@@ -40,7 +40,7 @@ from cluster_service.config import FitConfig
 from cluster_service.engine import Engine, EpochRecord, resolve_device
 from cluster_service.fit import EpochCallback, FitResult, check_features, run_schedule
 from cluster_service.gaussian import WhitenedGaussians
-from cluster_service.model import FittedModel, ModelError, load_model, model_from_engine
+from cluster_service.model import FittedModel, ModelError, load_model, model_from_engine, read_model_files
 from cluster_service.nets import ajs_loss, kl_loss
 
 ENCODER_SCHEMA_VERSION = 1
@@ -283,18 +283,8 @@ def is_ae_model(path: str | os.PathLike) -> bool:
 def load_ae_model(path: str | os.PathLike, n_features: int | None = None) -> AEModel:
     """Load a model directory written by AEModel.save; errors name the file and what is wrong."""
     path = Path(path)
-    meta_file, arr_file = path / "encoder.json", path / "encoder.npz"
-    if not meta_file.is_file() or not arr_file.is_file():
-        raise ModelError(f"{path}: not an autoencoder model (expected encoder.json and encoder.npz)")
-    try:
-        meta = json.loads(meta_file.read_text())
-        arrays = dict(np.load(arr_file))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: unreadable encoder files ({e})") from e
-    if meta.get("schema_version") != ENCODER_SCHEMA_VERSION:
-        raise ModelError(
-            f"{meta_file}: schema_version {meta.get('schema_version')!r}, expected {ENCODER_SCHEMA_VERSION}"
-        )
+    meta, arrays = read_model_files(path, "encoder.json", "encoder.npz", ENCODER_SCHEMA_VERSION, "an autoencoder model")
+    arr_file = path / "encoder.npz"
     n_layers = int(meta.get("n_layers", 0))
     missing = [k for i in range(n_layers) for k in (f"w{i}", f"b{i}") if k not in arrays]
     if n_layers < 1 or missing or "input_shift" not in arrays:

@@ -260,9 +260,11 @@ class Engine:
         """
         K, d = self.n_clusters, self.n_features
         dense = K <= DENSE_SUBCLUSTER_MAX
-        both = SuffStats.zeros((3 * K,), d, device=self.device) if dense else None
-        stats = SuffStats.zeros((K,), d, device=self.device)
-        sub = SuffStats.zeros((2 * K,), d, device=self.device)
+        if dense:
+            both = SuffStats.zeros((3 * K,), d, device=self.device)
+        else:
+            stats = SuffStats.zeros((K,), d, device=self.device)
+            sub = SuffStats.zeros((2 * K,), d, device=self.device)
         subnets = unwrap(self.subnets)  # no DDP collectives in inference (see log_responsibilities)
         subnets.eval()
         for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(d, 3 * K if dense else K, self.cfg.chunk_size)):

@@ -13,7 +13,6 @@ in `FittedModel.net_logits` (Linear-ReLU-Linear-ReLU-Linear) so no training modu
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -24,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from cluster_service.gaussian import WhitenedGaussians, chunk_rows
 
 MODEL_SCHEMA_VERSION = 1
 _NET_KEYS = ("body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias", "head.weight", "head.bias")
@@ -73,25 +74,17 @@ class FittedModel:
         x = np.asarray(x)
         self.check_features(x)
         dev = torch.device(device)
-        dtype = torch.float64
-        K, d = self.means.shape
-        chol = torch.from_numpy(self.chol).to(dev, dtype)
-        eye = torch.eye(d, dtype=dtype, device=dev).expand(K, d, d)
-        w = torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)  # L^{-T}
-        means = torch.from_numpy(self.means).to(dev, dtype)
-        const = (
-            torch.from_numpy(self.log_weights).to(dev, dtype)
-            - 0.5 * d * math.log(2 * math.pi)
-            - torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1)
+        g = WhitenedGaussians(
+            torch.from_numpy(self.means).to(dev, torch.float64),
+            torch.from_numpy(self.chol).to(dev, torch.float64),
+            torch.float64,
         )
-        wmat = w.permute(1, 0, 2).reshape(d, K * d)
-        bias = torch.einsum("kd,kde->ke", means, w).reshape(K * d)
-        rows = max(1, min(chunk_size, (1 << 25) // max(1, K * d)))
-        out = np.empty((x.shape[0], K), dtype=np.float64)
+        log_w = torch.from_numpy(self.log_weights).to(dev, torch.float64)
+        rows = chunk_rows(g.n_clusters * g.n_features, chunk_size)
+        out = np.empty((x.shape[0], g.n_clusters), dtype=np.float64)
         for s in range(0, x.shape[0], rows):
-            xb = torch.from_numpy(np.ascontiguousarray(x[s : s + rows])).to(dev, dtype)
-            y = (xb @ wmat - bias).view(xb.shape[0], K, d)
-            out[s : s + rows] = (const - 0.5 * y.square().sum(-1)).cpu().numpy()
+            xb = torch.from_numpy(np.ascontiguousarray(x[s : s + rows])).to(dev, torch.float64)
+            out[s : s + rows] = (g.log_prob(xb) + log_w).cpu().numpy()
         return out
 
     def predict(self, x) -> tuple[np.ndarray, np.ndarray]:
@@ -162,23 +155,33 @@ class FittedModel:
         return path
 
 
+def read_model_files(
+    path: Path, json_name: str, npz_name: str, schema_version: int, what: str
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read a model directory's JSON metadata and npz arrays; refuse missing, unreadable or
+    wrong-schema files with a message naming the file. Shared by every model format."""
+    meta_file, arr_file = path / json_name, path / npz_name
+    if not meta_file.is_file() or not arr_file.is_file():
+        raise ModelError(f"{path}: not {what} (expected {json_name} and {npz_name})")
+    try:
+        meta = json.loads(meta_file.read_text())
+        arrays = dict(np.load(arr_file))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: unreadable {json_name} or {npz_name} ({e})") from e
+    if meta.get("schema_version") != schema_version:
+        raise ModelError(
+            f"{meta_file}: schema_version {meta.get('schema_version')!r}, this package reads {schema_version}"
+        )
+    return meta, arrays
+
+
 def load_model(
     path: str | os.PathLike, n_features: int | None = None, manifest_hash: str | None = None
 ) -> FittedModel:
     """Load a model directory; refuse it clearly if it does not match the expected data."""
     path = Path(path)
-    meta_file, arr_file = path / "model.json", path / "arrays.npz"
-    if not meta_file.is_file() or not arr_file.is_file():
-        raise ModelError(f"{path}: not a model directory (expected model.json and arrays.npz)")
-    try:
-        meta = json.loads(meta_file.read_text())
-        arrays = dict(np.load(arr_file))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: unreadable model files ({e})") from e
-    if meta.get("schema_version") != MODEL_SCHEMA_VERSION:
-        raise ModelError(
-            f"{meta_file}: schema_version {meta.get('schema_version')!r}, this package reads {MODEL_SCHEMA_VERSION}"
-        )
+    meta, arrays = read_model_files(path, "model.json", "arrays.npz", MODEL_SCHEMA_VERSION, "a model directory")
+    arr_file = path / "arrays.npz"
     missing = [k for k in ("log_weights", "means", "chol", "prior_mean", "prior_psi") if k not in arrays]
     if missing:
         raise ModelError(f"{arr_file}: missing arrays {missing}")
