@@ -274,6 +274,7 @@ def _dist_worker(rank: int, world: int, store: str, x: np.ndarray, out: str) -> 
         )
         np.savez(f"{out}/rank{rank}.npz", rows=rows, clusters=res.clusters, codes=res.codes,
                  k=np.asarray(res.k_per_round), means=res.model.mixture.means)
+        dist.barrier()  # both ranks done with collectives before gloo is torn down (else a rare SIGABRT)
     finally:
         dist.destroy_process_group()
 
