@@ -435,18 +435,18 @@ def assign_shards(
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     t0 = time.perf_counter()
-    manifest, manifest_hash = load_manifest(shard_dir)
+    manifest, _ = load_manifest(shard_dir)
     d = manifest["d"]
     if not isinstance(model, FittedModel):
         model = open_model(model, n_features=d)
     elif model.n_features != d:
         raise ModelError(f"model has feature dimension d={model.n_features}, "
                          f"{Path(shard_dir) / 'manifest.json'} says the shards have d={d}")
-    if model.manifest_hash is not None and model.manifest_hash != manifest_hash:
+    why = model.feature_space_mismatch(manifest)
+    if why is not None:
         raise ModelError(
-            f"{Path(shard_dir) / 'manifest.json'}: feature space (d + extractor) hash {manifest_hash[:12]} "
-            f"differs from the model's {model.manifest_hash[:12]}: these features come from another "
-            "extractor or preprocessing, and the model's clusters do not apply to them"
+            f"{Path(shard_dir) / 'manifest.json'}: {why}: these features come from another extractor or "
+            "preprocessing, and the model's clusters do not apply to them"
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -471,7 +471,7 @@ def assign_shards(
                 progress(outcome)
     order = {t.name: t.index for t in tasks}
     outcomes.sort(key=lambda o: order[o.shard])
-    same = None if model.manifest_hash is None else model.manifest_hash == manifest_hash
+    same = None if model.manifest_hash is None and model.feature_space is None else True
     return AssignReport(outcomes, model.n_clusters, time.perf_counter() - t0, same)
 
 

@@ -341,6 +341,7 @@ def fit_autoencoder(
     cfg: FitConfig | None = None,
     callbacks: Sequence[EpochCallback] = (),
     manifest_hash: str | None = None,
+    feature_space: dict | None = None,
     comm=None,
     global_index: torch.Tensor | None = None,
     n_global: int | None = None,
@@ -406,7 +407,7 @@ def fit_autoencoder(
         encoder=[(m.weight.detach().cpu().numpy(), m.bias.detach().cpu().numpy()) for m in linears],
         input_shift=trainer.shift.cpu().numpy(),
         input_scale=trainer.scale,
-        mixture=model_from_engine(engine, manifest_hash),
+        mixture=model_from_engine(engine, manifest_hash, feature_space=feature_space),
     )
     codes = (engine.x.double() + engine.shift).cpu().numpy()
     return AEFitResult(

@@ -91,8 +91,9 @@ def run_fit(
 ) -> dict:
     """Fit on a data file or shard directory; write RUN_DIR/model and RUN_DIR/assignments.parquet.
     With `tracking`, the fit is an MLflow run (default store ./mlflow.db; see tracking.py)."""
-    from cluster_service.data import assignments_table, load_features, write_parquet_atomic, write_text_atomic
+    from cluster_service.data import load_features
     from cluster_service.fit import fit
+    from cluster_service.runs import write_run, write_summary
     from cluster_service.tracking import Tracker
 
     feats = load_features(data_path)
@@ -110,22 +111,19 @@ def run_fit(
 
             with FitProgress(dpgmm_epochs(cfg), quiet) as progress:
                 callbacks.append(progress)
-                result = fit_autoencoder(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash)
+                result = fit_autoencoder(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash,
+                                         feature_space=feats.feature_space)
             tracked, tracked_x = result.latent_fit(), result.codes
         else:
             with FitProgress(cfg.schedule.epochs, quiet) as progress:
                 callbacks.append(progress)
-                result = fit(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash)
+                result = fit(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash,
+                             feature_space=feats.feature_space)
             tracked, tracked_x = result, feats.x
         elapsed = time.perf_counter() - t0
-        result.model.save(out_dir / "model")
+        write_run(out_dir, result.model, feats.ids, result.clusters, result.log_prob, cfg.to_dict(),
+                  [r.as_dict() for r in result.history])
         tracker.log_result(tracked, tracked_x, feats.labels, out_dir / "model", {"fit_seconds": elapsed})
-    write_parquet_atomic(
-        assignments_table(feats.ids, result.clusters, result.log_prob, result.model.version),
-        out_dir / "assignments.parquet",
-    )
-    write_text_atomic(json.dumps(cfg.to_dict(), indent=2), out_dir / "config.json")
-    write_text_atomic(json.dumps([r.as_dict() for r in result.history], indent=1), out_dir / "history.json")
     summary = {"n_samples": int(feats.x.shape[0]), "n_features": int(feats.x.shape[1]),
                "k_found": result.n_clusters, "seconds": round(elapsed, 2), "out": str(out_dir)}
     if feats.labels is not None:
@@ -134,7 +132,7 @@ def run_fit(
         summary.update(score(feats.labels, result.clusters).as_dict())
     if tracker.run_id is not None:
         summary["mlflow_run"] = tracker.run_id
-    write_text_atomic(json.dumps(summary, indent=2), out_dir / "summary.json")  # last: marks the run complete
+    write_summary(out_dir, summary)
     return summary
 
 

@@ -23,6 +23,7 @@ class FeatureSet:
     labels: np.ndarray | None  # (n,) int64
     manifest_hash: str | None = None
     source: str = ""
+    feature_space: dict | None = None  # shards.feature_space of the manifest; None for arrays
 
 
 def load_features(path: str | os.PathLike) -> FeatureSet:
@@ -35,7 +36,7 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
         from cluster_service.shards import read_feature_table
 
         t = read_feature_table(p)
-        return FeatureSet(t.ids, t.features, t.labels, t.manifest_hash, str(p))
+        return FeatureSet(t.ids, t.features, t.labels, t.manifest_hash, str(p), t.feature_space)
     if p.suffix == ".npy":
         try:
             x = np.load(p, allow_pickle=False)
@@ -69,6 +70,23 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
         bad = np.flatnonzero(~finite)
         raise DataError(f"{p}: row {int(bad[0])} contains NaN or Inf ({bad.size} bad row(s) in all)")
     return FeatureSet(np.arange(x.shape[0], dtype=np.int64), x.astype(np.float32), labels, None, str(p))
+
+
+def head_rows(path: str | os.PathLike, n: int) -> np.ndarray:
+    """The first `n` rows (n, d) float32 of a data file or shard directory, in global row order,
+    without reading the rest of a shard directory."""
+    p = Path(path)
+    if not p.is_dir():
+        return load_features(p).x[:n]
+    from cluster_service.shards import iter_feature_batches
+
+    parts, got = [], 0
+    for batch in iter_feature_batches(p):
+        parts.append(np.array(batch.features[: n - got]))
+        got += len(parts[-1])
+        if got >= n:
+            break
+    return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:

@@ -60,6 +60,7 @@ def fit(
     cfg: FitConfig | None = None,
     callbacks: Sequence[EpochCallback] = (),
     manifest_hash: str | None = None,
+    feature_space: dict | None = None,
 ) -> FitResult:
     """Fit DeepDPM on x (n, d) in this process; K is inferred."""
     cfg = (cfg or FitConfig()).validate()
@@ -71,7 +72,8 @@ def fit(
         engine.initialize()
         history = run_schedule(engine, callbacks)
     clusters, log_prob = engine.assign()
-    return FitResult(model_from_engine(engine, manifest_hash), history, clusters, log_prob, engine)
+    model = model_from_engine(engine, manifest_hash, feature_space=feature_space)
+    return FitResult(model, history, clusters, log_prob, engine)
 
 
 def run_schedule(

@@ -46,6 +46,16 @@ class FittedModel:
     config: dict[str, Any] = field(default_factory=dict)
     manifest_hash: str | None = None
     version: str = ""  # model version string written into assignments
+    # The feature space the model was fitted in (shards.feature_space): d and the extractor fields
+    # that define the features. None for models fitted on arrays and for models written before it
+    # existed (those carry only a version-1 hash, see shards.feature_space_mismatch).
+    feature_space: dict[str, Any] | None = None
+
+    def feature_space_mismatch(self, manifest: dict) -> str | None:
+        """Why shards with this manifest are not in the model's feature space, or None."""
+        from cluster_service.shards import feature_space_mismatch
+
+        return feature_space_mismatch(self.feature_space, self.manifest_hash, manifest)
 
     @property
     def n_clusters(self) -> int:
@@ -126,6 +136,10 @@ class FittedModel:
                 "net_input_scale": self.net_input_scale,
                 "config": self.config,
                 "manifest_hash": self.manifest_hash,
+                "feature_space": self.feature_space,
+                # 2: feature_space holds the identity fields; 1 (older models): a hash of d + the
+                # whole extractor block, accepted alongside the new hash
+                "feature_space_version": 2 if self.feature_space is not None else 1,
                 "version": self.version,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "package_version": _package_version(),
@@ -196,6 +210,7 @@ def load_model(
         config=meta.get("config", {}),
         manifest_hash=meta.get("manifest_hash"),
         version=meta.get("version", ""),
+        feature_space=meta.get("feature_space"),
     )
     if n_features is not None and n_features != model.n_features:
         raise ModelError(
@@ -209,7 +224,8 @@ def load_model(
     return model
 
 
-def model_from_engine(engine, manifest_hash: str | None = None, version: str = "") -> FittedModel:
+def model_from_engine(engine, manifest_hash: str | None = None, version: str = "",
+                      feature_space: dict | None = None) -> FittedModel:
     """Export an Engine's state (original coordinates) as a FittedModel."""
     from cluster_service.comm import unwrap
 
@@ -232,6 +248,7 @@ def model_from_engine(engine, manifest_hash: str | None = None, version: str = "
         net_input_shift=engine.shift.cpu().numpy(),
         config=engine.cfg.to_dict(),
         manifest_hash=manifest_hash,
+        feature_space=feature_space,
         version=version or time.strftime("%Y%m%dT%H%M%S", time.gmtime()),
     )
 

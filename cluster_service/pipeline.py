@@ -35,6 +35,7 @@ from cluster_service.jobconfig import (
 )
 
 RUN_LINK_PREFIX = "MLflow run: "
+PLOT_ROWS = 20_000  # rows the driver reads for the run's projection plot
 RUN_LINK_RE = re.compile(r"MLflow run: (\S+) \(run_id=(\w+), tracking_uri=(\S+)\)")
 
 
@@ -106,10 +107,13 @@ def extract_step(section: ExtractSection, images: str | None = None, out: str | 
 def fit_step(train: TrainSection, cfg: FitConfig, tracker=None) -> dict:
     """Distributed fit of `train.data` into `train.out`; per-epoch metrics go to `tracker` from rank 0,
     then the final metrics, model directory, config and history from the driver. Returns the summary."""
-    from cluster_service.trainer import fit_distributed
+    from cluster_service.trainer import completed_run, fit_distributed
 
     data, out = resolve_path(train.data), resolve_path(train.out)
     active = tracker is not None and tracker.active
+    if train.storage_path is None and (done := completed_run(data, out, cfg)) is not None:
+        print(f"fit: {out} already holds this fit (K={done['k_found']}); reusing it", flush=True)
+        return {**done, "reused": True}
     summary = fit_distributed(
         data, out, cfg, train.workers, use_gpu=train.use_gpu, gpus_per_worker=train.gpus_per_worker,
         cpus_per_worker=train.cpus_per_worker, checkpoint_every=train.checkpoint_every,
@@ -118,16 +122,16 @@ def fit_step(train: TrainSection, cfg: FitConfig, tracker=None) -> dict:
     )
     print(f"fit: K={summary['k_found']} in {summary['seconds']} s on {train.workers} worker(s); "
           f"model {out}/model", flush=True)
-    if active:
-        import yaml
+    if active:  # the same end-of-run logging as a one-process fit (tracking.Tracker.log_result)
+        from cluster_service.data import head_rows
+        from cluster_service.runs import read_run
+        from cluster_service.trainer import labels_of
 
-        history = (Path(out) / "history.json").read_text()
+        x_head = head_rows(data, PLOT_ROWS)  # the projection plot needs points; the driver reads a few
         final = {f"final/{k}": float(v) for k, v in summary.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)}
-        tracker.log_metrics(final, step=max(0, cfg.schedule.epochs - 1))
-        tracker.log_artifact_dir(Path(out) / "model", "model")
-        tracker.log_texts({"config.yaml": yaml.safe_dump({"fit": cfg.to_dict()}, sort_keys=False),
-                           "history.json": history, "summary.json": json.dumps(summary, indent=2)})
+        tracker.log_result(read_run(out), x_head, labels_of(data), Path(out) / "model",
+                           {**final, "fit_seconds": float(summary["seconds"])})
     return summary
 
 

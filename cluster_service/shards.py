@@ -73,9 +73,13 @@ class FeatureTable:
     ids: np.ndarray  # (n,) int64, or object array of str
     features: np.ndarray  # (n, d) float32, C-contiguous, writable
     labels: np.ndarray | None  # (n,) int64 (-1 where a label is null), None when there are none
-    manifest_hash: str  # feature_space_hash(manifest): d + extractor
+    manifest_hash: str  # feature_space_hash(manifest)
     manifest: dict
     shards: list[Path]
+
+    @property
+    def feature_space(self) -> dict:
+        return feature_space(self.manifest)
 
 
 @dataclass
@@ -213,10 +217,7 @@ class ShardWriter:
         flat = pa.array(features.reshape(-1))
         cols = {"id": id_arr, "feature": pa.FixedSizeListArray.from_arrays(flat, self.d)}
         if labels is not None:
-            labels = np.asarray(labels)
-            if labels.shape != (n,):
-                raise ShardError(f"labels: expected shape ({n},), got {labels.shape}")
-            cols["label"] = pa.array(labels.astype(np.int64), pa.int64())
+            cols["label"] = _label_array(labels, n)
         if paths is not None:
             if len(paths) != n:
                 raise ShardError(f"paths: expected {n} entries, got {len(paths)}")
@@ -268,6 +269,21 @@ class ShardWriter:
             self.close()
 
 
+def _label_array(labels, n: int) -> pa.Array:
+    """labels (n,) as int64 Arrow: a numpy int array, a list with None for unknown labels, or an
+    Arrow array (nulls kept: an unknown label stays null, never becomes -1)."""
+    if isinstance(labels, pa.ChunkedArray):
+        labels = labels.combine_chunks()
+    if isinstance(labels, pa.Array):
+        arr = labels.cast(pa.int64())
+    else:
+        values = np.asarray(labels)
+        arr = pa.array(values.tolist() if values.dtype == object else values.astype(np.int64), pa.int64())
+    if len(arr) != n or (not isinstance(labels, pa.Array) and np.ndim(labels) != 1):
+        raise ShardError(f"labels: expected shape ({n},), got {np.shape(labels)}")
+    return arr
+
+
 def write_shards(
     out_dir: str | os.PathLike,
     ids,
@@ -296,12 +312,64 @@ def write_shards(
 # ---------------------------------------------------------------------------------------- reading
 
 
+# What an extractor record holds only as provenance: recorded in the manifest, never compared.
+RECORD_ONLY = frozenset({"source", "checkpoint", "created", "rows", "path", "shards"})
+# PCA provenance: the projection itself is identified by `params_sha256` (mean + components).
+PCA_RECORD_ONLY = frozenset({"source_manifest_sha256", "params", "fit_rows", "seed", "explained_variance_ratio"})
+FEATURE_SPACE_VERSION = 2  # 1: sha256 of d + the whole extractor block (paths included)
+
+
+def feature_space(manifest: dict) -> dict:
+    """The identity of a feature space: d and the extractor fields that define the features
+    (method, backbone, head, checkpoint sha256, preprocessing, normalisation, PCA parameters'
+    hash). Paths, row counts and dates are provenance: a model fitted on one image folder
+    applies to features of another folder made by the same extractor."""
+    extractor = dict(manifest.get("extractor") or {})
+    space = {k: v for k, v in extractor.items() if k not in RECORD_ONLY}
+    pca = space.get("pca")
+    if isinstance(pca, dict):
+        if "params_sha256" in pca:
+            space["pca"] = {k: v for k, v in pca.items() if k not in PCA_RECORD_ONLY}
+        else:  # written before the parameters were hashed: everything but the provenance
+            space["pca"] = {k: v for k, v in pca.items() if k not in ("source_manifest_sha256", "params")}
+    return {"d": manifest.get("d"), **space}
+
+
 def feature_space_hash(manifest: dict) -> str:
-    """sha256 of what must match between a fitted model and shards: d and the extractor block
-    (backbone, checkpoint hash, preprocessing, normalisation). New shards from the same
-    extractor get the same hash; the shard list and row counts do not enter it."""
+    """sha256 of `feature_space(manifest)`: what a fitted model records and `assign` compares."""
+    key = json.dumps(feature_space(manifest), sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def legacy_feature_space_hash(manifest: dict) -> str:
+    """The version-1 hash (d + the whole extractor block, paths included); models written with it
+    keep loading: `feature_space_mismatch` accepts either hash for them."""
     key = json.dumps({"d": manifest.get("d"), "extractor": manifest.get("extractor", {})}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def feature_space_mismatch(model_space: dict | None, model_hash: str | None, manifest: dict) -> str | None:
+    """Why features described by `manifest` do not belong to a model's feature space, or None.
+
+    A model that stores its feature-space block is compared field by field and the message names
+    every differing field; a model that stores only a hash (version 1) matches shards whose new
+    or legacy hash equals it. A model with neither (fitted on an array) accepts any shards."""
+    space = feature_space(manifest)
+    if model_space is not None:
+        diff = sorted(k for k in set(space) | set(model_space) if space.get(k) != model_space.get(k))
+        if not diff:
+            return None
+        shown = "; ".join(f"{k}: model {_short(model_space.get(k))}, shards {_short(space.get(k))}" for k in diff)
+        return f"feature space differs in {', '.join(diff)} ({shown})"
+    if model_hash is None or model_hash in (feature_space_hash(manifest), legacy_feature_space_hash(manifest)):
+        return None
+    return (f"feature space hash {feature_space_hash(manifest)[:12]} differs from the model's {model_hash[:12]} "
+            "(the model predates field-level feature spaces, so the differing field is not known)")
+
+
+def _short(value, limit: int = 80) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_manifest(shard_dir: str | os.PathLike) -> tuple[dict, str]:

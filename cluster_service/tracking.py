@@ -389,8 +389,10 @@ class Tracker:
         figs = {
             "k_over_epochs": plots.plot_k_history(result.history, self.scores or None),
             "cluster_sizes": plots.plot_cluster_sizes(result.clusters, result.n_clusters),
-            "projection": plots.plot_projection(x, result.clusters, labels, result.model.means,
-                                                seed=self.cfg.seed),
+            # x may be the first rows only (a distributed fit's driver reads a sample)
+            "projection": plots.plot_projection(x, result.clusters[: len(x)],
+                                                None if labels is None else labels[: len(x)],
+                                                result.model.means, seed=self.cfg.seed),
         }
         if labels is not None:
             figs["confusion_matrix"] = plots.plot_confusion(labels, result.clusters)

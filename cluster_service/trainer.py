@@ -76,6 +76,7 @@ class LocalRows:
     global_index: np.ndarray  # (n_local,) int64 positions in the global row order
     n_global: int
     manifest_hash: str | None
+    feature_space: dict | None = None
 
 
 def local_rows(data_path: str | os.PathLike, rank: int, world_size: int) -> LocalRows:
@@ -99,7 +100,8 @@ def local_rows(data_path: str | os.PathLike, rank: int, world_size: int) -> Loca
         table = read_feature_table(p, rank, world_size)
         mine = range(rank, len(rows), world_size)
         gidx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in mine])
-        return LocalRows(table.ids, table.features, gidx, int(offsets[-1]), table.manifest_hash)
+        return LocalRows(table.ids, table.features, gidx, int(offsets[-1]), table.manifest_hash,
+                         table.feature_space)
     from cluster_service.data import load_features
 
     feats = load_features(p)
@@ -211,8 +213,8 @@ def write_outputs(engine: Engine, rows: LocalRows, out_dir: Path, history: list[
     features) and writes the model, the assignments in global row order, and the history."""
     import torch.distributed as dist
 
-    from cluster_service.data import assignments_table, write_parquet_atomic
     from cluster_service.model import model_from_engine
+    from cluster_service.runs import write_run
 
     clusters, log_prob = engine.assign()
     part = (rows.global_index, rows.ids, clusters, log_prob)
@@ -222,15 +224,8 @@ def write_outputs(engine: Engine, rows: LocalRows, out_dir: Path, history: list[
         return
     gidx, ids, clusters, log_prob = (np.concatenate([p[i] for p in parts]) for i in range(4))
     order = np.argsort(gidx, kind="stable")
-    model = model_from_engine(engine, rows.manifest_hash)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save(out_dir / "model")
-    write_parquet_atomic(
-        assignments_table(ids[order], clusters[order], log_prob[order], model.version),
-        out_dir / "assignments.parquet",
-    )
-    (out_dir / "config.json").write_text(json.dumps(engine.cfg.to_dict(), indent=2))
-    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+    model = model_from_engine(engine, rows.manifest_hash, feature_space=rows.feature_space)
+    write_run(out_dir, model, ids[order], clusters[order], log_prob[order], engine.cfg.to_dict(), history)
 
 
 # ---- the driver -----------------------------------------------------------------------------
@@ -243,6 +238,21 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None)  # RAY
+
+
+def completed_run(data_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: FitConfig) -> dict | None:
+    """The summary of a finished fit of the same data and config in `out_dir`, or None.
+
+    A run is finished when summary.json exists (it is written last); it is the same fit when the
+    job key its checkpoints were written under matches (see _check_resume)."""
+    out_dir = Path(out_dir).resolve()
+    summary, key_file = out_dir / "summary.json", out_dir / "checkpoints" / f"{RUN_NAME}.job.json"
+    if not summary.is_file() or not key_file.is_file():
+        return None
+    job_key = json.loads(json.dumps({"data": str(Path(data_path).resolve()), "config": cfg.to_dict()}))
+    if json.loads(key_file.read_text()) != job_key:
+        return None
+    return json.loads(summary.read_text())
 
 
 def _check_resume(storage: Path, job_key: dict) -> None:
@@ -326,13 +336,14 @@ def fit_distributed(
     result = trainer.fit()  # RAY: raises TrainingFailedError once max_failures is exhausted
     elapsed = time.perf_counter() - t0
     from cluster_service.model import load_model
+    from cluster_service.runs import write_summary
 
     summary = {
         "n_samples": n, "n_features": d, "k_found": load_model(out_dir / "model").n_clusters,
         "workers": num_workers, "use_gpu": use_gpu, "seconds": round(elapsed, 2), "out": str(out_dir),
         "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
     }
-    labels = _labels(data_path)
+    labels = labels_of(data_path)
     if labels is not None:
         import pyarrow.parquet as pq
 
@@ -340,12 +351,13 @@ def fit_distributed(
 
         clusters = pq.read_table(out_dir / "assignments.parquet", columns=["cluster"]).column("cluster")
         summary.update(score(labels, clusters.to_numpy()).as_dict())
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(out_dir, summary)
     return summary
 
 
-def _labels(data_path: Path) -> np.ndarray | None:
+def labels_of(data_path: str | os.PathLike) -> np.ndarray | None:
     """Ground-truth labels for the summary's scores (evaluation only; training never sees them)."""
+    data_path = Path(data_path)
     if data_path.is_dir():
         import pyarrow.parquet as pq
 

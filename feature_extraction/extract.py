@@ -14,6 +14,7 @@ and is listed in the report. Only `extract` and `EncodeActor` touch Ray.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -379,16 +380,17 @@ def apply_pca(
     extractor = dict(src_manifest.get("extractor", {}))
     explained = float(pca["explained_variance"].sum() / pca["total_variance"])
     fit_rows = min(sample, src_manifest["rows"])
+    params_sha256 = hashlib.sha256(mean.tobytes() + comps.tobytes()).hexdigest()  # the projection's identity
     extractor["pca"] = {"dim": dim, "from_d": src_manifest["d"], "fit_rows": fit_rows, "seed": seed,
                         "explained_variance_ratio": explained, "params": "pca.npz",
-                        "source_manifest_sha256": src_hash}
+                        "params_sha256": params_sha256, "source_manifest_sha256": src_hash}
     writer = ShardWriter(out_dir, dim, rows_per_shard, extractor)
     for path in list_shards(src_dir):
         table = pq.read_table(path)
         x = features_to_numpy(table.column("feature"))
         names = table.column_names
         writer.add(table.column("id").to_numpy(zero_copy_only=False), (x - mean) @ comps.T,
-                   table.column("label").fill_null(-1).to_numpy() if "label" in names else None,
+                   table.column("label") if "label" in names else None,  # nulls stay null
                    table.column("path").to_pylist() if "path" in names else None)
     np.savez(Path(out_dir) / "pca.npz", **pca)
     return writer.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,3 +45,68 @@ def mlflow_store_outside_checkout(tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = uri
     yield uri
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+# ---- a small ImageNet-like pipeline input: generated images and a random MoCo checkpoint ------------
+
+IMAGENET_CLASSES = ("n01000001", "n01000002", "n01000003", "n01000004")
+
+
+def write_image_folder(root, per_class: int, seed: int) -> dict[str, int]:
+    """An ImageFolder tree: one folder per class of IMAGENET_CLASSES, `per_class` JPEGs each. A class
+    is a colour and a stripe orientation, plus noise, so even a random encoder tells classes apart.
+    Returns {id (path relative to root): class index}."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]], np.float64)
+    yy, xx = np.mgrid[0:48, 0:48]
+    stripes = [np.sin(xx / 3.0), np.sin(yy / 3.0), np.sin((xx + yy) / 4.0), np.sin((xx - yy) / 2.0)]
+    ids = {}
+    for c, name in enumerate(IMAGENET_CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = base[c] + 40 * stripes[c][..., None] + rng.normal(0, 25, (48, 48, 3))
+            rel = f"{name}/{name}_{i:04d}.JPEG"
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / rel, quality=90)
+            ids[rel] = c
+    return ids
+
+
+@pytest.fixture(scope="session")
+def imagenet_tree(tmp_path_factory):
+    """train/ (4 classes x 25 images) and val/ (4 x 8) ImageFolder splits and a randomly initialised
+    ResNet-50 saved in the official MoCo v2 checkpoint format."""
+    from torch import nn
+    from torchvision.models import resnet50
+
+    from feature_extraction.moco import save_moco_checkpoint
+
+    root = tmp_path_factory.mktemp("imagenet")
+    train = write_image_folder(root / "train", 25, seed=0)
+    val = write_image_folder(root / "val", 8, seed=1)
+    torch.manual_seed(0)
+    model = resnet50(weights=None)
+    model.fc = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))
+    ckpt = root / "moco_v2_random.pth.tar"
+    save_moco_checkpoint(model.eval(), ckpt)
+    return {"train": root / "train", "val": root / "val", "checkpoint": ckpt, "train_ids": train, "val_ids": val}
+
+
+# A schedule for ~100 rows that still splits and merges, so a 2-worker fit takes seconds, not minutes.
+SMALL_FIT = {"k_init": 1, "seed": 0, "net": {"min_steps_per_epoch": 2},
+             "schedule": {"epochs": 20, "warmup_epochs": 2, "subcluster_start": 2, "first_split": 4,
+                          "move_period": 4, "freeze_epochs": 1, "final_epochs": 3}}
+
+
+def imagenet_job_config(tree, work_dir) -> dict:
+    """The imagenet job config of the end-to-end tests (paths absolute)."""
+    return {
+        "imagenet": {"train": str(tree["train"]), "val": str(tree["val"]), "work_dir": str(work_dir)},
+        "extract": {"checkpoint": str(tree["checkpoint"]), "image_size": 32, "batch_size": 32,
+                    "rows_per_shard": 50, "num_actors": 1},
+        "train": {"workers": 2, "checkpoint_every": 10, "max_failures": 0},
+        "fit": SMALL_FIT,
+        "assign": {"local": True},
+        "tracking": {"experiment": "imagenet-e2e"},
+    }

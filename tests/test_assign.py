@@ -121,6 +121,95 @@ def test_model_from_another_extractor_is_refused(tmp_path):
     assert not list((tmp_path / "out_other").glob("*.parquet"))
 
 
+def moco_extractor(**changes):
+    """An extractor block as feature_extraction.extract.describe_extractor writes it."""
+    block = {"method": "moco_v2", "backbone": "resnet50", "checkpoint": "/ckpts/moco_v2_800ep.pth.tar",
+             "checkpoint_sha256": "ab" * 32, "head": "proj", "head_kind": "mlp", "out_dim": 6,
+             "normalization": "l2", "source": "/data/imagenet/train",
+             "preprocessing": {"resize": 256, "center_crop": 224, "interpolation": "bilinear",
+                               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+    for key, value in changes.items():
+        if key == "preprocessing":
+            block["preprocessing"] = {**block["preprocessing"], **value}
+        else:
+            block[key] = value
+    return block
+
+
+def fitted_on(tmp_path, extractor):
+    """A model whose feature space is that of shards written with `extractor`."""
+    from cluster_service.shards import load_manifest, read_feature_table
+
+    write_shards(tmp_path / "train", np.arange(10), np.zeros((10, 6), np.float32), extractor=extractor)
+    model = synthetic_model(4, 6, seed=0)
+    model.manifest_hash = load_manifest(tmp_path / "train")[1]
+    model.feature_space = read_feature_table(tmp_path / "train").feature_space
+    model.save(tmp_path / "model")
+    return model
+
+
+def test_same_extractor_on_another_folder_and_checkpoint_path_is_accepted(tmp_path):
+    fitted_on(tmp_path, moco_extractor())
+    x = np.ones((12, 6), np.float32)
+    other = moco_extractor(source="/data/imagenet/val", checkpoint="/elsewhere/copy-of-moco.pth.tar",
+                           created="2026-12-01T00:00:00Z")
+    write_shards(tmp_path / "val", np.arange(100, 112), x, extractor=other)
+    report = assign_shards(tmp_path / "model", tmp_path / "val", tmp_path / "out", use_ray=False)
+    assert not report.failed and report.as_dict()["rows"] == 12
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"checkpoint_sha256": "cd" * 32}, "checkpoint_sha256"),  # same path, other bytes
+    ({"head": "backbone"}, "head"),
+    ({"preprocessing": {"center_crop": 192}}, "preprocessing"),
+    ({"normalization": None}, "normalization"),
+    ({"pca": {"dim": 6, "from_d": 2048, "params_sha256": "11" * 32}}, "pca"),
+])
+def test_another_feature_space_is_refused_naming_the_field(tmp_path, changes, field):
+    fitted_on(tmp_path, moco_extractor())
+    write_shards(tmp_path / "other", np.arange(10), np.ones((10, 6), np.float32),
+                 extractor=moco_extractor(**changes))
+    with pytest.raises(ModelError, match=f"differs in {field} ") as err:
+        assign_shards(tmp_path / "model", tmp_path / "other", tmp_path / "out", use_ray=False)
+    assert "another extractor" in str(err.value) and "model " in str(err.value)
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_two_pca_fits_differ_by_their_parameters_not_by_provenance(tmp_path):
+    pca = {"dim": 6, "from_d": 2048, "params_sha256": "11" * 32, "fit_rows": 1000, "seed": 0,
+           "source_manifest_sha256": "99" * 32, "explained_variance_ratio": 0.8, "params": "pca.npz"}
+    fitted_on(tmp_path, moco_extractor(pca=pca))
+    same = {**pca, "fit_rows": 5, "source_manifest_sha256": "77" * 32}  # provenance only
+    write_shards(tmp_path / "same", np.arange(10), np.ones((10, 6), np.float32), extractor=moco_extractor(pca=same))
+    assert not assign_shards(tmp_path / "model", tmp_path / "same", tmp_path / "o1", use_ray=False).failed
+    refit = {**pca, "params_sha256": "22" * 32}
+    write_shards(tmp_path / "refit", np.arange(10), np.ones((10, 6), np.float32), extractor=moco_extractor(pca=refit))
+    with pytest.raises(ModelError, match="differs in pca"):
+        assign_shards(tmp_path / "model", tmp_path / "refit", tmp_path / "o2", use_ray=False)
+
+
+def test_models_with_the_version_1_hash_keep_loading(tmp_path):
+    """A model written before field-level feature spaces stores only the old hash (d + the whole
+    extractor block): its own shards still match; another extractor is still refused."""
+    import json
+
+    from cluster_service.model import load_model
+    from cluster_service.shards import legacy_feature_space_hash, load_manifest
+
+    fitted_on(tmp_path, moco_extractor())
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    manifest = load_manifest(tmp_path / "train")[0]
+    meta.pop("feature_space"), meta.pop("feature_space_version")
+    meta["manifest_hash"] = legacy_feature_space_hash(manifest)
+    (tmp_path / "model" / "model.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path / "model").feature_space is None
+    assert not assign_shards(tmp_path / "model", tmp_path / "train", tmp_path / "o1", use_ray=False).failed
+    write_shards(tmp_path / "other", np.arange(10), np.ones((10, 6), np.float32),
+                 extractor=moco_extractor(head="backbone"))
+    with pytest.raises(ModelError, match="predates field-level"):
+        assign_shards(tmp_path / "model", tmp_path / "other", tmp_path / "o2", use_ray=False)
+
+
 @pytest.fixture
 def job(tmp_path):
     model = synthetic_model(12, 6, seed=5, separation=1.5, version="v-test")

@@ -251,5 +251,30 @@ def test_pca_projects_every_shard_and_keeps_ids(tmp_path):
     assert abs(t.features.mean(axis=0)).max() < 0.5  # centred by the fitted mean (data mean is 4)
     params = np.load(tmp_path / "pca" / "pca.npz")
     assert params["components"].shape == (3, d)
+    assert manifest["extractor"]["pca"]["params_sha256"] == hashlib.sha256(
+        params["mean"].astype(np.float32).tobytes() + params["components"].astype(np.float32).tobytes()).hexdigest()
     with pytest.raises(ValueError, match="pca_dim"):
         apply_pca(tmp_path / "raw", tmp_path / "bad", dim=17)
+
+
+def test_pca_keeps_unknown_labels_null(tmp_path):
+    """Rows without a label (null) stay null after PCA; they used to become -1, which the reader refuses."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, 8))
+    raw = tmp_path / "raw"
+    write_shards(raw, np.arange(40), x, labels=np.arange(40) % 3, rows_per_shard=20)
+    # null out the labels of every 4th row in the written shards
+    for p in sorted(raw.glob("part-*.parquet")):
+        t = pq.read_table(p)
+        labels = [None if i % 4 == 0 else v for i, v in enumerate(t.column("label").to_pylist())]
+        t = t.set_column(t.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
+        pq.write_table(t, p, compression="zstd")
+    manifest = json.loads((raw / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        entry["sha256"] = hashlib.sha256((raw / entry["name"]).read_bytes()).hexdigest()
+    (raw / "manifest.json").write_text(json.dumps(manifest))
+    apply_pca(raw, tmp_path / "pca", dim=2, rows_per_shard=20)
+    out = pq.read_table(tmp_path / "pca" / "part-00000.parquet").column("label").to_pylist()
+    assert out[0] is None and out[4] is None and out[1] == 1
+    t = read_feature_table(tmp_path / "pca")
+    assert (t.labels[::4] == -1).all() and (t.labels[1::4] >= 0).all()

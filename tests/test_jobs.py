@@ -215,6 +215,12 @@ def test_fit_job_through_job_submission(ray_head, shards, tmp_path):
     assert steps == list(range(FIT["schedule"]["epochs"]))  # once per epoch: rank 0 only
     assert run.data.metrics["final/k_found"] == N_CLUSTERS
     assert "model/model.json" in [f.path for f in client.list_artifacts(run.info.run_id, "model")]
+    # as complete as a one-process fit's run: the plots, the schedule plan, config and history
+    top = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "schedule_plan.txt", "history.json", "plots", "model"} <= top
+    plots = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
+    assert {f"plots/{n}.png" for n in ("k_over_epochs", "cluster_sizes", "projection", "confusion_matrix")} <= plots
+    assert run.data.metrics["nmi"] > 0.9  # scored against the shards' labels
 
     # the assign job on the fitted model (in-process entry point, local assigner)
     from jobs.assign import main as assign_main

@@ -99,8 +99,10 @@ def test_round_trip_schema_manifest_and_hashes(tmp_path):
     assert t.features.dtype == np.float32 and t.features.flags.c_contiguous and t.features.flags.writeable
     np.testing.assert_array_equal(t.labels, labels)
     manifest = json.loads((out / "manifest.json").read_text())
-    expected = json.dumps({"d": D, "extractor": manifest["extractor"]}, sort_keys=True)
-    assert t.manifest_hash == hashlib.sha256(expected.encode()).hexdigest()  # the feature space, not the bytes
+    # the feature space (d + the extractor's defining fields), not the bytes and not provenance
+    space = {"d": D, **{k: v for k, v in manifest["extractor"].items() if k not in ("source", "checkpoint")}}
+    assert t.feature_space == space
+    assert t.manifest_hash == hashlib.sha256(json.dumps(space, sort_keys=True).encode()).hexdigest()
     assert pq.read_table(out / "part-00002.parquet").column("path").to_pylist() == paths[100:]
 
     fs = load_features(out)  # the path `fit` takes

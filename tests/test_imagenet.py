@@ -1,0 +1,87 @@
+"""The flagship job end to end, as a user runs it: `python -m jobs.imagenet CONFIG` on a generated
+ImageFolder (train and val splits), a random ResNet-50 in the official MoCo v2 checkpoint format,
+2 gloo Ray Train workers on the suite's local Ray, a small schedule set in the config.
+
+It must end with scores.json (train K, val NMI/ARI/ACC), an assignment for every val image, and a
+finished MLflow run holding the model and the plots; a re-run of the same config reuses the
+features and the fit instead of starting over."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import imagenet_job_config
+from sklearn.metrics import normalized_mutual_info_score
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def job_run(ray_local, imagenet_tree, tmp_path_factory):
+    from jobs.imagenet import main
+
+    root = tmp_path_factory.mktemp("imagenet-job")
+    cfg = root / "imagenet.yaml"
+    cfg.write_text(yaml.safe_dump(imagenet_job_config(imagenet_tree, root / "work")))
+    main([str(cfg)])
+    return root, cfg
+
+
+def test_imagenet_job_ends_with_scores_for_every_val_image(job_run, imagenet_tree):
+    root, _ = job_run
+    work = root / "work"
+    scores = json.loads((work / "scores.json").read_text())
+    assert scores["train"]["k_found"] >= 1
+    for key in ("nmi", "ari", "acc"):
+        assert 0.0 <= scores["val"][key] <= 1.0
+    # every val image has exactly one assignment, and the scores are those of these assignments
+    table = pq.read_table(sorted((work / "val_assignments").glob("*.parquet")))
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(imagenet_tree["val_ids"]) and len(ids) == len(set(ids))
+    truth = np.array([imagenet_tree["val_ids"][i] for i in ids])
+    nmi = normalized_mutual_info_score(truth, table.column("cluster").to_numpy())
+    assert scores["val"]["nmi"] == pytest.approx(nmi, abs=1e-6)
+    assert scores["assign"]["failed"] == 0 and scores["assign"]["rows"] == len(imagenet_tree["val_ids"])
+    # the model was fitted on the train split's features and accepted the val split's
+    model_meta = json.loads((work / "fit" / "model" / "model.json").read_text())
+    assert model_meta["feature_space"]["checkpoint_sha256"] and "source" not in model_meta["feature_space"]
+    train_manifest = json.loads((work / "features" / "train" / "manifest.json").read_text())
+    assert train_manifest["rows"] == len(imagenet_tree["train_ids"])
+
+
+def test_imagenet_job_mlflow_run_has_model_plots_and_val_scores(job_run):
+    from mlflow import MlflowClient
+
+    root, _ = job_run
+    scores = json.loads((root / "work" / "scores.json").read_text())
+    client = MlflowClient()  # the suite's store (MLFLOW_TRACKING_URI, see conftest)
+    run = client.get_run(scores["mlflow_run"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["val/nmi"] == pytest.approx(scores["val"]["nmi"])
+    assert run.data.metrics["final/n_clusters"] == scores["train"]["k_found"]
+    top = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"model", "plots", "config.yaml", "schedule_plan.txt", "history.json"} <= top
+    plots = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/k_over_epochs.png", "plots/projection.png", "plots/confusion_matrix.png"} <= plots
+
+
+def test_imagenet_job_rerun_reuses_features_and_fit(job_run, capfd):
+    from jobs.imagenet import main
+
+    root, cfg = job_run
+    work = root / "work"
+    model_file = work / "fit" / "model" / "arrays.npz"
+    before = (model_file.stat().st_mtime_ns, (work / "fit" / "history.json").read_text())
+    first = json.loads((work / "scores.json").read_text())
+    capfd.readouterr()
+    main([str(cfg)])
+    out = capfd.readouterr().out
+    assert out.count("already holds shards; reusing them") == 2
+    assert "already holds this fit" in out
+    assert (model_file.stat().st_mtime_ns, (work / "fit" / "history.json").read_text()) == before
+    again = json.loads((work / "scores.json").read_text())
+    assert again["val"] == first["val"] and again["mlflow_run"] != first["mlflow_run"]
