@@ -14,10 +14,12 @@ as soon as the run exists; `cluster-service submit` finds it in the job's logs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +227,15 @@ def score_assignments(assign_dir: str | os.PathLike, shard_dir: str | os.PathLik
 # ---- the ImageNet pipeline ----------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def stage_timer(seconds: dict[str, float], name: str):
+    """Record the wall time of a pipeline stage in `seconds[name]` and print it."""
+    t0 = time.perf_counter()
+    yield
+    seconds[name] = round(time.perf_counter() - t0, 2)
+    print(f"imagenet: stage {name} took {seconds[name]} s", flush=True)
+
+
 def imagenet_paths(work_dir: str) -> dict[str, str]:
     w = Path(resolve_path(work_dir))
     return {"train_features": str(w / "features" / "train"), "val_features": str(w / "features" / "val"),
@@ -239,26 +250,33 @@ def run_imagenet(job: ImagenetJob) -> dict:
     paths = imagenet_paths(job.imagenet.work_dir)
     reuse = job.imagenet.reuse_features
     print(f"imagenet: work dir {Path(paths['fit']).parent}", flush=True)
-    extract_step(job.extract, job.imagenet.train, paths["train_features"], reuse)
-    extract_step(job.extract, job.imagenet.val, paths["val_features"], reuse)
+    seconds: dict[str, float] = {}
+    with stage_timer(seconds, "extract_train"):
+        extract_step(job.extract, job.imagenet.train, paths["train_features"], reuse)
+    with stage_timer(seconds, "extract_val"):
+        extract_step(job.extract, job.imagenet.val, paths["val_features"], reuse)
 
     train = dataclasses.replace(job.train, data=paths["train_features"], out=paths["fit"])
     params, manifest_hash = data_params(paths["train_features"])
     tags = {"data.path": job.imagenet.train, "job": "imagenet"}
     tracker = start_tracker(job.fit, job.tracking, "imagenet", tags, params, manifest_hash)
     with tracker:
-        summary = fit_step(train, job.fit, tracker)
-        report = assign_step(job.assign, job.tracking, model=paths["fit"], shards=paths["val_features"],
-                             out=paths["val_assignments"])
+        with stage_timer(seconds, "fit"):
+            summary = fit_step(train, job.fit, tracker)
+        with stage_timer(seconds, "assign"):
+            report = assign_step(job.assign, job.tracking, model=paths["fit"], shards=paths["val_features"],
+                                 out=paths["val_assignments"])
         if report.failed:
             raise ValueError(f"{len(report.failed)} val shard(s) could not be assigned: "
                              + "; ".join(f"{o.shard}: {o.error}" for o in report.failed))
-        val = score_assignments(paths["val_assignments"], paths["val_features"])
+        with stage_timer(seconds, "score"):
+            val = score_assignments(paths["val_assignments"], paths["val_features"])
         tracker.log_metrics({f"val/{k}": float(v) for k, v in val.as_dict().items()},
                             step=max(0, job.fit.schedule.epochs - 1))
+        tracker.log_metrics({f"time/stage_{k}": v for k, v in seconds.items()})
     scores = {"train": {k: summary[k] for k in ("k_found", "nmi", "ari", "acc") if k in summary},
               "val": val.as_dict(), "assign": report.as_dict(), "paths": paths,
-              "mlflow_run": tracker.run_id}
+              "mlflow_run": tracker.run_id, "seconds": seconds}
     tmp = Path(paths["scores"] + ".tmp")
     tmp.write_text(json.dumps(scores, indent=2) + "\n")
     os.replace(tmp, paths["scores"])

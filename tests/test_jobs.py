@@ -235,6 +235,31 @@ def test_fit_job_through_job_submission(ray_head, shards, tmp_path):
 
 
 @pytest.mark.ray
+def test_imagenet_job_through_cli_submit(ray_head, imagenet_tree, tmp_path):
+    """`cluster-service submit imagenet CONFIG` against the local head: the whole chain runs as a Ray job
+    (extract both splits, 2-worker fit, assign val, score) and the CLI prints the status and the run."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from conftest import imagenet_job_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = write_yaml(tmp_path / "imagenet.yaml", imagenet_job_config(imagenet_tree, tmp_path / "work"))
+    cmd = [sys.executable, "-m", "cluster_service.cli", "submit", "imagenet", str(cfg),
+           "--address", ray_head["dashboard"], "--env", f"MLFLOW_TRACKING_URI={uri}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    shown = r.stdout + r.stderr  # logs on stdout, the status line on the console (stderr)
+    assert "SUCCEEDED" in shown and "imagenet: val K found" in shown
+    scores = json.loads((tmp_path / "work" / "scores.json").read_text())
+    assert scores["assign"]["rows"] == len(imagenet_tree["val_ids"]) and scores["assign"]["failed"] == 0
+    assert f"runs:/{scores['mlflow_run']}" in shown
+    run = MlflowClient(tracking_uri=uri).get_run(scores["mlflow_run"])
+    assert run.info.status == "FINISHED" and run.data.metrics["val/acc"] == pytest.approx(scores["val"]["acc"])
+
+
+@pytest.mark.ray
 def test_entry_point_rejects_bad_config_on_the_cluster(ray_head, shards, tmp_path):
     """Submitted raw (no local check), the job itself refuses the config before any work: exit 2, the
     key named in the log, no run directory."""
