@@ -15,6 +15,12 @@ from typing import Any, Literal
 
 SCHEMA_VERSION = 1
 
+# Defaults of the service around the model, stated once: the job configs (ops.jobconfig), the CLI
+# options and the library functions all take them from here.
+CHECKPOINT_EVERY = 5  # epochs between Ray Train checkpoints of a distributed fit
+TOP_M = 16  # `assign --method shortlist`: candidate clusters rescored exactly per row
+EXPERIMENT = "cluster_service"  # MLflow experiment of fits and jobs
+
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message says what is allowed."""
@@ -174,7 +180,7 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class AutoencoderConfig:
     """Autoencoder mode (`fit --autoencoder`): cluster an MLP autoencoder's latent codes with the
-    DPGMM and alternate AE fine-tuning with clustering (cluster_service.autoencoder)."""
+    DPGMM and alternate AE fine-tuning with clustering (cluster_service.train.autoencoder)."""
 
     # Off by default: the DPGMM runs on the features as given (MoCo features need no AE).
     enabled: bool = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -47,3 +49,26 @@ def load_digits_pca(n_components: int = 16, seed: int = 0) -> tuple[np.ndarray, 
     x, y = load_digits(return_X_y=True)
     z = PCA(n_components=n_components, random_state=seed).fit_transform(x / 16.0)
     return z.astype(np.float32), y.astype(np.int64)
+
+
+def embed_nonlinear(x: np.ndarray, out_dim: int = 64, seed: int = 0, gain: float = 2.0) -> np.ndarray:
+    """Push x (n, d) through a fixed random MLP d -> out_dim -> out_dim (tanh, then linear):
+    standardise, z = tanh(gain * x W1 / sqrt(d) + b1), return z W2 / sqrt(out_dim). gain > 1
+    saturates the tanh, so the clusters stop being Gaussian (or linearly embedded) in 64-d."""
+    rng = np.random.default_rng(seed)
+    d = x.shape[1]
+    xs = (x - x.mean(0)) / x.std(0)
+    w1 = rng.normal(size=(d, out_dim)) / math.sqrt(d)
+    b1 = rng.normal(size=out_dim) * 0.5
+    w2 = rng.normal(size=(out_dim, out_dim)) / math.sqrt(out_dim)
+    return (np.tanh(gain * xs @ w1 + b1) @ w2).astype(np.float32)
+
+
+def make_embedded_mixture(
+    n_samples: int = 3000, n_clusters: int = 10, n_features: int = 8, out_dim: int = 64, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A make_mixture data set (n_clusters in n_features-d) non-linearly embedded in out_dim-d."""
+    from cluster_service.datasets import make_mixture
+
+    x, y = make_mixture(n_samples, n_features, n_clusters, seed=seed)
+    return embed_nonlinear(x, out_dim, seed=1000 + seed), y

@@ -182,7 +182,7 @@ def total_gpus(v: dict) -> int:
 
 def job_config(v: dict) -> dict:
     """configs/imagenet-8gpu.yaml with the values' paths and GPU counts, validated as the job will."""
-    from cluster_service.jobconfig import parse_job_config
+    from cluster_service.ops.jobconfig import parse_job_config
 
     cfg = yaml.safe_load((ROOT / v["job"]["config"]).read_text())
     j, n = v["job"], total_gpus(v)

@@ -1,4 +1,4 @@
-"""Images → MoCo v2 ResNet-50 features → Parquet feature shards (the contract in cluster_service.shards).
+"""Images → MoCo v2 ResNet-50 features → Parquet feature shards (the contract in cluster_service.io.shards).
 
     moco.py     the encoder and the official MoCo checkpoint format
     extract.py  the Ray Data extraction job, and optional PCA of the written shards

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cluster_service.shards import iter_feature_batches, read_feature_table, validate_shards, write_shards
+from cluster_service.io.shards import iter_feature_batches, read_feature_table, validate_shards, write_shards
+from cluster_service.runtime.ray_session import ensure_ray
 
 BEGIN, END = "<!-- feature-extraction-bench:begin -->", "<!-- feature-extraction-bench:end -->"
 
@@ -48,7 +49,6 @@ def bench_reader(workdir: Path, rows: int, d: int = 128) -> dict:
 
 
 def bench_extract(workdir: Path, n_images: int, image_size: int, batch_size: int) -> dict:
-    import ray
     from PIL import Image
     from torch import nn
     from torchvision.models import resnet50
@@ -68,8 +68,7 @@ def bench_extract(workdir: Path, n_images: int, image_size: int, batch_size: int
     m.fc = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))
     ckpt = workdir / "moco.pth.tar"
     save_moco_checkpoint(m, ckpt)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    ensure_ray()
     cfg = ExtractConfig(ckpt, image_size=image_size, batch_size=batch_size)
     extract(root, workdir / "warmup", cfg)  # first run: worker imports, allocator and oneDNN caches
     report = extract(root, workdir / "extract", cfg)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster_service.shards import MAX_ROW_GROUP, ShardWriter, load_manifest
+from cluster_service.io.shards import MAX_ROW_GROUP, ShardWriter, load_manifest
+from cluster_service.runtime.ray_session import ensure_ray
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -254,8 +255,7 @@ def extract(
     if shard_dir.exists() and shard_dir != out_dir:
         shutil.rmtree(shard_dir)
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    ensure_ray()
     n_gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else n_gpus >= 1
     if use_gpu and n_gpus < 1:
@@ -333,7 +333,7 @@ def fit_pca(shard_dir: str | os.PathLike, dim: int, sample: int, seed: int = 0) 
     explained_variance (dim,), all float64."""
     import pyarrow.parquet as pq
 
-    from cluster_service.shards import features_to_numpy, list_shards
+    from cluster_service.io.shards import features_to_numpy, list_shards
 
     manifest, _ = load_manifest(shard_dir)
     d, n = manifest["d"], manifest["rows"]
@@ -372,7 +372,7 @@ def apply_pca(
     ``out_dir`` (ids, labels and paths kept); the fitted mean/components go to ``out_dir/pca.npz``."""
     import pyarrow.parquet as pq
 
-    from cluster_service.shards import features_to_numpy, list_shards
+    from cluster_service.io.shards import features_to_numpy, list_shards
 
     src_manifest, src_hash = load_manifest(src_dir)
     pca = fit_pca(src_dir, dim, sample, seed)

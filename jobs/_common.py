@@ -1,5 +1,5 @@
 """What every job entry point does first: take ONE config path, validate it into the job's typed config
-(cluster_service.jobconfig) before any Ray or GPU work, and turn errors into a clear message and exit 2.
+(cluster_service.ops.jobconfig) before any Ray or GPU work, and turn errors into a clear message and exit 2.
 
     python -m jobs.<name> CONFIG.yaml
     ray job submit --working-dir . -- python -m jobs.<name> CONFIG.yaml
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 from cluster_service.config import ConfigError
-from cluster_service.jobconfig import load_job_config
+from cluster_service.ops.jobconfig import load_job_config
 
 EXIT_BAD_CONFIG = 2
 

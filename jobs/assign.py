@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from cluster_service.pipeline import assign_step
+from cluster_service.ops.pipeline import assign_step
 from jobs._common import run
 
 

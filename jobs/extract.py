@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster_service.pipeline import extract_step
+from cluster_service.ops.pipeline import extract_step
 from jobs._common import run
 
 

@@ -10,7 +10,7 @@ the last checkpoint.
 
 from __future__ import annotations
 
-from cluster_service.pipeline import fit_job
+from cluster_service.ops.pipeline import fit_job
 from jobs._common import run
 
 

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster_service.nets import ajs_loss, kl_loss
+from cluster_service.core.nets import ajs_loss, kl_loss
 
 
 def naive_ajs(logits: torch.Tensor, target: torch.Tensor, alpha: float) -> torch.Tensor:

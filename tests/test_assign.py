@@ -12,19 +12,18 @@ import pytest
 from scipy.stats import multivariate_normal
 from typer.testing import CliRunner
 
-import cluster_service.assign as assign_mod
-from cluster_service.assign import (
+import cluster_service.runtime.assign_job as assign_mod
+from cluster_service.bench.assign import sample_model, synthetic_model
+from cluster_service.io.shards import write_shards
+from cluster_service.runtime.assign_job import assign_shards
+from cluster_service.serve.assign import (
     ExactAssigner,
     NetAssigner,
     ShortlistAssigner,
     agreement,
-    assign_shards,
     exact_assign,
-    sample_model,
-    synthetic_model,
 )
-from cluster_service.model import ModelError
-from cluster_service.shards import write_shards
+from cluster_service.serve.model import ModelError
 
 
 def scipy_log_joint(model, x):
@@ -103,7 +102,7 @@ def test_dimension_mismatch_fails_clearly(tmp_path):
 
 
 def test_model_from_another_extractor_is_refused(tmp_path):
-    from cluster_service.shards import load_manifest
+    from cluster_service.io.shards import load_manifest
 
     model = synthetic_model(4, 6, seed=0)
     x = np.zeros((10, 6), np.float32)
@@ -138,7 +137,7 @@ def moco_extractor(**changes):
 
 def fitted_on(tmp_path, extractor):
     """A model whose feature space is that of shards written with `extractor`."""
-    from cluster_service.shards import load_manifest, read_feature_table
+    from cluster_service.io.shards import load_manifest, read_feature_table
 
     write_shards(tmp_path / "train", np.arange(10), np.zeros((10, 6), np.float32), extractor=extractor)
     model = synthetic_model(4, 6, seed=0)
@@ -193,8 +192,8 @@ def test_models_with_the_version_1_hash_keep_loading(tmp_path):
     extractor block): its own shards still match; another extractor is still refused."""
     import json
 
-    from cluster_service.model import load_model
-    from cluster_service.shards import legacy_feature_space_hash, load_manifest
+    from cluster_service.io.shards import legacy_feature_space_hash, load_manifest
+    from cluster_service.serve.model import load_model
 
     fitted_on(tmp_path, moco_extractor())
     meta = json.loads((tmp_path / "model" / "model.json").read_text())
@@ -275,7 +274,7 @@ def test_interrupted_assign_resumes_and_redoes_only_missing(job, monkeypatch):
 
 
 def test_cli_reports_bad_shard_and_exits_nonzero(job):
-    from cluster_service.cli import app
+    from cluster_service.ops.cli import app
 
     tmp, _, _ = job
     bad = tmp / "shards" / "part-00002.parquet"
@@ -305,8 +304,8 @@ def test_ray_data_job_matches_local(job, ray_local):
 def test_pyfunc_round_trip_through_mlflow_registry(tmp_path, job):
     import mlflow
 
-    from cluster_service.assign import open_model
-    from cluster_service.pyfunc import log_pyfunc_model
+    from cluster_service.runtime.assign_job import open_model
+    from cluster_service.serve.pyfunc import log_pyfunc_model
 
     tmp, model, x = job
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")

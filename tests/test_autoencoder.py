@@ -9,19 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from cluster_service.autoencoder import (
-    AEModel,
-    fit_autoencoder,
-    latent_cluster_loss,
-    load_ae_model,
-    make_embedded_mixture,
-    rebase_engine,
-)
 from cluster_service.config import ConfigError, FitConfig
-from cluster_service.engine import Engine
-from cluster_service.evaluate import score
-from cluster_service.fit import run_schedule
-from cluster_service.model import ModelError, load_model
+from cluster_service.datasets import make_embedded_mixture
+from cluster_service.report.evaluate import score
+from cluster_service.serve.ae_model import AEModel, load_ae_model
+from cluster_service.serve.model import ModelError, load_model
+from cluster_service.train.autoencoder import fit_autoencoder, latent_cluster_loss, rebase_engine
+from cluster_service.train.engine import Engine
+from cluster_service.train.fit import run_schedule
 
 # A small AE and short schedules: the (500, 500, 2000) default is ImageNet-sized.
 FAST = {
@@ -182,7 +177,7 @@ def test_config_validation():
 def test_cli_fit_autoencoder_ajs(tmp_path, monkeypatch, mixture_small):
     from typer.testing import CliRunner
 
-    from cluster_service.cli import app
+    from cluster_service.ops.cli import app
 
     monkeypatch.chdir(tmp_path)
     x, y = mixture_small
@@ -205,7 +200,7 @@ def test_cli_fit_autoencoder_ajs(tmp_path, monkeypatch, mixture_small):
     assert isinstance(model, AEModel) and model.mixture.n_features == 6
     assert score(y, model.predict(x)[0]).nmi > 0.8
     # The run was tracked: per-epoch K over both rounds (global epochs) and the label scores.
-    from cluster_service import tracking
+    from cluster_service.runtime import tracking
 
     client = tracking.client_for()
     run_info = client.get_run(summary["mlflow_run"])
@@ -216,7 +211,7 @@ def test_cli_fit_autoencoder_ajs(tmp_path, monkeypatch, mixture_small):
 def test_cli_rejects_bad_autoencoder_config(tmp_path, monkeypatch, capsys, mixture_small):
     import sys
 
-    from cluster_service import cli
+    from cluster_service.ops import cli
 
     x, _ = mixture_small
     np.savez(tmp_path / "data.npz", X=x[:100])
@@ -262,7 +257,7 @@ TOL = 2e-2  # relative to the code range; see the comment in the test
 def _dist_worker(rank: int, world: int, store: str, x: np.ndarray, out: str) -> None:
     import torch.distributed as dist
 
-    from cluster_service.comm import TorchDistComm
+    from cluster_service.train.comm import TorchDistComm
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)

@@ -13,7 +13,7 @@ import pytest
 
 from cluster_service.datasets import make_mixture
 
-CLI = [sys.executable, "-m", "cluster_service.cli"]
+CLI = [sys.executable, "-m", "cluster_service.ops.cli"]
 FAST = ["--set", "schedule.epochs=30", "--quiet"]
 
 
@@ -22,7 +22,7 @@ def run(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 def run_inprocess(capsys, monkeypatch, *args) -> subprocess.CompletedProcess:
-    from cluster_service import cli
+    from cluster_service.ops import cli
 
     monkeypatch.setattr(sys, "argv", ["cluster-service", *map(str, args)])
     code = 0
@@ -43,7 +43,7 @@ def npz(tmp_path_factory) -> Path:
 
 
 def test_fit_writes_model_and_assignments_and_evaluate_reads_them(npz, tmp_path):
-    from cluster_service.model import load_model
+    from cluster_service.serve.model import load_model
 
     out = tmp_path / "run"
     r = run("fit", npz, "--out", out, "--no-tracking", *FAST)

@@ -94,7 +94,7 @@ def test_a_schedule_with_no_room_for_a_split_warns_what_it_needs():
 def test_cli_rejects_invalid_config_before_reading_data(tmp_path, capsys, monkeypatch):
     """`fit` with a bad --set or config file exits 2 with the message, before touching DATA (which
     here does not even exist) and without creating the run directory."""
-    from cluster_service.cli import main
+    from cluster_service.ops.cli import main
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("fit:\n  prior:\n    alpha: -2\n")

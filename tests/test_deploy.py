@@ -14,7 +14,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from cluster_service.jobconfig import parse_job_config
+from cluster_service.ops.jobconfig import parse_job_config
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.30.0"

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from cluster_service.config import FitConfig
-from cluster_service.engine import Engine
-from cluster_service.fit import fit, run_schedule
-from cluster_service.model import load_model
-from cluster_service.shards import write_shards
-from cluster_service.trainer import FaultInjection, fit_distributed, local_rows
+from cluster_service.io.shards import write_shards
+from cluster_service.runtime.trainer import FaultInjection, fit_distributed, local_rows
+from cluster_service.serve.model import load_model
+from cluster_service.train.engine import Engine
+from cluster_service.train.fit import fit, run_schedule
 
 pytestmark = pytest.mark.ray
 
@@ -233,7 +233,7 @@ def test_killed_worker_recovers_from_last_checkpoint(two_workers, data, tmp_path
 
 def test_cli_refuses_more_workers_than_shards(data, tmp_path, monkeypatch, capsys):
     """`fit --workers N` checks the data before starting Ray: a clear message and exit code 2."""
-    from cluster_service import cli
+    from cluster_service.ops import cli
 
     _, _, shards = data
     argv = ["cluster-service", "fit", str(shards), "--workers", "7", "--no-tracking", "--out", str(tmp_path)]
@@ -247,7 +247,7 @@ def test_cli_refuses_more_workers_than_shards(data, tmp_path, monkeypatch, capsy
 
 def test_rerun_with_another_config_is_refused(data, tmp_path):
     """A re-run on the same RUN_DIR resumes the same fit only; another config fails before Ray."""
-    from cluster_service.trainer import _check_resume
+    from cluster_service.runtime.trainer import _check_resume
 
     _, _, shards = data
     key = {"data": str(shards.resolve()), "config": CFG.to_dict()}

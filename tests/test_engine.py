@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from cluster_service.config import FitConfig
+from cluster_service.core.schedule import build_plan
 from cluster_service.datasets import load_digits_pca, make_mixture
-from cluster_service.engine import Engine
-from cluster_service.evaluate import score
-from cluster_service.fit import fit, run_schedule
-from cluster_service.schedule import build_plan
+from cluster_service.report.evaluate import score
+from cluster_service.train.engine import Engine
+from cluster_service.train.fit import fit, run_schedule
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_recovers_k_on_an_imbalanced_mixture(mixture12, fit12):
 
 
 def test_exported_model_reproduces_training_assignments(mixture12, fit12, tmp_path):
-    from cluster_service.model import load_model
+    from cluster_service.serve.model import load_model
 
     x, _ = mixture12
     path = fit12.model.save(tmp_path / "model")

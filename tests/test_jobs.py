@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from cluster_service.config import ConfigError
-from cluster_service.jobconfig import load_job_config, parse_job_config
-from cluster_service.pipeline import RUN_LINK_RE, run_link
-from cluster_service.submit import EXCLUDES, entrypoint, find_run_link, resolve_address, runtime_env
+from cluster_service.ops.jobconfig import load_job_config, parse_job_config
+from cluster_service.ops.pipeline import RUN_LINK_RE, run_link
+from cluster_service.ops.submit import EXCLUDES, entrypoint, find_run_link, resolve_address, runtime_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_JOBS = {"laptop-smoke.yaml": "fit", "laptop-smoke-assign.yaml": "assign",
@@ -117,7 +117,7 @@ def test_submit_helpers(tmp_path, monkeypatch):
 def test_cli_submit_refuses_a_bad_config_before_contacting_the_cluster(tmp_path):
     """Nothing listens on the address: the config error must come first, with exit 2."""
     bad = write_yaml(tmp_path / "bad.yaml", {"train": {"data": "d", "out": "o"}, "fit": {"k_init": 0}})
-    cmd = [sys.executable, "-m", "cluster_service.cli", "submit", "fit", str(bad), "--address", "http://127.0.0.1:9"]
+    cmd = [sys.executable, "-m", "cluster_service.ops.cli", "submit", "fit", str(bad), "--address", "http://127.0.0.1:9"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "k_init must be >= 1" in r.stderr and str(bad) in r.stderr
@@ -131,7 +131,7 @@ def test_cli_submit_refuses_a_bad_config_before_contacting_the_cluster(tmp_path)
 def shards(tmp_path_factory):
     """A 3-cluster mixture, d=4, as 3 feature shards with labels."""
     from cluster_service.datasets import make_mixture
-    from cluster_service.shards import write_shards
+    from cluster_service.io.shards import write_shards
 
     x, y = make_mixture(1500, N_FEATURES, N_CLUSTERS, seed=3, separation=10.0, imbalance=1.5)
     out = tmp_path_factory.mktemp("jobs") / "shards"
@@ -142,8 +142,8 @@ def shards(tmp_path_factory):
 def test_score_assignments_joins_by_id(shards, tmp_path):
     import pyarrow as pa
 
-    from cluster_service.pipeline import score_assignments
-    from cluster_service.shards import list_shards
+    from cluster_service.io.shards import list_shards
+    from cluster_service.ops.pipeline import score_assignments
 
     shard_dir, _, y = shards
     out = tmp_path / "assign"
@@ -167,7 +167,7 @@ def test_score_assignments_joins_by_id(shards, tmp_path):
 def ray_head(tmp_path_factory):
     """`ray start --head` on 127.0.0.1 (2 CPUs, dashboard = job server on a free port); stopped at the end
     by its session (only the processes it started)."""
-    from cluster_service import local_cluster
+    from cluster_service.ops import local_cluster
 
     state = tmp_path_factory.mktemp("ray-head")
     info = local_cluster.start_ray_head(state, num_cpus=2, dashboard_port=local_cluster.free_port())
@@ -180,9 +180,9 @@ def ray_head(tmp_path_factory):
 def test_fit_job_through_job_submission(ray_head, shards, tmp_path):
     from mlflow import MlflowClient
 
-    from cluster_service.evaluate import score
-    from cluster_service.model import load_model
-    from cluster_service.submit import submit
+    from cluster_service.ops.submit import submit
+    from cluster_service.report.evaluate import score
+    from cluster_service.serve.model import load_model
 
     shard_dir, x, y = shards
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
@@ -229,7 +229,7 @@ def test_fit_job_through_job_submission(ray_head, shards, tmp_path):
     acfg = write_yaml(tmp_path / "assign.yaml", {"assign": {"model": str(run_dir), "shards": str(shard_dir),
                                                             "out": str(out), "local": True}})
     assign_main([str(acfg)])
-    from cluster_service.pipeline import score_assignments
+    from cluster_service.ops.pipeline import score_assignments
 
     assert score_assignments(tmp_path / "assigned", shard_dir).nmi > 0.9
 
@@ -240,13 +240,12 @@ def test_imagenet_job_through_cli_submit(ray_head, imagenet_tree, tmp_path):
     (extract both splits, 2-worker fit, assign val, score) and the CLI prints the status and the run."""
     import json
 
-    from mlflow import MlflowClient
-
     from conftest import imagenet_job_config
+    from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = write_yaml(tmp_path / "imagenet.yaml", imagenet_job_config(imagenet_tree, tmp_path / "work"))
-    cmd = [sys.executable, "-m", "cluster_service.cli", "submit", "imagenet", str(cfg),
+    cmd = [sys.executable, "-m", "cluster_service.ops.cli", "submit", "imagenet", str(cfg),
            "--address", ray_head["dashboard"], "--env", f"MLFLOW_TRACKING_URI={uri}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -265,8 +264,8 @@ def test_entry_point_rejects_bad_config_on_the_cluster(ray_head, shards, tmp_pat
     key named in the log, no run directory."""
     from ray.job_submission import JobSubmissionClient
 
-    from cluster_service.submit import _wait_terminal
-    from cluster_service.submit import runtime_env as env
+    from cluster_service.ops.submit import _wait_terminal
+    from cluster_service.ops.submit import runtime_env as env
 
     run_dir = tmp_path / "run"
     train = {"data": str(shards[0]), "out": str(run_dir), "workers": 2}
@@ -285,7 +284,7 @@ def test_entry_point_rejects_bad_config_on_the_cluster(ray_head, shards, tmp_pat
 def test_submit_refuses_bad_config_and_sends_nothing(ray_head, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
-    from cluster_service.submit import submit
+    from cluster_service.ops.submit import submit
 
     client = JobSubmissionClient(ray_head["dashboard"])
     before = len(client.list_jobs())

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from cluster_service import index
-from cluster_service import moves as mv
-from cluster_service.nets import ClusterNet, SubclusterNets, resize_cluster_net, resize_subnets
-from cluster_service.niw import GaussianParams, SuffStats, make_prior, map_estimate, stats_from_points
+from cluster_service.core import moves as mv
+from cluster_service.core.nets import ClusterNet, SubclusterNets, resize_cluster_net, resize_subnets
+from cluster_service.core.niw import GaussianParams, SuffStats, make_prior, map_estimate, stats_from_points
 
 D = torch.float64
 

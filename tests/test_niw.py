@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from cluster_service.gaussian import e_step, hard_weighted_stats, log_gaussian, weighted_stats
-from cluster_service.niw import (
+from cluster_service.core.gaussian import e_step, hard_weighted_stats, log_gaussian, weighted_stats
+from cluster_service.core.niw import (
     GaussianParams,
     NIWPrior,
     SuffStats,

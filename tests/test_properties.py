@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of the NIW / DPGMM math in cluster_service/niw.py and the E-step:
+"""Property-based tests (hypothesis) of the NIW / DPGMM math in cluster_service/core/niw.py and the E-step:
 statistics are additive, the posterior of a union is the posterior of the summed statistics, split and
 merge ratios are symmetric and reciprocal, every M-step covariance is SPD (degenerate inputs included)
 and E-step responsibilities are distributions. Inputs are drawn as (seed, sizes, scale, shape) and built
@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster_service.gaussian import e_step
-from cluster_service.niw import (
+from cluster_service.core.gaussian import e_step
+from cluster_service.core.niw import (
     GaussianParams,
     NIWPrior,
     SuffStats,

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster_service.cli import main
 from cluster_service.config import FitConfig
 from cluster_service.datasets import make_mixture
-from cluster_service.fit import fit
-from cluster_service.model import load_model
-from cluster_service.shards import write_shards
+from cluster_service.io.shards import write_shards
+from cluster_service.ops.cli import main
+from cluster_service.serve.model import load_model
+from cluster_service.train.fit import fit
 
 D = 4
 # A short schedule with splits at 5, 9, 13 and merges at 7, 11, 15: K can change several times.
@@ -153,7 +153,7 @@ def test_bad_shard_is_refused_before_training_naming_file_and_row(case, shard_di
     def no_training(*a, **k):
         raise AssertionError("training started on bad input")
 
-    monkeypatch.setattr("cluster_service.fit.fit", no_training)
+    monkeypatch.setattr("cluster_service.train.fit.fit", no_training)
     run = tmp_path / "run"
     code, text = run_cli(monkeypatch, capsys, "fit", str(shard_dir), "--out", str(run), "--no-tracking",
                          "--quiet")
@@ -166,7 +166,7 @@ def test_bad_shard_is_refused_before_training_naming_file_and_row(case, shard_di
 
 def test_validator_reports_the_new_cases(shard_dir):
     """`shards validate` (the full check) lists empty shards and negative labels too."""
-    from cluster_service.shards import validate_shards
+    from cluster_service.io.shards import validate_shards
 
     BAD_SHARDS["label_negative"][0](shard_dir)
     _rewrite(shard_dir, P2, lambda t: t.slice(0, 0))
@@ -308,7 +308,7 @@ def _leftovers(run: Path) -> list[str]:
 @pytest.mark.parametrize("fails", ["model", "assignments"])
 def test_disk_full_leaves_no_half_written_output_and_a_rerun_succeeds(fails, small_npz, tmp_path,
                                                                        monkeypatch, capsys):
-    import cluster_service.data as data_mod
+    import cluster_service.io.features as data_mod
 
     run = tmp_path / "run"
     args = ("fit", str(small_npz), "--out", str(run), "--no-tracking", "--quiet", "--epochs", "8",
@@ -357,8 +357,8 @@ def test_disk_full_while_writing_a_checkpoint_registers_no_checkpoint(monkeypatc
     import ray.train
     import torch
 
-    from cluster_service import trainer
-    from cluster_service.engine import Engine
+    from cluster_service.runtime import trainer
+    from cluster_service.train.engine import Engine
 
     x, _ = make_mixture(200, D, 2, seed=8)
     engine = Engine(FitConfig().replace(**SMALL), torch.from_numpy(x.astype(np.float64)))

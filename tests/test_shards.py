@@ -13,9 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cluster_service.cli import app
-from cluster_service.data import load_features
-from cluster_service.shards import (
+from cluster_service.io.features import load_features
+from cluster_service.io.shards import (
     ShardError,
     features_to_numpy,
     iter_feature_batches,
@@ -25,6 +24,7 @@ from cluster_service.shards import (
     validate_shards,
     write_shards,
 )
+from cluster_service.ops.cli import app
 
 D = 4
 

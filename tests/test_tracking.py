@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import yaml
 
-from cluster_service import plots, tracking
-from cluster_service.cli import run_fit
 from cluster_service.config import FitConfig
 from cluster_service.datasets import make_mixture
-from cluster_service.engine import EpochRecord
-from cluster_service.evaluate import cluster_accuracy
+from cluster_service.ops.cli import run_fit
+from cluster_service.report import plots
+from cluster_service.report.evaluate import cluster_accuracy
+from cluster_service.runtime import tracking
+from cluster_service.train.engine import EpochRecord
 
 EPOCHS = 30
 # A short schedule with several split and merge rounds, so K changes within 30 epochs.
@@ -138,7 +139,7 @@ def test_fit_run_on_server_has_params_epoch_metrics_and_artifacts(mlflow_server,
     for p in PLOTS:
         png = (local / "plots" / p).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, p
-    from cluster_service.model import load_model
+    from cluster_service.serve.model import load_model
 
     model = load_model(local / "model")
     assert model.n_clusters == summary["k_found"]
@@ -148,7 +149,7 @@ def test_fit_run_on_server_has_params_epoch_metrics_and_artifacts(mlflow_server,
 def test_default_store_is_sqlite_in_working_directory(in_tmp, mixture_file):
     from typer.testing import CliRunner
 
-    from cluster_service.cli import app
+    from cluster_service.ops.cli import app
 
     res = CliRunner().invoke(app, ["fit", str(mixture_file), "--out", "runs/a", "--epochs", "6", "--quiet",
                                    "--experiment", "local", "--set", "net.min_steps_per_epoch=2"])
@@ -187,7 +188,7 @@ def test_unreachable_server_does_not_crash_fit(in_tmp, mixture_file, caplog):
     cfg = FitConfig().replace(**{**SMALL, "schedule.epochs": 6, "schedule.first_split": 4,
                                  "schedule.final_epochs": 0})
     t0 = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger="cluster_service.tracking"):
+    with caplog.at_level(logging.WARNING, logger="cluster_service.runtime.tracking"):
         summary = run_fit(mixture_file, in_tmp / "run", cfg, quiet=True, tracking_uri="http://127.0.0.1:1")
     assert "mlflow_run" not in summary and (in_tmp / "run" / "model" / "arrays.npz").is_file()
     assert any("unreachable" in r.message for r in caplog.records)
@@ -210,7 +211,7 @@ def test_failures_mid_run_are_reported_then_tracking_stops(in_tmp, mixture_file,
         return original(self, run_id, metrics=metrics, params=params, tags=tags, synchronous=synchronous)
 
     monkeypatch.setattr(MlflowClient, "log_batch", flaky)
-    with caplog.at_level(logging.WARNING, logger="cluster_service.tracking"):
+    with caplog.at_level(logging.WARNING, logger="cluster_service.runtime.tracking"):
         summary = run_fit(mixture_file, in_tmp / "run", cfg, quiet=True)
     assert summary["k_found"] >= 1 and (in_tmp / "run" / "assignments.parquet").is_file()
     failed = [r for r in caplog.records if "failed" in r.message]

@@ -9,11 +9,11 @@ import yaml
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
-from cluster_service import tracking
 from cluster_service.config import FitConfig
 from cluster_service.datasets import make_mixture
-from cluster_service.model import FittedModel
-from cluster_service.tune import METRIC, heldout_log_likelihood, run_sweep, search_space, split_heldout
+from cluster_service.runtime import tracking
+from cluster_service.runtime.tune import METRIC, heldout_log_likelihood, run_sweep, search_space, split_heldout
+from cluster_service.serve.model import FittedModel
 
 
 def test_split_heldout_is_a_seeded_partition():

@@ -1,0 +1,176 @@
+"""`make bench`: speed and quality beside peers measured in the same run -> BENCHMARKS.md.
+
+Sections (each a function returning markdown):
+  quality   this fit vs sklearn BayesianGaussianMixture (DP, full covariance, 2x true K
+            components) vs FAISS k-means given the true K, on generated mixtures and digits
+  assign    rows/s of exact vs shortlist assignment (cluster_service.bench.assign.bench_assign)
+  epochs    epoch time with 1 and 2 CPU workers, all_reduce share (cluster_service.runtime.trainer)
+  methods   kl vs ajs, with and without the autoencoder (cluster_service.train.autoencoder)
+  gpu       (--gpu) one epoch at N=1.28M, d=128, K=1000 vs the flop-count limit
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cluster_service.config import FitConfig
+from cluster_service.datasets import load_digits_pca, make_mixture
+from cluster_service.report.evaluate import score
+from cluster_service.train.fit import fit
+
+
+def _device_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    import os
+
+    return (
+        f"Date {time.strftime('%Y-%m-%d')}; CPU {cpu} ({os.cpu_count()} cores); GPU {gpu}; "
+        f"torch {torch.__version__}; Python {platform.python_version()}"
+    )
+
+
+def _row(name: str, seconds: float, labels: np.ndarray, clusters: np.ndarray) -> dict:
+    s = score(labels, clusters)
+    return {"method": name, "seconds": seconds, **s.as_dict()}
+
+
+def quality_rows(x: np.ndarray, y: np.ndarray, seed: int = 0, bgm_iter: int = 200) -> list[dict]:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import BayesianGaussianMixture
+
+    from cluster_service import index
+
+    k_true = int(np.unique(y).size)
+    rows = []
+    t = time.perf_counter()
+    res = fit(x, FitConfig(seed=seed))
+    rows.append(_row("cluster_service (DeepDPM, K_init=1)", time.perf_counter() - t, y, res.clusters))
+    t = time.perf_counter()
+    res_e = fit(x, FitConfig(seed=seed, responsibilities="estep"))
+    rows.append(_row("cluster_service (E-step responsibilities)", time.perf_counter() - t, y, res_e.clusters))
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        bgm = BayesianGaussianMixture(
+            n_components=2 * k_true,
+            covariance_type="full",
+            weight_concentration_prior_type="dirichlet_process",
+            max_iter=bgm_iter,
+            random_state=seed,
+        ).fit(x)
+    pred = bgm.predict(x)
+    rows.append(_row(f"sklearn BGM (DP, full, {2 * k_true} comps)", time.perf_counter() - t, y, pred))
+    t = time.perf_counter()
+    centroids = index.kmeans(x, k_true, seed=seed, n_iter=50)
+    rows.append(
+        _row(f"faiss k-means (true K={k_true})", time.perf_counter() - t, y, index.assign_nearest(x, centroids))
+    )
+    return rows
+
+
+def quality_section() -> str:
+    data = [
+        ("mixture N=20k d=16 K=12 (imbalance 4)", *make_mixture(20000, 16, 12, seed=0)),
+        ("mixture N=60k d=32 K=37 (imbalance 4)", *make_mixture(60000, 32, 37, seed=1)),
+        ("sklearn digits PCA-16 (K=10)", *load_digits_pca(16)),
+    ]
+    lines = ["## Quality and speed vs peers (CPU)", ""]
+    for name, x, y in data:
+        rows = quality_rows(x, y)
+        base = rows[2]["seconds"]
+        lines += [
+            f"### {name}",
+            "",
+            "| method | K found | NMI | ARI | ACC | wall s | time / BGM |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['method']} | {r['k_found']} (true {r['k_true']}) | {r['nmi']:.3f} | {r['ari']:.3f} | "
+                f"{r['acc']:.3f} | {r['seconds']:.1f} | {r['seconds'] / base:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def optional_section(title: str, module: str, func: str, **kwargs) -> str:
+    """Sections provided by other modules; a missing module is reported, not fatal."""
+    try:
+        mod = __import__(module, fromlist=[func])
+        result = getattr(mod, func)(**kwargs)
+    except Exception:  # noqa: BLE001 - a benchmark section failing must not lose the others
+        return f"## {title}\n\nnot measured: {traceback.format_exc(limit=1).strip().splitlines()[-1]}\n"
+    if isinstance(result, str):
+        return f"## {title}\n\n{result}\n"
+    if isinstance(result, dict):
+        result = [result]
+    keys = list(result[0].keys()) if result else []
+    lines = [f"## {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in result:
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    ap.add_argument("--sections", default="quality,scaling,assign,epochs,methods,features", help="comma-separated")
+    ap.add_argument("--gpu", action="store_true", help="run the GPU sections (needs CUDA)")
+    ap.add_argument("--append", action="store_true", help="append the sections to the existing file")
+    args = ap.parse_args(argv)
+    sections = args.sections.split(",")
+    parts = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench` ({'with' if args.gpu else 'without'} --gpu). {_device_line()}",
+        "",
+    ]
+    if args.gpu:
+        parts.append(optional_section("GPU epoch at ImageNet scale", "cluster_service.bench.perf", "bench_gpu_epoch"))
+    if "quality" in sections:
+        parts.append(quality_section())
+    if "assign" in sections:
+        parts.append(
+            optional_section("Assignment throughput (d=128, K=1000)", "cluster_service.bench.assign", "bench_assign")
+        )
+    if "epochs" in sections:
+        parts.append(
+            optional_section(
+                "Distributed epoch time (CPU workers)", "cluster_service.bench.distributed", "bench_epoch_distributed"
+            )
+        )
+    if "methods" in sections:
+        parts.append(
+            optional_section(
+                "Methods: kl vs ajs, with/without autoencoder", "cluster_service.bench.methods", "bench_methods"
+            )
+        )
+    if "scaling" in sections:
+        parts.append(optional_section("Epoch time vs N, K, d (CPU), with fitted exponents",
+                                      "cluster_service.bench.perf", "bench_scaling"))
+        parts.append(optional_section("Top ops of one epoch (torch.profiler, N=20k d=32 K=32, CPU)",
+                                      "cluster_service.bench.perf", "profile_epoch_md"))
+    if "features" in sections:
+        parts.append(
+            optional_section("Feature extraction and shard reading", "feature_extraction.bench", "bench_features")
+        )
+    text = "\n".join(parts) + "\n"
+    if args.append and args.out.exists():
+        text = args.out.read_text() + "\n" + "\n".join(parts[2:]) + "\n"
+    tmp = args.out.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(args.out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

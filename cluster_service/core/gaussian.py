@@ -1,0 +1,137 @@
+"""Gaussian log-densities, E-step and chunked statistics over points.
+
+Hot paths are whitened matmuls: for all clusters at once, y = x W - b with
+W = [L_1^{-T} ... L_K^{-T}] (d, K d), so log N(x; mu_k, Sigma_k) costs one (n, d) x (d, K d)
+matmul. Statistics are (R^T X) and (R^T (X ⊗ X)) matmuls, accumulated in float64 across chunks.
+Memory per chunk is O(chunk * K * d) for densities and O(chunk * d^2) for scatters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+from cluster_service.core.niw import STAT_DTYPE, GaussianParams, SuffStats
+
+# Elements per chunk intermediate (~256 MB in float32); chunks shrink as K * d grows.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def chunk_rows(n_per_row: int, chunk_size: int) -> int:
+    """Rows per chunk so that rows * n_per_row stays under the element budget."""
+    return max(1, min(chunk_size, _CHUNK_ELEMENTS // max(1, n_per_row)))
+
+
+def iter_chunks(n: int, rows: int) -> Iterator[slice]:
+    for start in range(0, n, rows):
+        yield slice(start, min(n, start + rows))
+
+
+class WhitenedGaussians:
+    """Precomputed whitening of K Gaussians for fast log-densities in a compute dtype.
+
+    means: (K, d); chol: (K, d, d) lower Cholesky factors of the covariances (float64).
+    """
+
+    def __init__(self, means: torch.Tensor, chol: torch.Tensor, dtype: torch.dtype):
+        K, d = means.shape
+        eye = torch.eye(d, dtype=chol.dtype, device=chol.device).expand(K, d, d)
+        # L^{-1}: (K, d, d); y_k = L_k^{-1} (x - mu_k) = x L_k^{-T} - mu_k L_k^{-T}
+        linv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        w = linv.transpose(-1, -2)  # (K, d, d): columns map x to whitened coordinates
+        self.n_clusters, self.n_features = K, d
+        self.weight = w.permute(1, 0, 2).reshape(d, K * d).to(dtype)  # (d, K d)
+        self.bias = torch.einsum("kd,kde->ke", means, w).reshape(K * d).to(dtype)  # (K d,)
+        # -0.5 d log 2pi - log|L|
+        self.const = (-0.5 * d * math.log(2 * math.pi) - torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1)).to(
+            dtype
+        )
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (n, d) -> log N(x; mu_k, Sigma_k): (n, K). No chunking: callers chunk."""
+        y = torch.addmm(-self.bias, x.to(self.weight.dtype), self.weight)  # (n, K d)
+        maha = y.view(x.shape[0], self.n_clusters, self.n_features).square().sum(-1)
+        return self.const - 0.5 * maha
+
+
+def log_gaussian(x: torch.Tensor, means: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """Log-density of every point under every Gaussian, float64 reference path.
+
+    x: (n, d); means: (K, d); chol: (K, d, d) -> (n, K)
+    """
+    return WhitenedGaussians(means.to(STAT_DTYPE), chol.to(STAT_DTYPE), STAT_DTYPE).log_prob(x.to(STAT_DTYPE))
+
+
+def log_joint(x: torch.Tensor, params: GaussianParams, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
+    """log pi_k + log N(x_i; mu_k, Sigma_k) for all points, chunked. x: (n, d) -> (n, K) in dtype."""
+    g = WhitenedGaussians(params.means, params.chol, dtype)
+    logw = params.log_weights.to(dtype)
+    rows = chunk_rows(g.n_clusters * g.n_features, chunk_size)
+    out = torch.empty(x.shape[0], g.n_clusters, dtype=dtype, device=x.device)
+    for sl in iter_chunks(x.shape[0], rows):
+        out[sl] = g.log_prob(x[sl]) + logw
+    return out
+
+
+def e_step(x: torch.Tensor, params: GaussianParams, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
+    """E-step log-responsibilities log r^E_{ik} (rows normalised in log space). -> (n, K)."""
+    return torch.log_softmax(log_joint(x, params, dtype, chunk_size), dim=-1)
+
+
+def weighted_stats(
+    x: torch.Tensor,
+    weights_fn: Callable[[slice], torch.Tensor],
+    n_clusters: int,
+    chunk_size: int,
+) -> SuffStats:
+    """Cluster statistics sum_i r_ik (1, x_i, x_i x_i^T), chunked, accumulated in float64.
+
+    x: (n, d); weights_fn(slice) -> (rows, K) responsibilities of those rows (compute dtype).
+    """
+    n, d = x.shape
+    out = SuffStats.zeros((n_clusters,), d, device=x.device)
+    for sl in iter_chunks(n, stats_chunk_rows(d, n_clusters, chunk_size)):
+        add_weighted_stats_(out, x[sl], weights_fn(sl))
+    return out
+
+
+def stats_chunk_rows(n_features: int, n_clusters: int, chunk_size: int) -> int:
+    return chunk_rows(max(n_features * n_features, n_clusters * n_features), chunk_size)
+
+
+def add_weighted_stats_(out: SuffStats, x: torch.Tensor, r: torch.Tensor) -> None:
+    """In place: out += sum_i r_ik (1, x_i, x_i x_i^T). x: (n, d); r: (n, K); out batch (K,)."""
+    n, d = x.shape
+    r = r.to(x.dtype)
+    outer = (x[:, :, None] * x[:, None, :]).reshape(n, d * d)
+    out.count.add_(r.sum(0).to(STAT_DTYPE))
+    out.sum.add_((r.T @ x).to(STAT_DTYPE))
+    out.scatter.add_((r.T @ outer).to(STAT_DTYPE).view(r.shape[1], d, d))
+
+
+def hard_weighted_stats(
+    x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, n_bins: int, chunk_size: int
+) -> SuffStats:
+    """Statistics of points with one weighted bin each: bin index[i] gets weight weights[i].
+
+    x: (n, d); index: (n,) int64 in [0, n_bins); weights: (n,). -> batch shape (n_bins,).
+    Used for subclusters (bin = 2 * cluster + subcluster) and for hard cluster assignments.
+    """
+    n, d = x.shape
+    out = SuffStats.zeros((n_bins,), d, device=x.device)
+    rows = chunk_rows(4 * d * d, chunk_size)  # float64 (rows, d, d) intermediate
+    for sl in iter_chunks(n, rows):
+        add_hard_stats_(out, x[sl], index[sl], weights[sl])
+    return out
+
+
+def add_hard_stats_(out: SuffStats, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+    """In place: bin index[i] of out += weights[i] (1, x_i, x_i x_i^T). x: (n, d); index, weights: (n,)."""
+    xc = x.to(STAT_DTYPE)
+    w = weights.to(STAT_DTYPE)
+    wx = w[:, None] * xc
+    out.count.index_add_(0, index, w)
+    out.sum.index_add_(0, index, wx)
+    out.scatter.index_add_(0, index, wx[:, :, None] * xc[:, None, :])

@@ -1,0 +1,258 @@
+"""Split and merge moves: pure decisions (statistics + seeded generator -> record), then surgery.
+
+A decision never touches nets or optimizers. `apply_*` returns the new mixture parameters plus
+`source` (for every new cluster, the old cluster whose net rows it inherits) and `fresh` (new
+clusters whose subclusters and subnets start over); the engine turns those into one K-change
+event for the nets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cluster_service.core.niw import (
+    STAT_DTYPE,
+    GaussianParams,
+    NIWPrior,
+    SuffStats,
+    log_merge_ratio,
+    log_split_ratio,
+    map_estimate,
+    safe_cholesky,
+)
+
+
+@dataclass(frozen=True)
+class SplitDecision:
+    proposed: tuple[int, ...]  # clusters whose split was evaluated
+    log_ratios: tuple[float, ...]  # log H_s of each proposed cluster
+    accepted: tuple[int, ...]  # clusters to split (ascending)
+
+
+@dataclass(frozen=True)
+class MergeDecision:
+    proposed: tuple[tuple[int, int], ...]  # candidate pairs (i < j) evaluated
+    log_ratios: tuple[float, ...]  # log H_m of each proposed pair
+    accepted: tuple[tuple[int, int], ...]  # disjoint pairs to merge
+
+
+@dataclass(frozen=True)
+class PruneDecision:
+    removed: tuple[int, ...]  # clusters with (almost) no points
+
+
+@dataclass(frozen=True)
+class MoveResult:
+    """Outcome of applying a decision. source: (K_new,) int64; fresh: (n_fresh,) int64."""
+
+    params: GaussianParams
+    sub_params: GaussianParams
+    source: torch.Tensor
+    fresh: torch.Tensor
+
+
+# ---- decisions ------------------------------------------------------------------------------
+
+
+def propose_splits(
+    prior: NIWPrior,
+    alpha: float,
+    sub_stats: SuffStats,
+    min_cluster_size: float,
+    max_clusters: int,
+    generator: torch.Generator,
+) -> SplitDecision:
+    """Metropolis-Hastings split decisions for every cluster.
+
+    sub_stats: batch shape (K, 2). A cluster is proposed when both subclusters hold at least
+    `min_cluster_size` points; it is accepted with probability min(1, H_s). Accepted splits
+    beyond `max_clusters` are dropped (largest ratios kept).
+    """
+    K = sub_stats.count.shape[0]
+    log_h = log_split_ratio(prior, alpha, sub_stats[:, 0], sub_stats[:, 1])  # (K,)
+    u = torch.rand(K, generator=generator, dtype=STAT_DTYPE)
+    eligible = (sub_stats.count >= min_cluster_size).all(-1).cpu() & torch.isfinite(log_h.cpu())
+    accept = eligible & (torch.log(u) < log_h.cpu())
+    accepted = torch.nonzero(accept).flatten()
+    room = max(0, max_clusters - K)
+    if accepted.numel() > room:
+        order = torch.argsort(log_h.cpu()[accepted], descending=True, stable=True)
+        accepted = accepted[order[:room]].sort().values
+    proposed = torch.nonzero(eligible).flatten()
+    return SplitDecision(
+        proposed=tuple(proposed.tolist()),
+        log_ratios=tuple(log_h.cpu()[proposed].tolist()),
+        accepted=tuple(accepted.tolist()),
+    )
+
+
+def propose_merges(
+    prior: NIWPrior,
+    alpha: float,
+    stats: SuffStats,
+    neighbors: torch.Tensor,
+    generator: torch.Generator,
+) -> MergeDecision:
+    """Metropolis-Hastings merge decisions among nearest-neighbour pairs.
+
+    stats: batch shape (K,); neighbors: (K, M) int64 indices of each cluster's nearest other
+    clusters (-1 = none). Pairs are evaluated in order of decreasing log H_m and accepted with
+    probability min(1, H_m); a cluster takes part in at most one accepted merge per round.
+    """
+    K = stats.count.shape[0]
+    pairs = sorted(
+        {(min(i, int(j)), max(i, int(j))) for i in range(K) for j in neighbors[i].tolist() if 0 <= j != i}
+    )
+    if not pairs:
+        return MergeDecision((), (), ())
+    idx = torch.tensor(pairs, dtype=torch.long, device=stats.count.device)
+    log_h = log_merge_ratio(prior, alpha, stats[idx[:, 0]], stats[idx[:, 1]]).cpu()
+    u = torch.rand(len(pairs), generator=generator, dtype=STAT_DTYPE)
+    order = torch.argsort(log_h, descending=True, stable=True).tolist()
+    used: set[int] = set()
+    accepted = []
+    for p in order:
+        i, j = pairs[p]
+        if i in used or j in used or not math.isfinite(float(log_h[p])):
+            continue
+        if math.log(float(u[p])) < float(log_h[p]):
+            accepted.append((i, j))
+            used.update((i, j))
+    return MergeDecision(tuple(pairs), tuple(log_h.tolist()), tuple(sorted(accepted)))
+
+
+def propose_prunes(counts: torch.Tensor, prune_below: float) -> PruneDecision:
+    """Clusters with weighted count below `prune_below`; never removes every cluster. counts: (K,)."""
+    small = torch.nonzero(counts.cpu() < prune_below).flatten()
+    if small.numel() == counts.numel():  # keep the largest one: K >= 1 always
+        small = small[small != int(torch.argmax(counts.cpu()))]
+    return PruneDecision(tuple(small.tolist()))
+
+
+# ---- subcluster initialisation --------------------------------------------------------------
+
+
+def principal_axis_subclusters(
+    prior: NIWPrior, stats: SuffStats, min_count: float = 1e-8
+) -> GaussianParams:
+    """Two subclusters per cluster by a 1-D split along the principal axis of its statistics.
+
+    stats: batch shape (K,). For cluster mean mu, covariance C with top eigenpair (lambda, v):
+    mu_{1,2} = mu -/+ sqrt(2 lambda / pi) v (the half-normal means), covariance
+    C - (2/pi) lambda v v^T, equal weights. Returns params with batch shape (K, 2).
+    """
+    mean, chol = map_estimate(prior, stats)
+    cov = chol @ chol.transpose(-1, -2)
+    evals, evecs = torch.linalg.eigh(cov)
+    lam, v = evals[..., -1].clamp_min(0), evecs[..., :, -1]  # (K,), (K, d)
+    shift = math.sqrt(2 / math.pi) * lam.sqrt()[..., None] * v
+    means = torch.stack([mean - shift, mean + shift], dim=-2)  # (K, 2, d)
+    sub_cov = cov - (2 / math.pi) * lam[..., None, None] * v[..., :, None] * v[..., None, :]
+    d = mean.shape[-1]
+    sub_cov = sub_cov + 1e-6 * lam[..., None, None].clamp_min(1e-30) * torch.eye(d, dtype=cov.dtype, device=cov.device)
+    sub_chol = safe_cholesky(sub_cov, "subcluster init covariance")
+    chols = torch.stack([sub_chol, sub_chol], dim=-3)
+    log_w = torch.full(means.shape[:-1], -math.log(2), dtype=STAT_DTYPE, device=means.device)
+    return GaussianParams(log_w, means, chols)
+
+
+def normalize_sub_weights(counts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log pi~ within each cluster from subcluster counts (K, 2): Dirichlet(alpha/2) posterior mean."""
+    a = counts.to(STAT_DTYPE).clamp_min(0) + alpha / 2
+    return torch.log(a) - torch.log(a.sum(-1, keepdim=True))
+
+
+# ---- surgery --------------------------------------------------------------------------------
+
+
+def apply_splits(
+    decision: SplitDecision, params: GaussianParams, sub_params: GaussianParams, prior: NIWPrior, sub_stats: SuffStats
+) -> MoveResult:
+    """Cluster k -> its subclusters: k keeps subcluster 0, a new cluster (appended) takes subcluster 1.
+
+    Weights pi_k * pi~_{k,j}; each new cluster gets fresh principal-axis subclusters computed
+    from its subcluster's statistics.
+    """
+    K = params.n_clusters
+    split = torch.tensor(decision.accepted, dtype=torch.long, device=params.means.device)
+    if split.numel() == 0:
+        empty = torch.empty(0, dtype=torch.long)
+        return MoveResult(params, sub_params, torch.arange(K), empty)
+    source = torch.cat([torch.arange(K, device=split.device), split])
+    log_w = params.log_weights.clone()
+    means = params.means.clone()
+    chol = params.chol.clone()
+    log_w[split] = params.log_weights[split] + sub_params.log_weights[split, 0]
+    means[split] = sub_params.means[split, 0]
+    chol[split] = sub_params.chol[split, 0]
+    new_params = GaussianParams(
+        torch.cat([log_w, params.log_weights[split] + sub_params.log_weights[split, 1]]),
+        torch.cat([means, sub_params.means[split, 1]]),
+        torch.cat([chol, sub_params.chol[split, 1]]),
+    )
+    # fresh subclusters for both halves of every split cluster
+    halves = SuffStats.concat([sub_stats[split, 0], sub_stats[split, 1]])
+    fresh_subs = principal_axis_subclusters(prior, halves)
+    fresh = torch.cat([split, torch.arange(K, K + split.numel(), device=split.device)])
+    new_sub = GaussianParams(
+        torch.cat([sub_params.log_weights, sub_params.log_weights[split]]),
+        torch.cat([sub_params.means, sub_params.means[split]]),
+        torch.cat([sub_params.chol, sub_params.chol[split]]),
+    )
+    new_sub.log_weights[fresh] = fresh_subs.log_weights
+    new_sub.means[fresh] = fresh_subs.means
+    new_sub.chol[fresh] = fresh_subs.chol
+    return MoveResult(new_params, new_sub, source.cpu(), fresh.cpu())
+
+
+def apply_merges(
+    decision: MergeDecision, params: GaussianParams, sub_params: GaussianParams, prior: NIWPrior, stats: SuffStats
+) -> MoveResult:
+    """Pair (i, j), i < j -> one cluster at index i from the summed statistics; j is removed.
+
+    The merged cluster's subclusters are its two former clusters (weights by counts).
+    """
+    K = params.n_clusters
+    if not decision.accepted:
+        return MoveResult(params, sub_params, torch.arange(K), torch.empty(0, dtype=torch.long))
+    dev = params.means.device
+    ii = torch.tensor([p[0] for p in decision.accepted], dtype=torch.long, device=dev)
+    jj = torch.tensor([p[1] for p in decision.accepted], dtype=torch.long, device=dev)
+    merged_mean, merged_chol = map_estimate(prior, stats[ii] + stats[jj])
+    log_w = params.log_weights.clone()
+    means, chol = params.means.clone(), params.chol.clone()
+    log_w[ii] = torch.logaddexp(params.log_weights[ii], params.log_weights[jj])
+    means[ii], chol[ii] = merged_mean, merged_chol
+    sub_lw, sub_means, sub_chol = sub_params.log_weights.clone(), sub_params.means.clone(), sub_params.chol.clone()
+    pair_counts = torch.stack([stats.count[ii], stats.count[jj]], dim=-1)
+    sub_lw[ii] = normalize_sub_weights(pair_counts, 1e-3)
+    sub_means[ii] = torch.stack([params.means[ii], params.means[jj]], dim=1)
+    sub_chol[ii] = torch.stack([params.chol[ii], params.chol[jj]], dim=1)
+    keep = torch.ones(K, dtype=torch.bool, device=dev)
+    keep[jj] = False
+    source = torch.arange(K, device=dev)[keep]
+    new_index = torch.cumsum(keep.long(), 0) - 1  # old index -> new index for kept clusters
+    return MoveResult(
+        GaussianParams(log_w[keep], means[keep], chol[keep]),
+        GaussianParams(sub_lw[keep], sub_means[keep], sub_chol[keep]),
+        source.cpu(),
+        new_index[ii].cpu(),
+    )
+
+
+def apply_prunes(decision: PruneDecision, params: GaussianParams, sub_params: GaussianParams) -> MoveResult:
+    """Remove clusters; weights renormalised."""
+    K = params.n_clusters
+    keep = torch.ones(K, dtype=torch.bool)
+    keep[list(decision.removed)] = False
+    keep_d = keep.to(params.means.device)
+    lw = params.log_weights[keep_d]
+    return MoveResult(
+        GaussianParams(lw - torch.logsumexp(lw, 0), params.means[keep_d], params.chol[keep_d]),
+        sub_params[keep_d],
+        torch.arange(K)[keep],
+        torch.empty(0, dtype=torch.long),
+    )

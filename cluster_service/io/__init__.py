@@ -1,0 +1,1 @@
+"""files: feature shards and their manifest, loading any input, atomic writes, the run directory, feature checks."""

@@ -1,0 +1,84 @@
+"""Loading feature matrices for `fit` and `evaluate`: .npy / .npz files or Parquet shard dirs."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cluster_service.io.checks import check_features
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and row or column) and what was expected."""
+
+
+@dataclass
+class FeatureSet:
+    ids: np.ndarray  # (n,) int64 or str
+    x: np.ndarray  # (n, d) float32
+    labels: np.ndarray | None  # (n,) int64
+    manifest_hash: str | None = None
+    source: str = ""
+    feature_space: dict | None = None  # shards.feature_space of the manifest; None for arrays
+
+
+def load_features(path: str | os.PathLike) -> FeatureSet:
+    """Read X (and optional labels y) from .npy, .npz (arrays X/x and optional y/labels/label)
+    or a directory of Parquet feature shards (DESIGN §3)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    if p.is_dir():
+        from cluster_service.io.shards import read_feature_table
+
+        t = read_feature_table(p)
+        return FeatureSet(t.ids, t.features, t.labels, t.manifest_hash, str(p), t.feature_space)
+    if p.suffix == ".npy":
+        try:
+            x = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DataError(f"{p}: not a readable .npy array ({e})") from e
+        labels = None
+    elif p.suffix == ".npz":
+        try:
+            z = np.load(p, allow_pickle=False)
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            raise DataError(f"{p}: not a readable .npz archive ({e})") from e
+        key = next((k for k in ("X", "x", "features") if k in z.files), None)
+        if key is None:
+            raise DataError(f"{p}: expected an array named X (or x, features); found {z.files}")
+        x = z[key]
+        lk = next((k for k in ("y", "labels", "label") if k in z.files), None)
+        labels = z[lk] if lk else None
+    else:
+        raise DataError(f"{p}: expected a .npy or .npz file or a directory of Parquet shards")
+    if x.ndim != 2:
+        raise DataError(f"{p}: expected a 2-D array (n_samples, n_features), got shape {x.shape}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (x.shape[0],):
+            raise DataError(f"{p}: labels have shape {labels.shape}, expected ({x.shape[0]},) to match X")
+        labels = labels.astype(np.int64)
+    check_features(x, str(p), min_rows=1, error=DataError)
+    return FeatureSet(np.arange(x.shape[0], dtype=np.int64), x.astype(np.float32), labels, None, str(p))
+
+
+def head_rows(path: str | os.PathLike, n: int) -> np.ndarray:
+    """The first `n` rows (n, d) float32 of a data file or shard directory, in global row order,
+    without reading the rest of a shard directory."""
+    p = Path(path)
+    if not p.is_dir():
+        return load_features(p).x[:n]
+    from cluster_service.io.shards import iter_feature_batches
+
+    parts, got = [], 0
+    for batch in iter_feature_batches(p):
+        parts.append(np.array(batch.features[: n - got]))
+        got += len(parts[-1])
+        if got >= n:
+            break
+    return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)

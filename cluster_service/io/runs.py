@@ -1,0 +1,71 @@
+"""The run directory: its one writer (one process and Ray Train alike) and its reader.
+
+    RUN_DIR/model/               the fitted model (cluster_service.serve.model)
+    RUN_DIR/assignments.parquet  id, cluster, log_prob, model_version (global row order)
+    RUN_DIR/config.json          the resolved FitConfig
+    RUN_DIR/history.json         one record per epoch (EpochRecord.as_dict)
+    RUN_DIR/summary.json         written last: its presence marks the run complete
+
+Every file is written under a temporary name and renamed, so a killed writer never leaves half files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from cluster_service.io.atomic import write_parquet_atomic, write_text_atomic
+
+MODEL_DIR = "model"
+ASSIGNMENTS = "assignments.parquet"
+CONFIG = "config.json"
+HISTORY = "history.json"
+SUMMARY = "summary.json"
+
+
+def assignments_table(
+    ids: np.ndarray, clusters: np.ndarray, log_prob: np.ndarray, margin: np.ndarray, version: str
+) -> pa.Table:
+    """The one assignments schema (DESIGN §3), written by `fit` and by `assign` alike: id, cluster
+    int32, log_prob float32 (log pi_k + log N(x; mu_k, Sigma_k) of the chosen cluster), margin
+    float32 (best minus second-best score; +inf with one cluster), model_version."""
+    ids = np.asarray(ids)
+    return pa.table({
+        "id": pa.array(ids, pa.string()) if ids.dtype == object else pa.array(ids.astype(np.int64)),
+        "cluster": pa.array(np.asarray(clusters).astype(np.int32)),
+        "log_prob": pa.array(np.asarray(log_prob).astype(np.float32)),
+        "margin": pa.array(np.asarray(margin).astype(np.float32)),
+        "model_version": pa.array([version] * len(ids), pa.string()),
+    })
+
+
+def write_run(
+    out_dir: str | os.PathLike,
+    model,
+    ids: np.ndarray,
+    clusters: np.ndarray,
+    log_prob: np.ndarray,
+    margin: np.ndarray,
+    config: dict,
+    history: list[dict],
+) -> Path:
+    """Write everything of a finished fit but the summary (see `write_summary`).
+
+    model: FittedModel or AEModel (.save(dir), .version); ids, clusters, log_prob, margin: (n,) in
+    the data's row order; config: FitConfig.to_dict(); history: EpochRecord dicts."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(out_dir / MODEL_DIR)
+    write_parquet_atomic(assignments_table(ids, clusters, log_prob, margin, model.version), out_dir / ASSIGNMENTS)
+    write_text_atomic(json.dumps(config, indent=2), out_dir / CONFIG)
+    write_text_atomic(json.dumps(history, indent=1), out_dir / HISTORY)
+    return out_dir
+
+
+def write_summary(out_dir: str | os.PathLike, summary: dict) -> Path:
+    """summary.json, last: a run directory with it is complete."""
+    return write_text_atomic(json.dumps(summary, indent=2), Path(out_dir) / SUMMARY)

@@ -1,0 +1,1 @@
+"""what users run: the CLI, the pipeline steps the jobs call, job configs, job submission, the local cluster."""

@@ -1,0 +1,522 @@
+"""`cluster-service` command line (typer: typed options and help text without argparse plumbing;
+rich: progress bars and tables). Commands parse arguments and call library functions only."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cluster_service.config import CHECKPOINT_EVERY, TOP_M, ConfigError, FitConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="DeepDPM clustering that infers K.")
+console = Console(stderr=True)
+out = Console()
+
+
+def main() -> None:
+    try:
+        app()
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # clear message, non-zero exit
+        # No markup in the message ("[schema]" is text) and no wrapping (paths stay copyable).
+        console.print("[bold red]error:[/]", escape(str(e)), soft_wrap=True)
+        sys.exit(2)
+
+
+def load_config(config: Path | None, overrides: list[str] | None = None, **flags) -> FitConfig:
+    """Config file (YAML/JSON) < --set key=value < explicit flags; validated once here."""
+    data: dict = {}
+    if config is not None:
+        if not config.is_file():
+            raise ConfigError(f"{config}: config file not found")
+        try:
+            data = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{config}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{config}: expected a mapping at the top level")
+        data = data.get("fit", data)
+    cfg = FitConfig.from_dict(data)
+    extra: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        extra[k.strip()] = yaml.safe_load(v)
+    extra.update({k: v for k, v in flags.items() if v is not None})
+    return cfg.replace(**extra) if extra else cfg
+
+
+class FitProgress:
+    """A rich progress bar fed by the per-epoch records."""
+
+    def __init__(self, epochs: int, quiet: bool = False):
+        self.progress = Progress(
+            TextColumn("[bold]fit"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("K={task.fields[k]} loss={task.fields[loss]:.3f}"), TimeElapsedColumn(),
+            console=console, disable=quiet,
+        )
+        self.task = self.progress.add_task("fit", total=epochs, k="?", loss=0.0)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def __call__(self, rec, engine) -> None:
+        self.progress.update(self.task, completed=rec.epoch + 1, k=rec.n_clusters, loss=rec.loss_cluster)
+
+
+def run_fit(
+    data_path: Path,
+    out_dir: Path,
+    cfg: FitConfig,
+    quiet: bool = False,
+    tracking: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    eval_every: int = 5,
+) -> dict:
+    """Fit on a data file or shard directory; write RUN_DIR/model and RUN_DIR/assignments.parquet.
+    With `tracking`, the fit is an MLflow run (default store ./mlflow.db; see tracking.py)."""
+    from cluster_service.io.features import load_features
+    from cluster_service.io.runs import write_run, write_summary
+    from cluster_service.runtime.tracking import Tracker
+    from cluster_service.train.fit import fit
+
+    feats = load_features(data_path)
+    if feats.x.shape[0] < max(2, cfg.k_init):
+        raise ValueError(f"{data_path}: {feats.x.shape[0]} rows; at least {max(2, cfg.k_init)} are needed")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg, tracking_uri, experiment, run_name=out_dir.name, enabled=tracking,
+                      labels=feats.labels, eval_every=eval_every, tags={"data.path": str(data_path)})
+    tracker.start(feats.manifest_hash, {"data.n_samples": len(feats.x), "data.n_features": feats.x.shape[1]})
+    with tracker:
+        callbacks = [tracker]
+        t0 = time.perf_counter()
+        if cfg.autoencoder.enabled:  # AE mode: the DPGMM clusters latent codes (autoencoder.py)
+            from cluster_service.train.autoencoder import dpgmm_epochs, fit_autoencoder
+
+            with FitProgress(dpgmm_epochs(cfg), quiet) as progress:
+                callbacks.append(progress)
+                result = fit_autoencoder(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash,
+                                         feature_space=feats.feature_space)
+            tracked, tracked_x = result.latent_fit(), result.codes
+        else:
+            with FitProgress(cfg.schedule.epochs, quiet) as progress:
+                callbacks.append(progress)
+                result = fit(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash,
+                             feature_space=feats.feature_space)
+            tracked, tracked_x = result, feats.x
+        elapsed = time.perf_counter() - t0
+        margin = tracked.model.margin(tracked_x, result.clusters)  # the mixture's own space (latent in AE mode)
+        write_run(out_dir, result.model, feats.ids, result.clusters, result.log_prob, margin, cfg.to_dict(),
+                  [r.as_dict() for r in result.history])
+        tracker.log_result(tracked, tracked_x, feats.labels, out_dir / "model", {"fit_seconds": elapsed})
+    summary = {"n_samples": int(feats.x.shape[0]), "n_features": int(feats.x.shape[1]),
+               "k_found": result.n_clusters, "seconds": round(elapsed, 2), "out": str(out_dir)}
+    if feats.labels is not None:
+        from cluster_service.report.evaluate import score
+
+        summary.update(score(feats.labels, result.clusters).as_dict())
+    if tracker.run_id is not None:
+        summary["mlflow_run"] = tracker.run_id
+    write_summary(out_dir, summary)
+    return summary
+
+
+def print_summary(summary: dict, title: str) -> None:
+    table = Table(title=title, show_header=False)
+    for k, v in summary.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(table)
+
+
+@app.command()
+def fit(
+    data: Annotated[Path, typer.Argument(help=".npy/.npz file (X, optional y) or a directory of Parquet shards")],
+    out_dir: Annotated[Path, typer.Option("--out", help="run directory to write")] = Path("runs/fit"),
+    k_init: Annotated[int | None, typer.Option(help="initial number of clusters (k-means)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="training epochs")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set prior.alpha=5")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name")] = None,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")] = False,
+    eval_every: Annotated[int, typer.Option(
+        help="with labels: log NMI/ARI/ACC every N epochs (0: only at the end)")] = 5,
+    autoencoder: Annotated[bool, typer.Option("--autoencoder", help=(
+        "cluster an MLP autoencoder's latent codes, alternating AE training and clustering "
+        "(settings under autoencoder.*); the model dir then also holds the encoder"))] = False,
+    loss: Annotated[str | None, typer.Option(help="clustering loss: kl (DeepDPM) | ajs (alpha-JS)")] = None,
+    workers: Annotated[int, typer.Option(help=(
+        "Ray Train DDP workers (0: fit in this process). Local Ray unless RAY_ADDRESS is set; "
+        "re-running on the same --out resumes from the last checkpoint"))] = 0,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per worker (0: CPU workers, gloo)")] = 0.0,
+    checkpoint_every: Annotated[int, typer.Option(
+        help="with --workers: epochs between checkpoints")] = CHECKPOINT_EVERY,
+) -> None:
+    """Fit DeepDPM on DATA (in this process, or on Ray Train workers); K is inferred. The run is
+    logged to MLflow."""
+    cfg = load_config(config, set_, k_init=k_init, seed=seed, device=device, **{
+        "schedule.epochs": epochs, "net.loss": loss, "autoencoder.enabled": True if autoencoder else None})
+    if workers < 0 or gpus_per_worker < 0:
+        raise ValueError(f"--workers and --gpus-per-worker must be >= 0, got {workers} and {gpus_per_worker}")
+    if workers >= 1:
+        from cluster_service.ops.jobconfig import TrackingSection, TrainSection
+        from cluster_service.ops.pipeline import fit_job
+
+        if cfg.autoencoder.enabled:
+            raise ValueError("--autoencoder runs in one process; leave out --workers")
+        train = TrainSection(data=str(data), out=str(out_dir), workers=workers, use_gpu=gpus_per_worker > 0,
+                             gpus_per_worker=gpus_per_worker or 1.0, checkpoint_every=checkpoint_every)
+        tracking = TrackingSection(enabled=not no_tracking, uri=tracking_uri,
+                                   **({"experiment": experiment} if experiment else {}))
+        summary = fit_job(train, cfg, tracking)
+        print_summary(summary, f"fit {data} on {workers} worker(s)")
+        out.print(f"model: {out_dir / 'model'}\nassignments: {out_dir / 'assignments.parquet'}")
+        return
+    summary = run_fit(data, out_dir, cfg, quiet=quiet, tracking=not no_tracking, tracking_uri=tracking_uri,
+                      experiment=experiment, eval_every=eval_every)
+    print_summary(summary, f"fit {data}")
+    out.print(f"model: {out_dir / 'model'}\nassignments: {out_dir / 'assignments.parquet'}")
+
+
+@app.command()
+def tune(
+    data: Annotated[Path, typer.Argument(help=".npy/.npz file (X, optional y) or a Parquet shard dir")],
+    num_samples: Annotated[int, typer.Option(help="number of trials")] = 8,
+    max_concurrent: Annotated[int | None, typer.Option(help="trials at once (default: CPUs allow)")] = None,
+    cpus_per_trial: Annotated[int, typer.Option(help="CPUs (torch threads) per trial")] = 1,
+    heldout: Annotated[float, typer.Option(help="fraction of rows held out to score trials")] = 0.2,
+    out_dir: Annotated[Path, typer.Option("--out", help="trials.json, best_config.yaml")] = Path("runs/tune"),
+    epochs: Annotated[int | None, typer.Option(help="training epochs per trial")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed (fits, held-out split, search)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML base config (swept keys overridden)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="base-config override: --set a.b=1")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name")] = None,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")] = False,
+) -> None:
+    """Ray Tune sweep of priors and learning rates (search space: cluster_service/runtime/tune.py); each trial
+    is an MLflow child run of one parent run; the best trial has the highest held-out log-likelihood."""
+    from cluster_service.io.features import load_features
+    from cluster_service.runtime.tune import METRIC, run_sweep
+
+    cfg = load_config(config, set_, seed=seed, **{"schedule.epochs": epochs})
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    feats = load_features(data)
+    res = run_sweep(feats.x, feats.labels, cfg, num_samples=num_samples, max_concurrent=max_concurrent,
+                    cpus_per_trial=cpus_per_trial, heldout_frac=heldout, seed=cfg.seed, out_dir=out_dir,
+                    tracking=not no_tracking, tracking_uri=tracking_uri, experiment=experiment,
+                    manifest_hash=feats.manifest_hash)
+    keys = list(res.best_params)
+    table = Table(title=f"tune {data}: {len(res.trials)} trial(s), best first")
+    for col in ["held-out LL", "K", *(["NMI", "ACC"] if feats.labels is not None else []), *keys]:
+        table.add_column(col.split(".")[-1], justify="right")
+    for t in res.trials:
+        row = [f"{t[METRIC]:.3f}", str(t["n_clusters"])]
+        if feats.labels is not None:
+            row += [f"{t.get('nmi', float('nan')):.3f}", f"{t.get('acc', float('nan')):.3f}"]
+        row += [f"{t[k]:.3g}" if isinstance(t[k], float) else str(t[k]) for k in keys]
+        table.add_row(*row)
+    out.print(table)
+    if res.errors:
+        console.print(f"[yellow]{len(res.errors)} trial(s) failed[/] (see {out_dir / 'ray_results'})")
+    best_file = out_dir / "best_config.yaml"
+    out.print(f"best config: {best_file} (refit: cluster-service fit {data} --config {best_file})")
+    if res.parent_run_id:
+        out.print(f"MLflow parent run: {res.parent_run_id}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `fit`")],
+    labels: Annotated[Path, typer.Option(help=".npy labels, .npz with y, or the shard dir with a label column")],
+) -> None:
+    """NMI / ARI / ACC / K of a run's assignments against ground-truth labels."""
+    import pyarrow.parquet as pq
+
+    from cluster_service.io.features import load_features
+    from cluster_service.report.evaluate import score
+
+    assign_file = run_dir / "assignments.parquet"
+    if not assign_file.is_file():
+        raise FileNotFoundError(f"{assign_file}: not found (is {run_dir} a run directory?)")
+    clusters = pq.read_table(assign_file, columns=["cluster"]).column("cluster").to_numpy()
+    if labels.suffix == ".npy":
+        y = np.load(labels, allow_pickle=False)
+    else:
+        y = load_features(labels).labels
+        if y is None:
+            raise ValueError(f"{labels}: contains no labels")
+    if len(y) != len(clusters):
+        raise ValueError(f"{labels}: {len(y)} labels but {assign_file} has {len(clusters)} rows")
+    s = score(np.asarray(y), clusters)
+    print_summary(s.as_dict(), f"evaluate {run_dir}")
+
+
+@app.command()
+def plan(
+    config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
+    epochs: Annotated[int | None, typer.Option(help="training epochs")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set schedule.epochs=60")] = None,
+) -> None:
+    """Print the training schedule (warm-up, subclusters, split and merge epochs)."""
+    from cluster_service.core.schedule import build_plan, format_plan
+
+    cfg = load_config(config, set_, **{"schedule.epochs": epochs})
+    out.print(format_plan(build_plan(cfg.schedule)))
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="where to write the demo runs")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Cluster a generated 12-cluster mixture and sklearn's digits, starting from K=1."""
+    from cluster_service.datasets import load_digits_pca, make_mixture
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = out_dir / "data"
+    data_dir.mkdir(exist_ok=True)
+    x, y = make_mixture(20000, 16, 12, seed=seed)
+    np.savez(data_dir / "mixture.npz", X=x, y=y)
+    xd, yd = load_digits_pca(16, seed=seed)
+    np.savez(data_dir / "digits.npz", X=xd, y=yd)
+    cfg = FitConfig().replace(seed=seed)
+    for name in ("mixture", "digits"):
+        console.print(f"[bold]{name}[/]: {data_dir / (name + '.npz')}")
+        summary = run_fit(data_dir / f"{name}.npz", out_dir / name, cfg)
+        print_summary(summary, f"demo: {name}")
+    out.print(f"outputs under {out_dir}/ (model/, assignments.parquet, history.json, summary.json)")
+    out.print("MLflow runs (params, per-epoch metrics, plots): `make mlflow-ui`, then http://127.0.0.1:5000")
+
+
+shards_app = typer.Typer(no_args_is_help=True, help="Feature-shard directories (Parquet + manifest.json).")
+app.add_typer(shards_app, name="shards")
+
+
+@shards_app.command("validate")
+def shards_validate(
+    shard_dir: Annotated[Path, typer.Argument(help="directory of Parquet feature shards with manifest.json")],
+) -> None:
+    """Check a shard directory completely; print every problem (file, row, what), exit 1 if any."""
+    from cluster_service.io.shards import validate_shards
+
+    problems = validate_shards(shard_dir)
+    for p in problems:
+        out.print(str(p), markup=False, highlight=False, soft_wrap=True)
+    if problems:
+        console.print(f"[bold red]{len(problems)} problem(s)[/] in {shard_dir}")
+        raise typer.Exit(1)
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    out.print(f"{shard_dir}: valid — {manifest.get('rows')} rows in {len(manifest['shards'])} shard(s), "
+              f"d={manifest['d']}", soft_wrap=True)
+
+
+@app.command()
+def extract(
+    images: Annotated[Path, typer.Argument(help="ImageFolder tree (folder = class) or a list of paths")],
+    checkpoint: Annotated[Path, typer.Option(help="MoCo v2 checkpoint, or resnet50 weights")],
+    out_dir: Annotated[Path, typer.Option("--out", help="shard directory to write (must be empty)")],
+    head: Annotated[str | None, typer.Option(help="proj: MoCo head output (128-d, default) | backbone: 2048-d")] = None,
+    normalize: Annotated[bool | None, typer.Option(help="L2-normalise the features (default: yes)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="images per encoder call (default 128)")] = None,
+    rows_per_shard: Annotated[int | None, typer.Option(help="rows per Parquet shard (default 65536)")] = None,
+    pca_dim: Annotated[int | None, typer.Option(help="project to D principal components")] = None,
+    image_size: Annotated[int | None, typer.Option(help="center-crop size (default 224, ImageNet models)")] = None,
+    num_actors: Annotated[int | None, typer.Option(help="encoder actors (default: 1 per GPU)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Encode images with a MoCo ResNet-50 on Ray Data; write Parquet feature shards + manifest.json.
+    Options are validated as the extract job's `extract` section is (defaults: ExtractConfig)."""
+    from cluster_service.ops.jobconfig import parse_extract_section
+    from feature_extraction.extract import REPORT
+    from feature_extraction.extract import extract as run_extract
+
+    given = {"head": head, "normalize": normalize, "batch_size": batch_size, "image_size": image_size,
+             "rows_per_shard": rows_per_shard, "pca_dim": pca_dim, "num_actors": num_actors}
+    section = parse_extract_section({"images": str(images), "out": str(out_dir), "checkpoint": str(checkpoint),
+                                     **{k: v for k, v in given.items() if v is not None}})
+    cfg = section.extract_config()
+    progress = Progress(TextColumn("[bold]extract"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=console, disable=quiet)
+    with progress:
+        task = progress.add_task("extract", total=None)
+
+        def show(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        report = run_extract(images, out_dir, cfg, show)
+    print_summary({"images": report.n_images, "written": report.n_written, "failed": len(report.failed),
+                   "images/s": report.images_per_second, "decode share": report.decode_share,
+                   "device": report.device}, f"extract {images}")
+    out.print(f"shards: {out_dir}\nreport: {out_dir / REPORT}", soft_wrap=True)
+
+
+@app.command()
+def assign(
+    model: Annotated[str, typer.Argument(help="model dir, run dir, models:/NAME/VERSION or runs:/ID/PATH")],
+    shard_dir: Annotated[Path, typer.Argument(help="directory of Parquet feature shards with manifest.json")],
+    out_dir: Annotated[Path, typer.Option("--out", help="where assignment shards go (same file names)")],
+    method: Annotated[str, typer.Option(help="shortlist (FAISS, exact rescore) | exact | net")] = "shortlist",
+    top_m: Annotated[int, typer.Option(help="shortlist size: candidate clusters rescored exactly")] = TOP_M,
+    local: Annotated[bool, typer.Option(help="run in this process instead of a Ray Data job")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI for model URIs (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Assign feature shards to a fitted model's clusters; one output Parquet per shard, re-runs
+    skip finished shards; exit 1 if any shard could not be assigned."""
+    from cluster_service.io.shards import load_manifest
+    from cluster_service.runtime.assign_job import assign_shards, open_model
+
+    manifest, _ = load_manifest(shard_dir)
+    uri = None
+    if ":/" in model:
+        from cluster_service.runtime.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(tracking_uri)
+    fitted = open_model(model, n_features=manifest["d"], tracking_uri=uri)
+    progress = Progress(TextColumn("[bold]assign"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total} shards"),
+                        TextColumn("{task.fields[rows]} rows, {task.fields[failed]} failed"),
+                        TimeElapsedColumn(), console=console, disable=quiet)
+    with progress:
+        task = progress.add_task("assign", total=len(manifest["shards"]), rows=0, failed=0)
+        seen = {"rows": 0, "failed": 0}
+
+        def show(o) -> None:
+            seen["rows"] += o.rows
+            seen["failed"] += o.status == "failed"
+            progress.update(task, advance=1, **seen)
+            if o.status == "failed":
+                console.print(f"[red]failed[/] {o.shard}: {o.error}", markup=True, highlight=False)
+
+        report = assign_shards(fitted, shard_dir, out_dir, method, top_m, device,
+                               use_ray=not local, progress=show)
+    summary = report.as_dict()
+    print_summary(summary, f"assign {shard_dir} ({method})")
+    sizes = report.cluster_sizes()
+    table = Table(title="largest clusters")
+    table.add_column("cluster", justify="right")
+    table.add_column("rows", justify="right")
+    table.add_column("share", justify="right")
+    for k in np.argsort(-sizes, kind="stable")[:10]:
+        table.add_row(str(k), str(sizes[k]), f"{sizes[k] / max(1, sizes.sum()):.2%}")
+    out.print(table)
+    used = sizes[sizes > 0]
+    if used.size:
+        out.print(f"cluster sizes: min {used.min()}, median {int(np.median(used))}, max {used.max()} "
+                  f"over {used.size}/{sizes.size} clusters; empty: {sizes.size - used.size}")
+    if report.failed:
+        console.print(f"[bold red]{len(report.failed)} shard(s) not assigned[/]: "
+                      + ", ".join(o.shard for o in report.failed))
+        raise typer.Exit(1)
+    out.print(f"assignments: {out_dir}")
+
+
+@app.command("register-model")
+def register_model(
+    model_dir: Annotated[Path, typer.Argument(help="model directory (RUN_DIR/model)")],
+    name: Annotated[str, typer.Option(help="registered model name")],
+    method: Annotated[str, typer.Option(help="the pyfunc's predict: shortlist | exact | net")] = "shortlist",
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")] = None,
+) -> None:
+    """Log MODEL_DIR as an MLflow pyfunc model and register it (then: assign models:/NAME/VERSION …)."""
+    from cluster_service.runtime.tracking import resolve_tracking_uri
+    from cluster_service.serve.pyfunc import log_pyfunc_model
+
+    info = log_pyfunc_model(model_dir, registered_name=name, method=method,
+                            tracking_uri=resolve_tracking_uri(tracking_uri))
+    out.print(f"registered models:/{name}/{info.registered_model_version} ({info.model_uri})")
+
+
+@app.command()
+def submit(
+    job: Annotated[str, typer.Argument(help="extract | fit | assign | imagenet (runs python -m jobs.JOB)")],
+    config: Annotated[Path, typer.Argument(help="the job's YAML config (validated here before submitting)")],
+    address: Annotated[str | None, typer.Option(
+        help="Ray job server (dashboard) URL; default $RAY_API_SERVER_ADDRESS, else 127.0.0.1:8265")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="submit and return the job id")] = False,
+    env: Annotated[list[str] | None, typer.Option(help="job environment variable: --env KEY=VALUE")] = None,
+) -> None:
+    """Submit a pipeline job to a Ray cluster (Ray Job Submission SDK): validate CONFIG, upload this
+    checkout as the working dir, stream the logs, print the status and the MLflow run; exit 1 unless
+    the job succeeded."""
+    from cluster_service.ops.submit import submit as submit_job
+
+    env_vars = {}
+    for item in env or []:
+        if "=" not in item:
+            raise ValueError(f"--env expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        env_vars[k] = v
+    try:
+        res = submit_job(job, config, address, wait=not no_wait, env_vars=env_vars,
+                         on_log=lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True))
+    except ConnectionError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"job {res.job_id}: [bold]{res.status}[/]" + (f" ({res.message})" if res.message else ""))
+    if res.mlflow_link:
+        out.print(f"MLflow run: {res.mlflow_link} (tracking URI {res.tracking_uri})", soft_wrap=True)
+    if not no_wait and res.status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+cluster_app = typer.Typer(no_args_is_help=True, help="A local Ray head and MLflow server on loopback.")
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+def cluster_up(
+    state_dir: Annotated[Path, typer.Option("--state", help="pids, logs, MLflow store")] = Path(".cluster"),
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs Ray may use (default: all)")] = None,
+    dashboard_port: Annotated[int, typer.Option(help="Ray dashboard / job server port")] = 8265,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow server port (0: no MLflow server)")] = 5000,
+) -> None:
+    """Start a Ray head (with the job server) and an MLflow tracking server on 127.0.0.1."""
+    from cluster_service.ops.local_cluster import start
+
+    info = start(state_dir, num_cpus, dashboard_port, mlflow_port, mlflow=mlflow_port > 0)
+    out.print(f"Ray job server: {info['ray']['dashboard']}  (cluster-service submit JOB CONFIG)")
+    if "mlflow" in info:
+        out.print(f"MLflow: {info['mlflow']['uri']}  (export MLFLOW_TRACKING_URI={info['mlflow']['uri']})")
+    out.print(f"logs: {state_dir}/  stop: make cluster-down")
+
+
+@cluster_app.command("down")
+def cluster_down(
+    state_dir: Annotated[Path, typer.Option("--state", help="as given to `cluster up`")] = Path(".cluster"),
+) -> None:
+    """Stop the Ray head and MLflow server that `cluster up` started (only those)."""
+    from cluster_service.ops.local_cluster import stop
+
+    stopped = stop(state_dir)
+    out.print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing running under {state_dir}")
+
+
+if __name__ == "__main__":
+    main()

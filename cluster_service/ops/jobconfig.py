@@ -1,0 +1,344 @@
+"""Typed configs of the pipeline jobs (`python -m jobs.<name> CONFIG.yaml`), validated at parse time.
+
+A job config is one YAML mapping of sections; each job takes the sections it needs and refuses
+any other key, so a typo fails before a GPU is allocated:
+
+    section    type               what                                        jobs
+    extract    ExtractSection     images -> MoCo feature shards               extract, imagenet
+    train      TrainSection       Ray Train resources, data and run dir       fit, imagenet
+    fit        FitConfig          the model (cluster_service.config)          fit, imagenet
+    assign     AssignSection      model + shards -> assignment shards         assign, imagenet
+    tracking   TrackingSection    MLflow                                      fit, assign, imagenet
+    imagenet   ImagenetSection    train/val ImageFolder trees, work dir       imagenet
+
+Paths are as the cluster sees them. A relative path is taken relative to the directory named by
+$CLUSTER_SERVICE_BASE_DIR (`cluster-service submit` sets it to the directory it was run from, which
+is right for a cluster on this machine), else to the job's working directory. On a remote cluster
+use absolute paths on shared storage: the job's working directory is a temporary copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cluster_service.config import CHECKPOINT_EVERY, EXPERIMENT, TOP_M, ConfigError, FitConfig
+
+BASE_DIR_ENV = "CLUSTER_SERVICE_BASE_DIR"
+JOB_NAMES = ("extract", "fit", "assign", "imagenet")
+
+
+@dataclass(frozen=True)
+class ExtractSection:
+    """Feature extraction (feature_extraction.extract.ExtractConfig plus where from and to)."""
+
+    images: str | None = None  # ImageFolder tree or path list (imagenet job: imagenet.train / val)
+    out: str | None = None  # shard directory to write, empty or new (imagenet job: under work_dir)
+    checkpoint: str | None = None  # MoCo v2 checkpoint (e.g. moco_v2_800ep_pretrain.pth.tar); required
+    # Every other key is an ExtractConfig field (head, normalize, batch_size, image_size, resize_size,
+    # rows_per_shard, pca_dim, pca_sample, num_actors, use_gpu, seed); its defaults apply.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def extract_config(self):
+        from feature_extraction.extract import ExtractConfig
+
+        return ExtractConfig(Path(self.checkpoint), **self.options)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """Ray Train resources of the distributed fit (cluster_service.runtime.trainer.fit_distributed)."""
+
+    data: str | None = None  # shard directory or .npz (imagenet job: the extracted train shards)
+    out: str | None = None  # run directory: model/, assignments.parquet, summary.json, checkpoints/
+    workers: int = 1  # Ray Train workers: one per GPU, or CPU workers (gloo)
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    checkpoint_every: int = CHECKPOINT_EVERY  # epochs between Ray Train checkpoints
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the job fails
+    # Checkpoint storage; default RUN_DIR/checkpoints. On a multi-node cluster: shared storage.
+    storage_path: str | None = None
+
+
+@dataclass(frozen=True)
+class AssignSection:
+    """Batch assignment of shards to a fitted model's clusters (cluster_service.serve.assign)."""
+
+    model: str | None = None  # model dir, run dir, models:/NAME/VERSION or runs:/ID/PATH
+    shards: str | None = None  # shard directory to assign (imagenet job: the extracted val shards)
+    out: str | None = None  # assignment shards, same file names as the inputs
+    method: Literal["shortlist", "exact", "net"] = "shortlist"
+    top_m: int = TOP_M  # shortlist size (clusters rescored exactly)
+    device: str = "auto"
+    local: bool = False  # in the job's process instead of Ray Data actors
+    batch_size: int = 65536  # rows per assigner call
+
+
+@dataclass(frozen=True)
+class TrackingSection:
+    """MLflow: where the fit's run goes. On a cluster, point `uri` at the tracking server."""
+
+    enabled: bool = True
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the base dir
+    experiment: str = EXPERIMENT
+
+
+@dataclass(frozen=True)
+class ImagenetSection:
+    """The full pipeline: train split -> features -> fit -> assign val split -> scores vs labels."""
+
+    train: str | None = None  # ImageFolder train split (class folders: n01440764/ ...)
+    val: str | None = None  # ImageFolder val split with the same class folders (labels for scoring)
+    work_dir: str | None = None  # features/{train,val}, fit/, val_assignments/, scores.json
+    # Reuse shards already extracted in work_dir (a re-run after a failed fit skips extraction).
+    reuse_features: bool = True
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    extract: ExtractSection
+
+
+@dataclass(frozen=True)
+class FitJob:
+    train: TrainSection
+    fit: FitConfig = field(default_factory=FitConfig)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+@dataclass(frozen=True)
+class AssignJob:
+    assign: AssignSection
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+@dataclass(frozen=True)
+class ImagenetJob:
+    imagenet: ImagenetSection
+    extract: ExtractSection
+    train: TrainSection = field(default_factory=TrainSection)
+    fit: FitConfig = field(default_factory=FitConfig)
+    assign: AssignSection = field(default_factory=AssignSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+JobConfig = ExtractJob | FitJob | AssignJob | ImagenetJob
+JOB_TYPES: dict[str, type] = {"extract": ExtractJob, "fit": FitJob, "assign": AssignJob,
+                              "imagenet": ImagenetJob}
+# Paths each job needs in its sections; the imagenet job derives them and refuses them if set.
+_REQUIRED = {
+    "extract": [("extract", "images"), ("extract", "out"), ("extract", "checkpoint")],
+    "fit": [("train", "data"), ("train", "out")],
+    "assign": [("assign", "model"), ("assign", "shards"), ("assign", "out")],
+    "imagenet": [("imagenet", "train"), ("imagenet", "val"), ("imagenet", "work_dir"),
+                 ("extract", "checkpoint")],
+}
+_DERIVED_BY_IMAGENET = [("extract", "images"), ("extract", "out"), ("train", "data"), ("train", "out"),
+                        ("assign", "model"), ("assign", "shards"), ("assign", "out")]
+
+
+# ---- entry points -------------------------------------------------------------------------------
+
+
+def load_job_config(job: str, path: str | os.PathLike) -> JobConfig:
+    """Read one YAML file and validate it as the config of `job`; ConfigError names the file."""
+    if job not in JOB_TYPES:
+        raise ConfigError(f"unknown job {job!r}; jobs: {', '.join(JOB_NAMES)}")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    try:
+        return parse_job_config(job, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def parse_job_config(job: str, data: Any) -> JobConfig:
+    """Validate a mapping as the config of `job` (see the module docstring for the sections)."""
+    if job not in JOB_TYPES:
+        raise ConfigError(f"unknown job {job!r}; jobs: {', '.join(JOB_NAMES)}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of sections at the top level, got {type(data).__name__}")
+    cls = JOB_TYPES[job]
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(map(str, unknown))} for the {job} job; "
+                          f"allowed: {', '.join(known)}")
+    sections: dict[str, Any] = {}
+    for name, f in known.items():
+        if name not in data and not _has_default(f):
+            raise ConfigError(f"missing section {name!r} for the {job} job")
+        raw = data.get(name) or {}  # an absent or empty section takes its defaults
+        if not isinstance(raw, dict):
+            raise ConfigError(f"section {name!r} must be a mapping, got {raw!r}")
+        sections[name] = _section(name, raw)
+    cfg = cls(**sections)
+    _check_paths(job, cfg)
+    return cfg
+
+
+def resolve_path(p: str | None, base: str | os.PathLike | None = None) -> str | None:
+    """A config path as an absolute path: relative ones against `base`, $CLUSTER_SERVICE_BASE_DIR or
+    the working directory. Model URIs (models:/, runs:/) and object-store URLs are returned as-is."""
+    if p is None:
+        return None
+    if ":/" in p:
+        return p  # a URI, not a local path
+    q = Path(p).expanduser()
+    if not q.is_absolute():
+        q = Path(base or os.environ.get(BASE_DIR_ENV) or Path.cwd()) / q
+    return str(q.resolve())
+
+
+# ---- parsing ------------------------------------------------------------------------------------
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
+def _section(name: str, raw: dict[str, Any]) -> Any:
+    if name == "fit":
+        try:
+            return FitConfig.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"fit: {e}") from None
+    if name == "extract":
+        return parse_extract_section(raw)
+    cls = {"train": TrainSection, "assign": AssignSection, "tracking": TrackingSection,
+           "imagenet": ImagenetSection}[name]
+    return build_typed(cls, raw, f"{name}.")
+
+
+def parse_extract_section(raw: dict[str, Any]) -> ExtractSection:
+    """The `extract` section (or `cluster-service extract`'s options), validated; errors name the key."""
+    from feature_extraction.extract import ExtractConfig
+
+    own = {f.name for f in fields(ExtractSection)} - {"options"}
+    allowed = own | {f.name for f in fields(ExtractConfig)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join('extract.' + str(u) for u in unknown)}; "
+                          f"allowed under extract: {', '.join(sorted(allowed))}")
+    options = {k: v for k, v in raw.items() if k not in own}
+    section = build_typed(ExtractSection, {k: v for k, v in raw.items() if k in own}, "extract.")
+    opts = build_typed(ExtractConfig, {"checkpoint": "-", **options}, "extract.")
+    if opts.head not in ("proj", "backbone"):
+        raise ConfigError(f"extract.head must be 'proj' or 'backbone', got {opts.head!r}")
+    for key in ("batch_size", "image_size", "rows_per_shard", "pca_sample"):
+        if getattr(opts, key) < 1:
+            raise ConfigError(f"extract.{key} must be >= 1, got {getattr(opts, key)}")
+    for key in ("pca_dim", "num_actors", "resize_size"):
+        if getattr(opts, key) is not None and getattr(opts, key) < 1:
+            raise ConfigError(f"extract.{key} must be >= 1 or null, got {getattr(opts, key)}")
+    if opts.resize_size is not None and opts.resize_size < opts.image_size:
+        raise ConfigError(f"extract.resize_size ({opts.resize_size}) must be >= "
+                          f"extract.image_size ({opts.image_size})")
+    return dataclasses.replace(section, options=options)
+
+
+def build_typed(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass `cls` from `data`: unknown keys, missing required keys and values of the wrong
+    type (int, float, str, bool, None, Literal, Path) raise ConfigError naming the key."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + str(u) for u in unknown)}; "
+                          f"allowed under {prefix.rstrip('.')}: {', '.join(sorted(known))}")
+    missing = [n for n, f in known.items() if not _has_default(f) and n not in data]
+    if missing:
+        raise ConfigError(f"missing key(s) {', '.join(prefix + m for m in missing)}")
+    kwargs = {name: _check_value(prefix + name, value, hints[name]) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _check_value(key, value, opt)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] + (" or null" if type(None) in options else ""))
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str or tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+        return tp(value)
+    raise ConfigError(f"{key}: unsupported config type {tp}")  # a programming error, named
+
+
+def _check_paths(job: str, cfg: Any) -> None:
+    for section, key in _REQUIRED[job]:
+        if getattr(getattr(cfg, section), key) is None:
+            raise ConfigError(f"{section}.{key} is required for the {job} job")
+    if job == "imagenet":
+        for section, key in _DERIVED_BY_IMAGENET:
+            if getattr(getattr(cfg, section), key) is not None:
+                raise ConfigError(f"{section}.{key} is set by the imagenet job (under imagenet.work_dir); "
+                                  "remove it from the config")
+        if cfg.extract.options.get("pca_dim") is not None:
+            raise ConfigError("extract.pca_dim is not supported by the imagenet job: the train and val "
+                              "splits would be projected by different PCAs; use head: proj (128-d)")
+    for section in ("train",):
+        t = getattr(cfg, section, None)
+        if t is None:
+            continue
+        if t.workers < 1:
+            raise ConfigError(f"train.workers must be >= 1, got {t.workers}")
+        if t.checkpoint_every < 1:
+            raise ConfigError(f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
+        if t.max_failures < 0:
+            raise ConfigError(f"train.max_failures must be >= 0, got {t.max_failures}")
+        for key in ("gpus_per_worker", "cpus_per_worker"):
+            if not getattr(t, key) > 0:
+                raise ConfigError(f"train.{key} must be > 0, got {getattr(t, key)}")
+    a = getattr(cfg, "assign", None)
+    if a is not None:
+        if a.top_m < 1:
+            raise ConfigError(f"assign.top_m must be >= 1, got {a.top_m}")
+        if a.batch_size < 1:
+            raise ConfigError(f"assign.batch_size must be >= 1, got {a.batch_size}")
+        if not (a.device in ("auto", "cpu", "cuda") or a.device.startswith("cuda:")):
+            raise ConfigError(f"assign.device must be auto, cpu, cuda or cuda:N, got {a.device!r}")

@@ -1,0 +1,285 @@
+"""The pipeline steps the jobs run (jobs/*.py parse a config and call these):
+
+    extract_step   images -> feature shards (feature_extraction.extract; Ray Data)
+    fit_step       feature shards -> model, on Ray Train workers (cluster_service.runtime.trainer), tracked in
+                   MLflow from the driver: the run is created first, rank 0 logs every epoch, the driver
+                   logs the final metrics, the model directory and the history
+    assign_step    shards -> assignment shards (cluster_service.serve.assign; Ray Data or local)
+    score_assignments   assignments joined with the shards' labels by id -> NMI / ARI / ACC
+    run_imagenet   train split -> features -> fit -> assign the val split -> scores
+
+Every job that creates an MLflow run prints one line `MLflow run: LINK (run_id=..., tracking_uri=...)`
+as soon as the run exists; `cluster-service submit` finds it in the job's logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cluster_service.config import FitConfig
+from cluster_service.ops.jobconfig import (
+    BASE_DIR_ENV,
+    AssignSection,
+    ExtractSection,
+    ImagenetJob,
+    TrackingSection,
+    TrainSection,
+    resolve_path,
+)
+
+RUN_LINK_PREFIX = "MLflow run: "
+PLOT_ROWS = 20_000  # rows the driver reads for the run's projection plot
+RUN_LINK_RE = re.compile(r"MLflow run: (\S+) \(run_id=(\w+), tracking_uri=(\S+)\)")
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page for a tracking server; a runs:/ URI for a file or database store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"runs:/{run_id}"
+
+
+def announce_run(tracker) -> None:
+    """Print the MLflow run line (flushed: the job's log is streamed while it runs)."""
+    if tracker.run_id is not None:
+        link = run_link(tracker.uri, tracker.experiment_id, tracker.run_id)
+        print(f"{RUN_LINK_PREFIX}{link} (run_id={tracker.run_id}, tracking_uri={tracker.uri})", flush=True)
+
+
+def start_tracker(cfg: FitConfig, tracking: TrackingSection, run_name: str, tags: dict[str, Any],
+                  params: dict[str, Any], manifest_hash: str | None = None):
+    """An MLflow run for a job (cluster_service.runtime.tracking.Tracker), started and announced. Relative
+    sqlite URIs (and the default ./mlflow.db) resolve against $CLUSTER_SERVICE_BASE_DIR."""
+    from cluster_service.runtime.tracking import Tracker, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking.uri, workdir=os.environ.get(BASE_DIR_ENV))
+    tracker = Tracker(cfg, uri, tracking.experiment, run_name=run_name, enabled=tracking.enabled, tags=tags)
+    tracker.start(manifest_hash, params)
+    announce_run(tracker)
+    return tracker
+
+
+class RankZero:
+    """An epoch callback run on rank 0 only (fit_distributed runs callbacks on every worker)."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def __call__(self, record, engine) -> None:
+        if engine.comm.rank == 0:
+            self.callback(record, engine)
+
+
+# ---- steps --------------------------------------------------------------------------------------------
+
+
+def extract_step(section: ExtractSection, images: str | None = None, out: str | None = None,
+                 reuse: bool = False) -> dict:
+    """Extract features of `images` (default section.images) into `out`; with `reuse`, a complete
+    shard directory already there (manifest.json present) is kept. Returns the report as a dict."""
+    from feature_extraction.extract import extract
+
+    images, out = resolve_path(images or section.images), resolve_path(out or section.out)
+    if reuse and (Path(out) / "manifest.json").is_file():
+        print(f"extract: {out} already holds shards; reusing them", flush=True)
+        return {"out": out, "reused": True}
+    cfg = dataclasses.replace(section.extract_config(), checkpoint=Path(resolve_path(section.checkpoint)))
+    last = [0]
+
+    def progress(done: int, total: int) -> None:
+        if done - last[0] >= max(1, total // 20) or done == total:  # ~20 lines per run in the job log
+            last[0] = done
+            print(f"extract {images}: {done}/{total} images", flush=True)
+
+    report = extract(images, out, cfg, progress)
+    print(f"extract: {report.n_written} rows written to {out}, {len(report.failed)} failed, "
+          f"{report.images_per_second:.1f} images/s", flush=True)
+    return report.as_dict()
+
+
+def fit_step(train: TrainSection, cfg: FitConfig, tracker=None) -> dict:
+    """Distributed fit of `train.data` into `train.out`; per-epoch metrics go to `tracker` from rank 0,
+    then the final metrics, model directory, config and history from the driver. Returns the summary."""
+    from cluster_service.runtime.trainer import completed_run, fit_distributed
+
+    data, out = resolve_path(train.data), resolve_path(train.out)
+    active = tracker is not None and tracker.active
+    if train.storage_path is None and (done := completed_run(data, out, cfg)) is not None:
+        print(f"fit: {out} already holds this fit (K={done['k_found']}); reusing it", flush=True)
+        return {**done, "reused": True}
+    summary = fit_distributed(
+        data, out, cfg, train.workers, use_gpu=train.use_gpu, gpus_per_worker=train.gpus_per_worker,
+        cpus_per_worker=train.cpus_per_worker, checkpoint_every=train.checkpoint_every,
+        max_failures=train.max_failures, storage_path=resolve_path(train.storage_path),
+        callbacks=[RankZero(tracker)] if active else [],
+    )
+    print(f"fit: K={summary['k_found']} in {summary['seconds']} s on {train.workers} worker(s); "
+          f"model {out}/model", flush=True)
+    if active:  # the same end-of-run logging as a one-process fit (tracking.Tracker.log_result)
+        from cluster_service.io.features import head_rows
+        from cluster_service.io.runs import read_run
+        from cluster_service.runtime.trainer import labels_of
+
+        x_head = head_rows(data, PLOT_ROWS)  # the projection plot needs points; the driver reads a few
+        final = {f"final/{k}": float(v) for k, v in summary.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)}
+        tracker.log_result(read_run(out), x_head, labels_of(data), Path(out) / "model",
+                           {**final, "fit_seconds": float(summary["seconds"])})
+    return summary
+
+
+def data_params(data_path: str) -> tuple[dict[str, Any], str | None]:
+    """(data shape params, manifest hash) of a shard directory or .npz, without reading rows."""
+    from cluster_service.runtime.trainer import data_shape
+
+    n, d, n_shards = data_shape(data_path)
+    manifest_hash = None
+    if Path(data_path).is_dir():
+        from cluster_service.io.shards import load_manifest
+
+        manifest_hash = load_manifest(data_path)[1]
+    return {"data.n_samples": n, "data.n_features": d, "data.n_shards": n_shards}, manifest_hash
+
+
+def fit_job(train: TrainSection, cfg: FitConfig, tracking: TrackingSection) -> dict:
+    """The fit job: a tracked distributed fit; the summary gains `mlflow_run` when tracked."""
+    data = resolve_path(train.data)
+    params, manifest_hash = data_params(data)
+    params.update({f"train.{k}": v for k, v in dataclasses.asdict(train).items() if k not in ("data", "out")})
+    tracker = start_tracker(cfg, tracking, Path(resolve_path(train.out)).name,
+                            {"data.path": data, "job": "fit"}, params, manifest_hash)
+    with tracker:
+        summary = fit_step(train, cfg, tracker)
+    if tracker.run_id is not None:
+        summary["mlflow_run"] = tracker.run_id
+    return summary
+
+
+def assign_step(section: AssignSection, tracking: TrackingSection, model: str | None = None,
+                shards: str | None = None, out: str | None = None):
+    """Assign `shards` to `model`'s clusters into `out` (defaults: the section's). Returns the
+    AssignReport; failed shards are in report.failed."""
+    from cluster_service.io.shards import load_manifest
+    from cluster_service.runtime.assign_job import assign_shards, open_model
+    from cluster_service.runtime.tracking import resolve_tracking_uri
+
+    model = resolve_path(model or section.model)
+    shards, out = resolve_path(shards or section.shards), resolve_path(out or section.out)
+    manifest, _ = load_manifest(shards)
+    uri = resolve_tracking_uri(tracking.uri, workdir=os.environ.get(BASE_DIR_ENV)) if ":/" in model else None
+    fitted = open_model(model, n_features=manifest["d"], tracking_uri=uri)
+
+    def progress(o) -> None:
+        why = f" ({o.error})" if o.error else ""
+        print(f"assign {o.shard}: {o.status} {o.rows} rows{why}", flush=True)
+
+    report = assign_shards(fitted, shards, out, section.method, section.top_m, section.device,
+                           use_ray=not section.local, batch_size=section.batch_size, progress=progress)
+    print(f"assign: {json.dumps(report.as_dict())}", flush=True)
+    return report
+
+
+def score_assignments(assign_dir: str | os.PathLike, shard_dir: str | os.PathLike):
+    """NMI / ARI / ACC of assignment shards against the label column of the shards they came from,
+    joined by id. Raises ValueError when the shards have no labels or ids are missing."""
+    import pyarrow.parquet as pq
+
+    from cluster_service.io.shards import list_shards
+    from cluster_service.report.evaluate import score
+
+    ids, labels = [], []
+    for p in list_shards(shard_dir):
+        if "label" not in pq.read_schema(p).names:
+            raise ValueError(f"{p}: no label column; cannot score the assignments")
+        t = pq.read_table(p, columns=["id", "label"])
+        ids.append(t.column("id").to_numpy(zero_copy_only=False))
+        labels.append(t.column("label").fill_null(-1).to_numpy())
+    a_ids, clusters = [], []
+    for p in sorted(Path(assign_dir).glob("*.parquet")):
+        t = pq.read_table(p, columns=["id", "cluster"])
+        a_ids.append(t.column("id").to_numpy(zero_copy_only=False))
+        clusters.append(t.column("cluster").to_numpy())
+    ids_all, y = np.concatenate(ids), np.concatenate(labels)
+    a_all, c = np.concatenate(a_ids) if a_ids else np.empty(0), np.concatenate(clusters) if clusters else []
+    order = np.argsort(a_all, kind="stable")
+    pos = np.searchsorted(a_all[order], ids_all)
+    found = (pos < len(a_all)) & (a_all[order][np.minimum(pos, len(a_all) - 1)] == ids_all)
+    if not found.all():
+        missing = ids_all[~found]
+        raise ValueError(f"{assign_dir}: no assignment for {missing.size} id(s) of {shard_dir} "
+                         f"(first: {missing[0]!r})")
+    c = np.asarray(c)[order][pos]
+    keep = y >= 0
+    if not keep.any():
+        raise ValueError(f"{shard_dir}: every label is null; cannot score the assignments")
+    return score(y[keep], c[keep])
+
+
+# ---- the ImageNet pipeline ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def stage_timer(seconds: dict[str, float], name: str):
+    """Record the wall time of a pipeline stage in `seconds[name]` and print it."""
+    t0 = time.perf_counter()
+    yield
+    seconds[name] = round(time.perf_counter() - t0, 2)
+    print(f"imagenet: stage {name} took {seconds[name]} s", flush=True)
+
+
+def imagenet_paths(work_dir: str) -> dict[str, str]:
+    w = Path(resolve_path(work_dir))
+    return {"train_features": str(w / "features" / "train"), "val_features": str(w / "features" / "val"),
+            "fit": str(w / "fit"), "val_assignments": str(w / "val_assignments"),
+            "scores": str(w / "scores.json")}
+
+
+def run_imagenet(job: ImagenetJob) -> dict:
+    """ImageFolder train split -> 128-d MoCo features -> distributed fit -> assign the val split ->
+    NMI/ARI/ACC against the val labels; one MLflow run holds the fit and the val scores.
+    Writes WORK_DIR/scores.json and returns it."""
+    paths = imagenet_paths(job.imagenet.work_dir)
+    reuse = job.imagenet.reuse_features
+    print(f"imagenet: work dir {Path(paths['fit']).parent}", flush=True)
+    seconds: dict[str, float] = {}
+    with stage_timer(seconds, "extract_train"):
+        extract_step(job.extract, job.imagenet.train, paths["train_features"], reuse)
+    with stage_timer(seconds, "extract_val"):
+        extract_step(job.extract, job.imagenet.val, paths["val_features"], reuse)
+
+    train = dataclasses.replace(job.train, data=paths["train_features"], out=paths["fit"])
+    params, manifest_hash = data_params(paths["train_features"])
+    tags = {"data.path": job.imagenet.train, "job": "imagenet"}
+    tracker = start_tracker(job.fit, job.tracking, "imagenet", tags, params, manifest_hash)
+    with tracker:
+        with stage_timer(seconds, "fit"):
+            summary = fit_step(train, job.fit, tracker)
+        with stage_timer(seconds, "assign"):
+            report = assign_step(job.assign, job.tracking, model=paths["fit"], shards=paths["val_features"],
+                                 out=paths["val_assignments"])
+        if report.failed:
+            raise ValueError(f"{len(report.failed)} val shard(s) could not be assigned: "
+                             + "; ".join(f"{o.shard}: {o.error}" for o in report.failed))
+        with stage_timer(seconds, "score"):
+            val = score_assignments(paths["val_assignments"], paths["val_features"])
+        tracker.log_metrics({f"val/{k}": float(v) for k, v in val.as_dict().items()},
+                            step=max(0, job.fit.schedule.epochs - 1))
+        tracker.log_metrics({f"time/stage_{k}": v for k, v in seconds.items()})
+    scores = {"train": {k: summary[k] for k in ("k_found", "nmi", "ari", "acc") if k in summary},
+              "val": val.as_dict(), "assign": report.as_dict(), "paths": paths,
+              "mlflow_run": tracker.run_id, "seconds": seconds}
+    tmp = Path(paths["scores"] + ".tmp")
+    tmp.write_text(json.dumps(scores, indent=2) + "\n")
+    os.replace(tmp, paths["scores"])
+    print(f"imagenet: val {val}", flush=True)
+    return scores
+

@@ -1,0 +1,1 @@
+"""evaluation (NMI/ARI/ACC) and plots; never imported by training."""

@@ -1,0 +1,233 @@
+"""The fitted model: one directory, loadable without training code and without Ray.
+
+    MODEL_DIR/model.json   schema version, dimensions, config, priors (scalars), feature manifest
+                           hash, creation time, package version
+    MODEL_DIR/arrays.npz   log_weights (K,), means (K, d), chol (K, d, d) lower Cholesky factors
+                           of the covariances, prior_mean (d,), prior_psi (d, d), and the
+                           clustering net's weights (net.<name>)
+
+Everything here is numpy + torch tensors; the clustering net's forward pass is re-implemented
+in `FittedModel.net_logits` (Linear-ReLU-Linear-ReLU-Linear) so no training module is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cluster_service.core.gaussian import WhitenedGaussians, chunk_rows
+from cluster_service.core.nets import mlp_forward
+from cluster_service.io.atomic import atomic_dir
+
+MODEL_SCHEMA_VERSION = 1
+NET_KEYS = ("body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias", "head.weight", "head.bias")
+
+
+class ModelError(ValueError):
+    """A model directory that cannot be loaded or does not match the data."""
+
+
+@dataclass
+class FittedModel:
+    log_weights: np.ndarray  # (K,)
+    means: np.ndarray  # (K, d)
+    chol: np.ndarray  # (K, d, d)
+    prior: dict[str, Any]  # alpha, kappa, nu, mean (d,), psi (d, d)
+    net: dict[str, np.ndarray] = field(default_factory=dict)  # clustering-net weights
+    net_input_scale: float = 1.0
+    net_input_shift: np.ndarray | None = None  # (d,) the net sees (x - shift) / scale
+    config: dict[str, Any] = field(default_factory=dict)
+    manifest_hash: str | None = None
+    version: str = ""  # model version string written into assignments
+    # The feature space the model was fitted in (shards.feature_space): d and the extractor fields
+    # that define the features. None for models fitted on arrays and for models written before it
+    # existed (those carry only a version-1 hash, see shards.feature_space_mismatch).
+    feature_space: dict[str, Any] | None = None
+
+    def feature_space_mismatch(self, manifest: dict) -> str | None:
+        """Why shards with this manifest are not in the model's feature space, or None."""
+        from cluster_service.io.shards import feature_space_mismatch
+
+        return feature_space_mismatch(self.feature_space, self.manifest_hash, manifest)
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.means.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.means.shape[1])
+
+    @property
+    def covariances(self) -> np.ndarray:
+        return self.chol @ np.swapaxes(self.chol, -1, -2)
+
+    # ---- scoring -------------------------------------------------------------------------
+
+    def check_features(self, x: np.ndarray, source: str = "features") -> None:
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise ModelError(
+                f"{source}: expected an (n, {self.n_features}) array for this model "
+                f"(d={self.n_features}), got shape {tuple(x.shape)}"
+            )
+
+    @torch.no_grad()
+    def log_joint(self, x, chunk_size: int = 65536, device: str | torch.device = "cpu") -> np.ndarray:
+        """log pi_k + log N(x_i; mu_k, Sigma_k): (n, K) float64 numpy."""
+        x = np.asarray(x)
+        self.check_features(x)
+        dev = torch.device(device)
+        g = WhitenedGaussians(
+            torch.from_numpy(self.means).to(dev, torch.float64),
+            torch.from_numpy(self.chol).to(dev, torch.float64),
+            torch.float64,
+        )
+        log_w = torch.from_numpy(self.log_weights).to(dev, torch.float64)
+        rows = chunk_rows(g.n_clusters * g.n_features, chunk_size)
+        out = np.empty((x.shape[0], g.n_clusters), dtype=np.float64)
+        for s in range(0, x.shape[0], rows):
+            xb = torch.from_numpy(np.ascontiguousarray(x[s : s + rows])).to(dev, torch.float64)
+            out[s : s + rows] = (g.log_prob(xb) + log_w).cpu().numpy()
+        return out
+
+    def predict(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """Exact MAP cluster and its log pi_k + log N: ((n,) int64, (n,) float64)."""
+        lj = self.log_joint(x)
+        cluster = lj.argmax(1)
+        return cluster, lj[np.arange(lj.shape[0]), cluster]
+
+    def margin(self, x, clusters: np.ndarray) -> np.ndarray:
+        """(n,) log-joint of the given cluster minus the best other cluster's (+inf when K = 1):
+        how clearly each row belongs where it was put."""
+        lj = self.log_joint(x)
+        rows = np.arange(lj.shape[0])
+        chosen = lj[rows, clusters].copy()
+        lj[rows, clusters] = -np.inf
+        return chosen - lj.max(1) if lj.shape[1] > 1 else np.full(lj.shape[0], np.inf)
+
+    @torch.no_grad()
+    def net_logits(self, x) -> np.ndarray:
+        """The clustering net's logits (n, K) from the stored weights."""
+        if not self.net:
+            raise ModelError("this model has no clustering-net weights")
+        x = np.asarray(x, dtype=np.float32)
+        self.check_features(x)
+        t = {k: torch.from_numpy(v) for k, v in self.net.items()}
+        layers = [(t[f"{name}.weight"], t[f"{name}.bias"]) for name in ("body.0", "body.2", "head")]
+        shift = 0.0 if self.net_input_shift is None else torch.from_numpy(self.net_input_shift.astype(np.float32))
+        return mlp_forward((torch.from_numpy(x) - shift) / self.net_input_scale, layers).numpy()
+
+    def net_predict(self, x) -> np.ndarray:
+        return self.net_logits(x).argmax(1)
+
+    # ---- persistence -----------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temporary sibling directory renamed into place."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            self.write_into(tmp)
+        return path
+
+    def write_into(self, directory: Path) -> None:
+        """model.json and arrays.npz into an existing (temporary) directory; `save` is the atomic face."""
+        tmp = directory
+        meta = {
+            "schema_version": MODEL_SCHEMA_VERSION,
+            "n_clusters": self.n_clusters,
+            "n_features": self.n_features,
+            "prior": {k: float(v) for k, v in self.prior.items() if k in ("alpha", "kappa", "nu")},
+            "net_input_scale": self.net_input_scale,
+            "config": self.config,
+            "manifest_hash": self.manifest_hash,
+            "feature_space": self.feature_space,
+            # 2: feature_space holds the identity fields; 1 (older models): a hash of d + the
+            # whole extractor block, accepted alongside the new hash
+            "feature_space_version": 2 if self.feature_space is not None else 1,
+            "version": self.version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "package_version": _package_version(),
+        }
+        arrays = {
+            "log_weights": self.log_weights,
+            "means": self.means,
+            "chol": self.chol,
+            "prior_mean": np.asarray(self.prior["mean"]),
+            "prior_psi": np.asarray(self.prior["psi"]),
+        }
+        arrays.update({f"net.{k}": v for k, v in self.net.items()})
+        if self.net_input_shift is not None:
+            arrays["net_input_shift"] = self.net_input_shift
+        np.savez(tmp / "arrays.npz", **arrays)
+        (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def read_model_files(
+    path: Path, json_name: str, npz_name: str, schema_version: int, what: str
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read a model directory's JSON metadata and npz arrays; refuse missing, unreadable or
+    wrong-schema files with a message naming the file. Shared by every model format."""
+    meta_file, arr_file = path / json_name, path / npz_name
+    if not meta_file.is_file() or not arr_file.is_file():
+        raise ModelError(f"{path}: not {what} (expected {json_name} and {npz_name})")
+    try:
+        meta = json.loads(meta_file.read_text())
+        arrays = dict(np.load(arr_file))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: unreadable {json_name} or {npz_name} ({e})") from e
+    if meta.get("schema_version") != schema_version:
+        raise ModelError(
+            f"{meta_file}: schema_version {meta.get('schema_version')!r}, this package reads {schema_version}"
+        )
+    return meta, arrays
+
+
+def load_model(
+    path: str | os.PathLike, n_features: int | None = None, manifest_hash: str | None = None
+) -> FittedModel:
+    """Load a model directory; refuse it clearly if it does not match the expected data."""
+    path = Path(path)
+    meta, arrays = read_model_files(path, "model.json", "arrays.npz", MODEL_SCHEMA_VERSION, "a model directory")
+    arr_file = path / "arrays.npz"
+    missing = [k for k in ("log_weights", "means", "chol", "prior_mean", "prior_psi") if k not in arrays]
+    if missing:
+        raise ModelError(f"{arr_file}: missing arrays {missing}")
+    model = FittedModel(
+        log_weights=arrays["log_weights"],
+        means=arrays["means"],
+        chol=arrays["chol"],
+        prior={**meta.get("prior", {}), "mean": arrays["prior_mean"], "psi": arrays["prior_psi"]},
+        net={k[4:]: v for k, v in arrays.items() if k.startswith("net.")},
+        net_input_scale=float(meta.get("net_input_scale", 1.0)),
+        net_input_shift=arrays.get("net_input_shift"),
+        config=meta.get("config", {}),
+        manifest_hash=meta.get("manifest_hash"),
+        version=meta.get("version", ""),
+        feature_space=meta.get("feature_space"),
+    )
+    if n_features is not None and n_features != model.n_features:
+        raise ModelError(
+            f"{path}: model has feature dimension d={model.n_features}, the data has d={n_features}"
+        )
+    if manifest_hash is not None and model.manifest_hash is not None and manifest_hash != model.manifest_hash:
+        raise ModelError(
+            f"{path}: model was fitted on features with manifest hash {model.manifest_hash}, "
+            f"these shards have {manifest_hash} (different extractor or preprocessing?)"
+        )
+    return model
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("cluster_service")
+    except Exception:  # noqa: BLE001 - not installed (running from a checkout)
+        return "unknown"

@@ -1,0 +1,436 @@
+"""The DeepDPM epoch loop: named steps, one driver, a reducer injected once.
+
+    run_epoch:  train_nets -> accumulate -> reduce -> m_step -> propose moves -> apply moves
+
+The same `Engine` runs in one process (`LocalComm`) and in every Ray Train worker
+(`TorchDistComm`): each process holds only its own rows; statistics are summed with one
+all-reduce per epoch; rank 0's move decisions are broadcast. Mini-batches are drawn from one
+global permutation shared by all ranks (each rank trains on its members of the global batch
+and gradients are summed), so N workers follow the single-process run up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from cluster_service import index as faiss_index
+from cluster_service.config import SCHEMA_VERSION, FitConfig
+from cluster_service.core import moves as mv
+from cluster_service.core.device import resolve_device
+from cluster_service.core.gaussian import (
+    WhitenedGaussians,
+    add_hard_stats_,
+    add_weighted_stats_,
+    iter_chunks,
+    log_joint,
+    stats_chunk_rows,
+)
+from cluster_service.core.nets import (
+    ClusterNet,
+    SubclusterNets,
+    ajs_loss,
+    kl_loss,
+    resize_cluster_net,
+    resize_subnets,
+    subcluster_loss,
+)
+from cluster_service.core.niw import (
+    STAT_DTYPE,
+    GaussianParams,
+    NIWPrior,
+    SuffStats,
+    dp_log_weights,
+    log_marginal_likelihood,
+    make_prior,
+    map_estimate,
+)
+from cluster_service.core.schedule import EpochPlan
+from cluster_service.train.comm import LocalComm, unwrap
+
+# Up to this many clusters, cluster and subcluster statistics share one matmul (see accumulate).
+DENSE_SUBCLUSTER_MAX = 256
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """What one epoch did (returned, never printed here)."""
+
+    epoch: int
+    n_clusters: int
+    loss_cluster: float
+    loss_sub: float
+    log_marginal: float  # sum_k log f(X_k) of the clusters' statistics
+    size_entropy: float  # entropy (nats) of the cluster-size distribution
+    splits_proposed: int
+    splits_accepted: int
+    merges_proposed: int
+    merges_accepted: int
+    pruned: int
+    frozen: bool
+    time_total: float
+    time_train: float
+    time_stats: float
+    time_reduce: float
+    time_mstep: float
+    time_moves: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Engine:
+    """Training state and the named steps of one epoch.
+
+    x: (n_local, d) this process's rows; global_index: (n_local,) their positions in the global
+    row order (0..n_global-1). The engine centres the data on the global mean (kept as `shift`)
+    so statistics stay well conditioned; parameters are in centred coordinates internally.
+    """
+
+    def __init__(
+        self,
+        cfg: FitConfig,
+        x: torch.Tensor,
+        global_index: torch.Tensor | None = None,
+        n_global: int | None = None,
+        comm=None,
+        device: torch.device | None = None,
+    ):
+        self.cfg = cfg
+        self.comm = comm or LocalComm()
+        self.device = device or resolve_device(cfg.device)
+        # Statistics and decisions in float64. Dense math in float64 on CPU (exact, and the
+        # CPU has no fast fp32 path worth the risk); float32 on GPU with float64 accumulation.
+        self.dtype = torch.float64 if self.device.type == "cpu" else torch.float32
+        n_local = x.shape[0]
+        self.n_global = int(n_global if n_global is not None else n_local)
+        gi = torch.arange(n_local) if global_index is None else torch.as_tensor(global_index, dtype=torch.long)
+        self.g2l = torch.full((self.n_global,), -1, dtype=torch.long)
+        self.g2l[gi] = torch.arange(n_local)
+        self.g2l = self.g2l.to(self.device)
+
+        x = torch.as_tensor(x).to(self.device, torch.float64)
+        moments = torch.cat([torch.tensor([float(n_local)], dtype=STAT_DTYPE, device=self.device), x.sum(0)])
+        moments = self.comm.all_reduce_sum(moments)
+        self.shift = (moments[1:] / moments[0]).to(STAT_DTYPE)
+        xc = x - self.shift
+        sq = self.comm.all_reduce_sum(xc.square().sum(0))
+        self.data_var = sq / moments[0]
+        self.x = xc.to(self.dtype)
+        del x, xc
+        p = cfg.prior
+        self.prior: NIWPrior = make_prior(
+            torch.zeros_like(self.shift), self.data_var, p.kappa, p.nu_offset, p.psi_mode, p.psi_scale
+        )
+        self.input_scale = float(self.data_var.mean().clamp_min(1e-30).sqrt())
+        self.n_features = self.x.shape[1]
+
+        self.move_gen = torch.Generator().manual_seed(cfg.seed)  # used by rank 0's decisions only
+        self.batch_gen = torch.Generator().manual_seed(cfg.seed + 1)  # identical on every rank
+        self.init_gen = torch.Generator().manual_seed(cfg.seed + 2)  # net (re)initialisation
+        self.epoch = 0
+        self.frozen_until = -1
+        self.last_stats: tuple[SuffStats, SuffStats] | None = None  # set by run_epoch
+        self.params: GaussianParams
+        self.sub_params: GaussianParams
+        self.cluster_net: torch.nn.Module
+        self.subnets: torch.nn.Module
+
+    # ---- initialisation --------------------------------------------------------------------
+
+    def initialize(self) -> None:
+        """FAISS k-means on rank 0's rows -> broadcast -> hard statistics -> MAP params."""
+        K = self.cfg.k_init
+        centroids = None
+        if self.comm.rank == 0:
+            centroids = faiss_index.kmeans(self.x, K, seed=self.cfg.seed)
+        centroids = self.comm.broadcast_object(centroids)
+        z = torch.from_numpy(faiss_index.assign_nearest(self.x, centroids)).to(self.device)
+        stats = SuffStats.zeros((K,), self.n_features, device=self.device)
+        ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=self.device)
+        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(self.n_features, 1, self.cfg.chunk_size)):
+            add_hard_stats_(stats, self.x[sl], z[sl], ones[sl])
+        stats = self.reduce_stats(stats)
+        means, chol = map_estimate(self.prior, stats)
+        self.params = GaussianParams(dp_log_weights(stats.count, self.cfg.prior.alpha), means, chol)
+        self.sub_params = mv.principal_axis_subclusters(self.prior, stats)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            net = ClusterNet(self.n_features, K, self.cfg.net.cluster_hidden, self.input_scale)
+        subnets = SubclusterNets(self.n_features, K, self.cfg.net.sub_hidden, self.input_scale, self.init_gen)
+        self._install_nets(net.to(self.device), subnets.to(self.device))
+        keep = mv.propose_prunes(stats.count, 0.5)  # k-means duplicates on tiny data
+        if keep.removed:
+            self.rebuild_for_k(mv.apply_prunes(keep, self.params, self.sub_params))
+
+    def _install_nets(self, net: ClusterNet, subnets: SubclusterNets) -> None:
+        self.cluster_net = self.comm.wrap(net)
+        self.subnets = self.comm.wrap(subnets)
+        self.opt = torch.optim.Adam(self.cluster_net.parameters(), lr=self.cfg.net.lr)
+        self.sub_opt = torch.optim.Adam(self.subnets.parameters(), lr=self.cfg.net.sub_lr)
+
+    def rebuild_for_k(self, result: mv.MoveResult) -> None:
+        """THE change-of-K event: parameters, heads, subnets, optimizers and DDP wrappers together.
+
+        Net rows follow `result.source`; subnets of `result.fresh` clusters are re-initialised;
+        optimizers restart (Adam moments of resized tensors have no meaning for new rows).
+        """
+        self.params, self.sub_params = result.params, result.sub_params
+        net = resize_cluster_net(unwrap(self.cluster_net), result.source)
+        subnets = resize_subnets(unwrap(self.subnets), result.source, result.fresh, self.init_gen)
+        self._install_nets(net, subnets)
+
+    @property
+    def n_clusters(self) -> int:
+        return self.params.n_clusters
+
+    # ---- the named steps --------------------------------------------------------------------
+
+    def train_nets(self, plan: EpochPlan, use_estep: bool) -> tuple[float, float]:
+        """One pass of mini-batch training of the clustering net (target: E-step of the current
+        parameters) and, when planned, the subclustering nets. Returns summed losses / n_global."""
+        cfg = self.cfg.net
+        B = cfg.batch_size
+        steps = max(cfg.min_steps_per_epoch, math.ceil(self.n_global / (B * 1.0)))
+        perm = torch.randperm(self.n_global, generator=self.batch_gen).to(self.device)
+        g = WhitenedGaussians(self.params.means, self.params.chol, torch.float32)
+        logw = self.params.log_weights.float()
+        sub_means = self.sub_params.means.float()
+        world = self.comm.world_size
+        loss_fn = kl_loss if cfg.loss == "kl" else (lambda a, b: ajs_loss(a, b, cfg.ajs_alpha))
+        tot_cl = tot_sub = 0.0
+        self.cluster_net.train()
+        self.subnets.train()
+        for s in range(steps):
+            pos = (torch.arange(s * B, (s + 1) * B, device=self.device)) % self.n_global
+            loc = self.g2l[perm[pos]]
+            loc = loc[loc >= 0]
+            xb = self.x[loc].float()
+            with torch.no_grad():
+                log_target = torch.log_softmax(g.log_prob(xb) + logw, dim=-1)
+            logits = self.cluster_net(xb)
+            loss = loss_fn(logits, log_target).sum() * (world / B)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            tot_cl += float(loss.detach()) / world
+            if plan.train_subnets:
+                z = (log_target if use_estep else logits.detach()).argmax(-1)
+                sub_loss = subcluster_loss(self.subnets(xb, z), xb, sub_means[z]).sum() * (world / B)
+                sub_loss = sub_loss / self.input_scale**2
+                self.sub_opt.zero_grad(set_to_none=True)
+                sub_loss.backward()
+                self.sub_opt.step()
+                tot_sub += float(sub_loss.detach()) / world
+        # Each rank summed only its members of every batch: add the ranks' parts.
+        tot = self.comm.all_reduce_sum(torch.tensor([tot_cl, tot_sub], dtype=STAT_DTYPE, device=self.device))
+        return float(tot[0]) / steps, float(tot[1]) / steps
+
+    @torch.no_grad()
+    def log_responsibilities(self, x: torch.Tensor, use_estep: bool) -> torch.Tensor:
+        """log r_ik for rows x: the clustering net's (DeepDPM) or the E-step's. -> (n, K)."""
+        if use_estep:
+            return torch.log_softmax(log_joint(x, self.params, self.dtype, self.cfg.chunk_size), -1)
+        # The un-wrapped net: a DDP forward is a collective (buffer broadcast), and ranks run
+        # different numbers of inference chunks.
+        net = unwrap(self.cluster_net)
+        net.eval()
+        return torch.log_softmax(net(x.float()).to(self.dtype), -1)
+
+    @torch.no_grad()
+    def accumulate(self, use_estep: bool) -> tuple[SuffStats, SuffStats]:
+        """Local statistics: clusters weighted by r_ik; subclusters (bin 2k+j) by hard z_i = k
+        times the subnet's r~_ij. Returns batch shapes (K,) and (K, 2).
+
+        Up to DENSE_SUBCLUSTER_MAX clusters, both come from ONE matmul [r | w~]^T (x ⊗ x) with
+        the subcluster weights as a dense (n, 2K) matrix: the outer products are formed once
+        and the scatter-add (memory-bound, the top cost in the CPU profile) disappears. Beyond
+        that the extra 2K columns would cost more flops than the scatter-add saves.
+        """
+        K, d = self.n_clusters, self.n_features
+        dense = K <= DENSE_SUBCLUSTER_MAX
+        if dense:
+            both = SuffStats.zeros((3 * K,), d, device=self.device)
+        else:
+            stats = SuffStats.zeros((K,), d, device=self.device)
+            sub = SuffStats.zeros((2 * K,), d, device=self.device)
+        subnets = unwrap(self.subnets)  # no DDP collectives in inference (see log_responsibilities)
+        subnets.eval()
+        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(d, 3 * K if dense else K, self.cfg.chunk_size)):
+            xc = self.x[sl]
+            log_r = self.log_responsibilities(xc, use_estep)
+            z = log_r.argmax(-1)
+            r_sub = torch.softmax(subnets(xc.float(), z), -1).to(self.dtype)
+            if dense:
+                w_sub = torch.zeros(xc.shape[0], 2 * K, dtype=self.dtype, device=self.device)
+                w_sub.scatter_(1, torch.stack([2 * z, 2 * z + 1], 1), r_sub)
+                add_weighted_stats_(both, xc, torch.cat([log_r.exp(), w_sub], 1))
+            else:
+                add_weighted_stats_(stats, xc, log_r.exp())
+                for j in (0, 1):
+                    add_hard_stats_(sub, xc, 2 * z + j, r_sub[:, j])
+        if dense:
+            stats, sub = both[:K], both[K:]
+        sub = SuffStats(sub.count.reshape(K, 2), sub.sum.reshape(K, 2, d), sub.scatter.reshape(K, 2, d, d))
+        return stats, sub
+
+    def reduce_stats(self, stats: SuffStats) -> SuffStats:
+        """One all_reduce of the flattened statistics (identity in one process)."""
+        flat = self.comm.all_reduce_sum(stats.flatten())
+        return SuffStats.unflatten(flat, tuple(stats.count.shape), stats.n_features)
+
+    def m_step(self, stats: SuffStats, sub_stats: SuffStats, clusters: bool, subclusters: bool) -> None:
+        """Weighted MAP: NIW mode for means/covariances, Dirichlet posterior for weights."""
+        alpha = self.cfg.prior.alpha
+        params, sub = self.params, self.sub_params
+        if clusters:
+            means, chol = map_estimate(self.prior, stats)
+            params = GaussianParams(dp_log_weights(stats.count, alpha), means, chol)
+        if subclusters:
+            means, chol = map_estimate(self.prior, sub_stats)
+            sub = GaussianParams(mv.normalize_sub_weights(sub_stats.count, alpha), means, chol)
+            # A subcluster that lost (almost) all its points never wins any back under the
+            # isotropic subnet loss: restart that cluster's subclusters on its principal axis.
+            dead = (sub_stats.count < 1.0).any(-1) & (stats.count >= 2 * self.cfg.moves.min_cluster_size)
+            if bool(dead.any()):
+                fresh = mv.principal_axis_subclusters(self.prior, stats[dead])
+                sub.log_weights[dead], sub.means[dead], sub.chol[dead] = (
+                    fresh.log_weights, fresh.means, fresh.chol,
+                )
+                unwrap(self.subnets).reset_clusters(torch.nonzero(dead.cpu()).flatten(), self.init_gen)
+        self.params, self.sub_params = params, sub
+
+    def split_step(self, sub_stats: SuffStats) -> tuple[int, int]:
+        m = self.cfg.moves
+        decision = None
+        if self.comm.rank == 0:
+            decision = mv.propose_splits(
+                self.prior, self.cfg.prior.alpha, sub_stats, m.min_cluster_size, m.max_clusters, self.move_gen
+            )
+        decision = self.comm.broadcast_object(decision)
+        if decision.accepted:
+            self.rebuild_for_k(mv.apply_splits(decision, self.params, self.sub_params, self.prior, sub_stats))
+        return len(decision.proposed), len(decision.accepted)
+
+    def merge_step(self, stats: SuffStats) -> tuple[int, int]:
+        decision = None
+        if self.comm.rank == 0:
+            if self.n_clusters < 2:
+                decision = mv.MergeDecision((), (), ())
+            else:
+                neighbors = faiss_index.nearest_clusters(self.params.means, self.cfg.moves.merge_neighbors)
+                decision = mv.propose_merges(self.prior, self.cfg.prior.alpha, stats, neighbors, self.move_gen)
+        decision = self.comm.broadcast_object(decision)
+        if decision.accepted:
+            self.rebuild_for_k(mv.apply_merges(decision, self.params, self.sub_params, self.prior, stats))
+        return len(decision.proposed), len(decision.accepted)
+
+    def prune_step(self, stats: SuffStats) -> int:
+        decision = mv.propose_prunes(stats.count, self.cfg.moves.prune_below)  # same numbers on all ranks
+        if decision.removed:
+            self.rebuild_for_k(mv.apply_prunes(decision, self.params, self.sub_params))
+        return len(decision.removed)
+
+    # ---- the driver -------------------------------------------------------------------------
+
+    def run_epoch(self, plan: EpochPlan) -> EpochRecord:
+        t0 = time.perf_counter()
+        frozen = plan.epoch <= self.frozen_until
+        use_estep = self.cfg.responsibilities == "estep" or frozen or not plan.m_step
+        loss_cl, loss_sub = self.train_nets(plan, use_estep)
+        t1 = time.perf_counter()
+        stats, sub_stats = self.accumulate(use_estep)
+        t2 = time.perf_counter()
+        stats, sub_stats = self.reduce_stats(stats), self.reduce_stats(sub_stats)
+        self.last_stats = (stats, sub_stats)  # the epoch's global statistics, for callbacks
+        t3 = time.perf_counter()
+        self.m_step(stats, sub_stats, clusters=plan.m_step and not frozen, subclusters=plan.train_subnets)
+        log_ml = float(log_marginal_likelihood(self.prior, stats).sum())
+        counts = stats.count.clamp_min(0)
+        p = counts / counts.sum().clamp_min(1e-30)
+        entropy = float(-(p * torch.log(p.clamp_min(1e-300))).sum())
+        t4 = time.perf_counter()
+        sp = sa = mp = ma = pr = 0
+        if plan.m_step and not frozen and plan.move is None:
+            pr = self.prune_step(stats)
+        if plan.move == "split" and not frozen:
+            sp, sa = self.split_step(sub_stats)
+        elif plan.move == "merge" and not frozen:
+            mp, ma = self.merge_step(stats)
+        if sa or ma:
+            self.frozen_until = plan.epoch + self.cfg.schedule.freeze_epochs
+        t5 = time.perf_counter()
+        self.epoch = plan.epoch + 1
+        return EpochRecord(
+            epoch=plan.epoch, n_clusters=self.n_clusters, loss_cluster=loss_cl, loss_sub=loss_sub,
+            log_marginal=log_ml, size_entropy=entropy, splits_proposed=sp, splits_accepted=sa,
+            merges_proposed=mp, merges_accepted=ma, pruned=pr, frozen=frozen,
+            time_total=t5 - t0, time_train=t1 - t0, time_stats=t2 - t1, time_reduce=t3 - t2,
+            time_mstep=t4 - t3, time_moves=t5 - t4,
+        )
+
+    # ---- outputs ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def assign(self, x: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact MAP assignment argmax_k log pi_k + log N(x; mu_k, Sigma_k) of local rows
+        (or of centred rows x). Returns (cluster (n,) int64, log_prob (n,) float64)."""
+        x = self.x if x is None else x
+        lj = log_joint(x, self.params, self.dtype, self.cfg.chunk_size)
+        best, cluster = lj.max(-1)
+        return cluster.cpu().numpy(), best.double().cpu().numpy()
+
+    def export_params(self) -> GaussianParams:
+        """Mixture parameters in the original (uncentred) coordinates."""
+        return GaussianParams(
+            self.params.log_weights.clone(), self.params.means + self.shift, self.params.chol.clone()
+        )
+
+    # ---- checkpoints: named state -----------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "frozen_until": self.frozen_until,
+            "params": {k: v.cpu() for k, v in asdict_params(self.params).items()},
+            "sub_params": {k: v.cpu() for k, v in asdict_params(self.sub_params).items()},
+            "cluster_net": unwrap(self.cluster_net).state_dict(),
+            "subnets": unwrap(self.subnets).state_dict(),
+            "opt": self.opt.state_dict(),
+            "sub_opt": self.sub_opt.state_dict(),
+            "rng": {
+                "move": self.move_gen.get_state(),
+                "batch": self.batch_gen.get_state(),
+                "init": self.init_gen.get_state(),
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"checkpoint schema {state.get('schema_version')} != {SCHEMA_VERSION}")
+        self.epoch = int(state["epoch"])
+        self.frozen_until = int(state["frozen_until"])
+        self.params = GaussianParams(**{k: v.to(self.device) for k, v in state["params"].items()})
+        self.sub_params = GaussianParams(**{k: v.to(self.device) for k, v in state["sub_params"].items()})
+        K = self.params.n_clusters
+        net = ClusterNet(self.n_features, K, self.cfg.net.cluster_hidden, self.input_scale)
+        net.load_state_dict(state["cluster_net"])
+        subnets = SubclusterNets(self.n_features, K, self.cfg.net.sub_hidden, self.input_scale)
+        subnets.load_state_dict(state["subnets"])
+        self._install_nets(net.to(self.device), subnets.to(self.device))
+        self.opt.load_state_dict(state["opt"])
+        self.sub_opt.load_state_dict(state["sub_opt"])
+        self.move_gen.set_state(state["rng"]["move"])
+        self.batch_gen.set_state(state["rng"]["batch"])
+        self.init_gen.set_state(state["rng"]["init"])
+
+
+def asdict_params(p: GaussianParams) -> dict[str, torch.Tensor]:
+    return {"log_weights": p.log_weights, "means": p.means, "chol": p.chol}
+

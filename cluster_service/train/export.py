@@ -1,0 +1,35 @@
+"""From a trained Engine to the fitted-model objects that serving loads (cluster_service.serve)."""
+
+from __future__ import annotations
+
+import time
+
+from cluster_service.serve.model import NET_KEYS, FittedModel
+from cluster_service.train.comm import unwrap
+
+
+def model_from_engine(engine, manifest_hash: str | None = None, version: str = "",
+                      feature_space: dict | None = None) -> FittedModel:
+    """Export an Engine's state (original coordinates) as a FittedModel."""
+    p = engine.export_params()
+    net_state = unwrap(engine.cluster_net).state_dict()
+    prior = engine.prior
+    return FittedModel(
+        log_weights=p.log_weights.cpu().numpy(),
+        means=p.means.cpu().numpy(),
+        chol=p.chol.cpu().numpy(),
+        prior={
+            "alpha": engine.cfg.prior.alpha,
+            "kappa": prior.kappa,
+            "nu": prior.nu,
+            "mean": (prior.mean + engine.shift).cpu().numpy(),
+            "psi": prior.psi.cpu().numpy(),
+        },
+        net={k: net_state[k].detach().cpu().numpy() for k in NET_KEYS},
+        net_input_scale=engine.input_scale,
+        net_input_shift=engine.shift.cpu().numpy(),
+        config=engine.cfg.to_dict(),
+        manifest_hash=manifest_hash,
+        feature_space=feature_space,
+        version=version or time.strftime("%Y%m%dT%H%M%S", time.gmtime()),
+    )

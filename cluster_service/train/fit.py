@@ -1,0 +1,71 @@
+"""Single-process driver: data in, fitted model and per-epoch records out.
+
+The distributed trainer runs the same `Engine` steps in every worker; this module is the
+one-process sequencing of them (and what the distributed path is tested against).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cluster_service.config import FitConfig
+from cluster_service.core.schedule import build_plan
+from cluster_service.io.checks import check_features
+from cluster_service.serve.model import FittedModel
+from cluster_service.train.engine import Engine, EpochRecord
+from cluster_service.train.export import model_from_engine
+
+EpochCallback = Callable[[EpochRecord, Engine], None]
+
+
+@dataclass
+class FitResult:
+    model: FittedModel
+    history: list[EpochRecord]
+    clusters: np.ndarray  # (n,) int64 exact MAP assignment of the training rows
+    log_prob: np.ndarray  # (n,) float64 log pi_k + log N(x; mu_k, Sigma_k) of that cluster
+    engine: Engine
+
+    @property
+    def n_clusters(self) -> int:
+        return self.model.n_clusters
+
+
+def fit(
+    x: np.ndarray | torch.Tensor,
+    cfg: FitConfig | None = None,
+    callbacks: Sequence[EpochCallback] = (),
+    manifest_hash: str | None = None,
+    feature_space: dict | None = None,
+) -> FitResult:
+    """Fit DeepDPM on x (n, d) in this process; K is inferred."""
+    cfg = (cfg or FitConfig()).validate()
+    x_np = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    check_features(x_np, "features", min_rows=max(2, cfg.k_init))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        engine = Engine(cfg, torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float64)))
+        engine.initialize()
+        history = run_schedule(engine, callbacks)
+    clusters, log_prob = engine.assign()
+    model = model_from_engine(engine, manifest_hash, feature_space=feature_space)
+    return FitResult(model, history, clusters, log_prob, engine)
+
+
+def run_schedule(
+    engine: Engine, callbacks: Sequence[EpochCallback] = (), stop_after: int | None = None
+) -> list[EpochRecord]:
+    """Run the planned epochs from engine.epoch on (a resumed engine continues where it was)."""
+    history = []
+    for row in build_plan(engine.cfg.schedule)[engine.epoch :]:
+        if stop_after is not None and row.epoch >= stop_after:
+            break
+        rec = engine.run_epoch(row)
+        history.append(rec)
+        for cb in callbacks:
+            cb(rec, engine)
+    return history
