@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster_service.io.shards import MAX_ROW_GROUP, ShardWriter, load_manifest
+from cluster_service.io.shards import MAX_ROW_GROUP, ShardWriter, load_manifest, manifest_path
 from cluster_service.runtime.ray_session import ensure_ray
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-REPORT = "extract_report.json"
+REPORT = "_extract_report.json"  # Hive-style sidecar name (readers of the directory skip it)
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ def extract(
     from feature_extraction.moco import checkpoint_sha256, load_encoder
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.glob("*.parquet")) or (out_dir / "manifest.json").exists():
+    if out_dir.exists() and any(out_dir.glob("*.parquet")) or manifest_path(out_dir).exists():
         raise ValueError(f"{out_dir}: already holds shards; extract into an empty or new directory")
     encoder = load_encoder(cfg.checkpoint, head=cfg.head, normalize=cfg.normalize)  # fail fast, before Ray
     images = list_images(source)

@@ -90,3 +90,46 @@ def test_plan_prints_the_schedule(capsys, monkeypatch):
     r = run_inprocess(capsys, monkeypatch, "plan", "--epochs", "60")
     assert r.returncode == 0, r.stderr
     assert "splits at        15, 25, 35, 45" in r.stdout
+
+
+def test_assign_of_an_npz_reproduces_the_fit_and_shards_import(tmp_path, monkeypatch, capsys):
+    """`assign MODEL data.npz` takes the array file as it is and gives the fit's own assignments;
+    `shards import` turns the same file (or a table) into a shard directory."""
+    import pyarrow.parquet as pq
+
+    from cluster_service.datasets import make_mixture
+    from cluster_service.io.shards import read_feature_table
+
+    x, y = make_mixture(800, 4, 3, seed=5, separation=8.0)
+    np.savez(tmp_path / "data.npz", X=x, y=y)
+    fast = [a for kv in ("schedule.epochs=24", "net.min_steps_per_epoch=2", "schedule.first_split=4",
+                         "schedule.move_period=4", "schedule.warmup_epochs=2", "schedule.subcluster_start=2",
+                         "schedule.freeze_epochs=1", "schedule.final_epochs=3") for a in ("--set", kv)]
+    data, run = tmp_path / "data.npz", tmp_path / "run"
+    assert run_cli(capsys, monkeypatch, "fit", data, "--out", run, "--quiet", "--no-tracking", *fast) == 0
+    assert run_cli(capsys, monkeypatch, "assign", run, data, "--out", tmp_path / "assigned",
+                   "--local", "--method", "exact", "--quiet") == 0
+    fit_rows = pq.read_table(tmp_path / "run" / "assignments.parquet")
+    assigned = pq.read_table(sorted((tmp_path / "assigned").glob("*.parquet")))
+    np.testing.assert_array_equal(assigned.column("id").to_numpy(), fit_rows.column("id").to_numpy())
+    np.testing.assert_array_equal(assigned.column("cluster").to_numpy(), fit_rows.column("cluster").to_numpy())
+    np.testing.assert_allclose(assigned.column("margin").to_numpy(), fit_rows.column("margin").to_numpy(), rtol=1e-5)
+
+    assert run_cli(capsys, monkeypatch, "shards", "import", tmp_path / "data.npz", "--out", tmp_path / "shards",
+                   "--rows-per-shard", "300") == 0
+    t = read_feature_table(tmp_path / "shards")
+    np.testing.assert_array_equal(t.features, x.astype(np.float32))
+    np.testing.assert_array_equal(t.labels, y)
+    import pandas as pd
+
+    table = pd.DataFrame({"id": [f"r{i}" for i in range(5)], "a": x[:5, 0], "b": x[:5, 1]})
+    table.to_csv(tmp_path / "t.csv", index=False)
+    assert run_cli(capsys, monkeypatch, "shards", "import", tmp_path / "t.csv", "--out", tmp_path / "csv_shards") == 0
+    t = read_feature_table(tmp_path / "csv_shards")
+    assert list(t.ids) == [f"r{i}" for i in range(5)] and t.features.shape == (5, 2)
+
+
+def run_cli(capsys, monkeypatch, *args) -> int:
+    res = run_inprocess(capsys, monkeypatch, *args)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return res.returncode

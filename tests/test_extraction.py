@@ -18,7 +18,7 @@ from torchvision import transforms
 from torchvision.models import resnet50
 from typer.testing import CliRunner
 
-from cluster_service.io.shards import read_feature_table, validate_shards, write_shards
+from cluster_service.io.shards import MANIFEST, read_feature_table, validate_shards, write_shards
 from cluster_service.ops.cli import app
 from feature_extraction.extract import REPORT, apply_pca, list_images
 from feature_extraction.moco import CheckpointError, load_encoder, save_moco_checkpoint
@@ -183,7 +183,7 @@ def test_extract_job_writes_valid_shards_equal_to_direct_forward(ray_session, im
     assert r.exit_code == 0, (r.output, r.exception)
 
     assert validate_shards(out) == []
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["d"] == 128 and [s["rows"] for s in manifest["shards"]] == [4, 4, 2]
     ext = manifest["extractor"]
     assert ext["checkpoint_sha256"] == hashlib.sha256(moco_ckpt.read_bytes()).hexdigest()
@@ -269,10 +269,10 @@ def test_pca_keeps_unknown_labels_null(tmp_path):
         labels = [None if i % 4 == 0 else v for i, v in enumerate(t.column("label").to_pylist())]
         t = t.set_column(t.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
         pq.write_table(t, p, compression="zstd")
-    manifest = json.loads((raw / "manifest.json").read_text())
+    manifest = json.loads((raw / MANIFEST).read_text())
     for entry in manifest["shards"]:
         entry["sha256"] = hashlib.sha256((raw / entry["name"]).read_bytes()).hexdigest()
-    (raw / "manifest.json").write_text(json.dumps(manifest))
+    (raw / MANIFEST).write_text(json.dumps(manifest))
     apply_pca(raw, tmp_path / "pca", dim=2, rows_per_shard=20)
     out = pq.read_table(tmp_path / "pca" / "part-00000.parquet").column("label").to_pylist()
     assert out[0] is None and out[4] is None and out[1] == 1

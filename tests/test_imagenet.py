@@ -17,6 +17,8 @@ import yaml
 from conftest import imagenet_job_config
 from sklearn.metrics import normalized_mutual_info_score
 
+from cluster_service.io.shards import MANIFEST
+
 pytestmark = pytest.mark.ray
 
 
@@ -49,7 +51,7 @@ def test_imagenet_job_ends_with_scores_for_every_val_image(job_run, imagenet_tre
     # the model was fitted on the train split's features and accepted the val split's
     model_meta = json.loads((work / "fit" / "model" / "model.json").read_text())
     assert model_meta["feature_space"]["checkpoint_sha256"] and "source" not in model_meta["feature_space"]
-    train_manifest = json.loads((work / "features" / "train" / "manifest.json").read_text())
+    train_manifest = json.loads((work / "features" / "train" / MANIFEST).read_text())
     assert train_manifest["rows"] == len(imagenet_tree["train_ids"])
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from cluster_service.config import FitConfig
 from cluster_service.datasets import make_mixture
-from cluster_service.io.shards import write_shards
+from cluster_service.io.shards import MANIFEST, write_shards
 from cluster_service.ops.cli import main
 from cluster_service.serve.model import load_model
 from cluster_service.train.fit import fit
@@ -48,13 +48,13 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 def _relist(shard_dir: Path, name: str) -> None:
     """Make manifest.json agree with a rewritten shard (rows, sha256), so only the content is bad."""
-    m = json.loads((shard_dir / "manifest.json").read_text())
+    m = json.loads((shard_dir / MANIFEST).read_text())
     path = shard_dir / name
     for s in m["shards"]:
         if s["name"] == name:
             s["rows"] = pq.read_metadata(path).num_rows
             s["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    (shard_dir / "manifest.json").write_text(json.dumps(m))
+    (shard_dir / MANIFEST).write_text(json.dumps(m))
 
 
 def _rewrite(shard_dir: Path, name: str, edit) -> None:
@@ -115,12 +115,12 @@ BAD_SHARDS = {
         [f"img-{i}" for i in range(100, 200)]))), ["int64 in some shards and string in others"]),
     "truncated_parquet": (lambda s: _cut(s / P1, 0.5), [P1, "not a readable Parquet file"]),
     "corrupt_parquet": (lambda s: _scramble_middle(s / P2), [P2, "not a readable Parquet file"]),
-    "missing_from_disk": (lambda s: (s / P1).unlink(), [P1, "listed in manifest.json but missing"]),
+    "missing_from_disk": (lambda s: (s / P1).unlink(), [P1, f"listed in {MANIFEST} but missing"]),
     "extra_to_manifest": (lambda s: shutil.copy(s / P1, s / "part-00009.parquet"),
-                          ["part-00009.parquet", "not listed in manifest.json"]),
+                          ["part-00009.parquet", f"not listed in {MANIFEST}"]),
     "rows_differ_from_manifest": (lambda s: pq.write_table(pq.read_table(s / P1).slice(0, 60), s / P1),
-                                  [P1, "60 rows, manifest.json says 100"]),
-    "no_manifest": (lambda s: (s / "manifest.json").unlink(), ["manifest.json", "missing"]),
+                                  [P1, f"60 rows, {MANIFEST} says 100"]),
+    "no_manifest": (lambda s: (s / MANIFEST).unlink(), [MANIFEST, "missing"]),
     "feature_float64": (lambda s: _rewrite(s, P0, lambda t: _set(t, "feature", pa.array(
         np.zeros((100, D)).tolist(), pa.list_(pa.float64(), D)))),
         [P0, "column 'feature'", "expected fixed_size_list<float32>[4]"]),
@@ -308,7 +308,7 @@ def _leftovers(run: Path) -> list[str]:
 @pytest.mark.parametrize("fails", ["model", "assignments"])
 def test_disk_full_leaves_no_half_written_output_and_a_rerun_succeeds(fails, small_npz, tmp_path,
                                                                        monkeypatch, capsys):
-    import cluster_service.io.features as data_mod
+    import cluster_service.io.atomic as data_mod
 
     run = tmp_path / "run"
     args = ("fit", str(small_npz), "--out", str(run), "--no-tracking", "--quiet", "--epochs", "8",

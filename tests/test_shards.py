@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from cluster_service.io.features import load_features
 from cluster_service.io.shards import (
+    MANIFEST,
     ShardError,
     features_to_numpy,
     iter_feature_batches,
@@ -53,11 +54,11 @@ def put_table(shard_dir, name: str, table: pa.Table, listed: bool = True) -> Non
     path = shard_dir / name
     pq.write_table(table, path)
     if listed:
-        m = json.loads((shard_dir / "manifest.json").read_text())
+        m = json.loads((shard_dir / MANIFEST).read_text())
         m["shards"] = [s for s in m["shards"] if s["name"] != name]
         m["shards"].append({"name": name, "rows": table.num_rows,
                             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-        (shard_dir / "manifest.json").write_text(json.dumps(m))
+        (shard_dir / MANIFEST).write_text(json.dumps(m))
 
 
 def table_of(ids, x, d=D, labels=None) -> pa.Table:
@@ -82,7 +83,7 @@ def test_round_trip_schema_manifest_and_hashes(tmp_path):
 
     assert [s["rows"] for s in m["shards"]] == [50, 50, 30]
     assert m["d"] == D and m["schema_version"] == 1 and m["extractor"] == {"head": "proj"} and m["created"]
-    on_disk = json.loads((out / "manifest.json").read_text())
+    on_disk = json.loads((out / MANIFEST).read_text())
     assert on_disk == m
     for s in m["shards"]:
         assert hashlib.sha256((out / s["name"]).read_bytes()).hexdigest() == s["sha256"]
@@ -98,7 +99,7 @@ def test_round_trip_schema_manifest_and_hashes(tmp_path):
     np.testing.assert_array_equal(t.features, x)
     assert t.features.dtype == np.float32 and t.features.flags.c_contiguous and t.features.flags.writeable
     np.testing.assert_array_equal(t.labels, labels)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     # the feature space (d + the extractor's defining fields), not the bytes and not provenance
     space = {"d": D, **{k: v for k, v in manifest["extractor"].items() if k not in ("source", "checkpoint")}}
     assert t.feature_space == space
@@ -182,10 +183,10 @@ def test_reader_checks_manifest_before_reading(good_dir):
     with pytest.raises(ShardError, match="part-00001.parquet.*missing"):
         read_feature_table(out)
     # rank 0 does not own part-00001 but is still told when the manifest is unusable
-    (out / "manifest.json").write_text("{not json")
+    (out / MANIFEST).write_text("{not json")
     with pytest.raises(ShardError, match="manifest.json.*JSON"):
         read_feature_table(out, 0, 2)
-    (out / "manifest.json").unlink()
+    (out / MANIFEST).unlink()
     with pytest.raises(ShardError, match="manifest.json.*missing"):
         load_manifest(out)
 
@@ -197,10 +198,10 @@ def test_reader_names_file_and_row_of_nonfinite_and_rows_mismatch(good_dir):
     put_table(out, "part-00001.parquet", table_of(ids[40:80], bad, labels=np.zeros(40, np.int64)))
     with pytest.raises(ShardError, match=r"part-00001.parquet row 7: .*NaN or Inf"):
         read_feature_table(out)
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / MANIFEST).read_text())
     m["shards"][0]["rows"] = 41
-    (out / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ShardError, match="part-00000.parquet: 40 rows, manifest.json says 41"):
+    (out / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ShardError, match=f"part-00000.parquet: 40 rows, {MANIFEST} says 41"):
         read_feature_table(out)
 
 
@@ -225,9 +226,9 @@ def test_wrong_d(good_dir):
 def test_mixed_d_without_manifest(good_dir):
     out, ids, x, _ = good_dir
     put_table(out, "part-00001.parquet", table_of(ids[40:80], np.zeros((40, 3), np.float32), d=3))
-    (out / "manifest.json").unlink()
+    (out / MANIFEST).unlink()
     ks = kinds(validate_shards(out))
-    assert ("manifest", "manifest.json", None) in ks and ("d", "part-00001.parquet", None) in ks
+    assert ("manifest", MANIFEST, None) in ks and ("d", "part-00001.parquet", None) in ks
 
 
 def test_nan_and_inf_rows(good_dir):
@@ -306,3 +307,46 @@ def test_row_problems_are_capped_with_a_total(good_dir):
     put_table(out, "part-00000.parquet", table_of(ids[:40], np.full((40, D), np.nan, np.float32)))
     rows = [p for p in validate_shards(out, max_rows_reported=5) if p.kind == "nonfinite"]
     assert [p.row for p in rows] == [0, 1, 2, 3, 4, None] and "40 rows in all" in rows[-1].message
+
+
+def test_shard_and_assignment_directories_open_in_common_parquet_readers(tmp_path):
+    """pandas, pyarrow.dataset and DuckDB read a shard directory and an assignment directory as they
+    are (the sidecars are Hive-style `_manifest.json` / `_extract_report.json`, which they skip), and
+    features join to assignments by id."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    from cluster_service.bench.assign import sample_model, synthetic_model
+    from cluster_service.runtime.assign_job import assign_shards
+
+    model = synthetic_model(5, 4, seed=1)
+    x, _ = sample_model(model, 300, seed=2)
+    ids = np.arange(300) * 3 + 1
+    write_shards(tmp_path / "shards", ids, x, labels=np.arange(300) % 5, rows_per_shard=100)
+    (tmp_path / "shards" / "_extract_report.json").write_text("{}")  # as extraction leaves it
+    assert (tmp_path / "shards" / MANIFEST).is_file() and MANIFEST.startswith("_")
+    model.save(tmp_path / "model")
+    assert not assign_shards(tmp_path / "model", tmp_path / "shards", tmp_path / "assigned", use_ray=False).failed
+
+    feats = pd.read_parquet(tmp_path / "shards")
+    assert len(feats) == 300 and set(feats.columns) >= {"id", "feature", "label"}
+    assigned = ds.dataset(tmp_path / "assigned", format="parquet").to_table().to_pandas()
+    assert len(assigned) == 300 and set(assigned.columns) >= {"id", "cluster", "log_prob", "margin"}
+    assert ds.dataset(tmp_path / "shards", format="parquet").count_rows() == 300
+    joined = duckdb.sql(
+        f"SELECT f.id, f.label, a.cluster FROM read_parquet('{tmp_path / 'shards'}/*.parquet') f "
+        f"JOIN read_parquet('{tmp_path / 'assigned'}/*.parquet') a USING (id) ORDER BY f.id").df()
+    assert len(joined) == 300 and (joined["id"].to_numpy() == ids).all()
+
+
+def test_directories_with_the_old_manifest_name_still_load(tmp_path):
+    from cluster_service.io.shards import LEGACY_MANIFEST, load_manifest, manifest_path
+
+    x = np.random.default_rng(0).standard_normal((50, 3))
+    write_shards(tmp_path / "old", np.arange(50), x, rows_per_shard=25)
+    (tmp_path / "old" / MANIFEST).rename(tmp_path / "old" / LEGACY_MANIFEST)
+    assert manifest_path(tmp_path / "old").name == LEGACY_MANIFEST
+    assert load_manifest(tmp_path / "old")[0]["rows"] == 50
+    np.testing.assert_array_equal(read_feature_table(tmp_path / "old").features, x.astype(np.float32))
+    assert validate_shards(tmp_path / "old") == []

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster_service.config import FitConfig
+from cluster_service.io.shards import manifest_path
 from cluster_service.runtime.trainer import fit_distributed
 
 
@@ -39,7 +40,7 @@ def bench_epoch_distributed(
 
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="bench-dist-"))
     shards = root / "shards"
-    if not (shards / "manifest.json").is_file():
+    if not manifest_path(shards).is_file():
         x, _ = make_mixture(n_samples, n_features, n_clusters, seed=seed)
         rows = -(-n_samples // (4 * max(workers)))
         write_shards(shards, np.arange(n_samples, dtype=np.int64), x, rows_per_shard=rows)

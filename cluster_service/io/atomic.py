@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 TMP_MARK = ".tmp-"  # temporary names: .NAME.tmp-PID; a killed writer's leftovers match ".*.tmp-*"
 
 
@@ -71,8 +73,6 @@ def write_json_atomic(obj, path: str | os.PathLike, indent: int | None = 2) -> P
 
 def write_parquet_atomic(table, path: str | os.PathLike, **kwargs) -> Path:
     """A pyarrow Table as Parquet (zstd unless `compression` is given)."""
-    import pyarrow.parquet as pq
-
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, **{"compression": "zstd", **kwargs})
     return Path(path)

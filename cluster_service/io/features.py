@@ -27,7 +27,8 @@ class FeatureSet:
 
 
 def load_features(path: str | os.PathLike) -> FeatureSet:
-    """Read X (and optional labels y) from .npy, .npz (arrays X/x and optional y/labels/label)
+    """Read X (and optional labels y) from .npy, .npz (arrays X/x and optional y/labels/label), a
+    table (.parquet or .csv: a `feature` list column or the numeric columns; optional `id`, `label`)
     or a directory of Parquet feature shards (DESIGN §3)."""
     p = Path(path)
     if not p.exists():
@@ -37,6 +38,8 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
 
         t = read_feature_table(p)
         return FeatureSet(t.ids, t.features, t.labels, t.manifest_hash, str(p), t.feature_space)
+    if p.suffix in (".parquet", ".csv"):
+        return _load_table(p)
     if p.suffix == ".npy":
         try:
             x = np.load(p, allow_pickle=False)
@@ -55,7 +58,7 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
         lk = next((k for k in ("y", "labels", "label") if k in z.files), None)
         labels = z[lk] if lk else None
     else:
-        raise DataError(f"{p}: expected a .npy or .npz file or a directory of Parquet shards")
+        raise DataError(f"{p}: expected a .npy, .npz, .parquet or .csv file or a directory of Parquet shards")
     if x.ndim != 2:
         raise DataError(f"{p}: expected a 2-D array (n_samples, n_features), got shape {x.shape}")
     if labels is not None:
@@ -82,3 +85,48 @@ def head_rows(path: str | os.PathLike, n: int) -> np.ndarray:
         if got >= n:
             break
     return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
+
+
+def _load_table(p: Path) -> FeatureSet:
+    """A feature table: `id` (optional; default row numbers), `label` (optional), and either one
+    `feature` column of fixed-size lists or every other numeric column as a feature."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p) if p.suffix == ".parquet" else pcsv.read_csv(p)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{p}: not a readable {p.suffix[1:]} table ({e})") from e
+    names = table.column_names
+    if "feature" in names:
+        from cluster_service.io.shards import features_to_numpy
+
+        x = features_to_numpy(table.column("feature"))
+    else:
+        cols = [n for n in names if n not in ("id", "label", "path")]
+        bad = [n for n in cols if not pa.types.is_integer(table.schema.field(n).type)
+               and not pa.types.is_floating(table.schema.field(n).type)]
+        if not cols or bad:
+            raise DataError(f"{p}: expected a 'feature' list column or numeric feature columns; "
+                            f"non-numeric column(s): {bad or 'none found'}")
+        x = np.column_stack([table.column(n).to_numpy(zero_copy_only=False) for n in cols]).astype(np.float64)
+    ids = table.column("id").to_numpy(zero_copy_only=False) if "id" in names else np.arange(len(x), dtype=np.int64)
+    labels = None
+    if "label" in names:
+        labels = table.column("label").fill_null(-1).to_numpy().astype(np.int64)
+    check_features(x, str(p), min_rows=1, error=DataError)
+    return FeatureSet(ids, x.astype(np.float32), labels, None, str(p))
+
+
+def import_features(src: str | os.PathLike, out_dir: str | os.PathLike, rows_per_shard: int | None = None) -> dict:
+    """Write any input `load_features` reads (array file or table) as a shard directory; returns the
+    manifest. Labels stay a `label` column; ids are the table's `id` column or the row numbers."""
+    import pyarrow as pa
+
+    from cluster_service.io.shards import MAX_ROW_GROUP, write_shards
+
+    feats = load_features(src)
+    labels = None if feats.labels is None else pa.array(feats.labels, pa.int64(), mask=feats.labels < 0)
+    return write_shards(out_dir, feats.ids, feats.x, labels, rows_per_shard=rows_per_shard or MAX_ROW_GROUP,
+                        extractor={"method": "import", "source": str(src)})

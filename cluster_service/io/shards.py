@@ -38,7 +38,19 @@ from cluster_service.io.atomic import atomic_path, write_bytes_atomic
 from cluster_service.io.checks import nonfinite_rows
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
+# Sidecar files are named the Hive way (a leading underscore), so pandas, pyarrow.dataset, DuckDB and
+# Spark open a shard directory as a Parquet data set; directories written before keep `manifest.json`,
+# which every reader here still accepts (`manifest_path`).
+MANIFEST = "_manifest.json"
+LEGACY_MANIFEST = "manifest.json"
+
+
+def manifest_path(shard_dir: str | os.PathLike) -> Path:
+    """The manifest of a shard directory: `_manifest.json`, else the older `manifest.json` when only
+    that one exists (the new name when neither does)."""
+    shard_dir = Path(shard_dir)
+    new, old = shard_dir / MANIFEST, shard_dir / LEGACY_MANIFEST
+    return old if old.is_file() and not new.is_file() else new
 MAX_ROW_GROUP = 65_536
 SHARD_GLOB = "*.parquet"
 # Float features: no dictionary (it never pays off and is abandoned mid-page), byte-stream-split so zstd
@@ -172,7 +184,7 @@ class ShardWriter:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         existing = sorted(p.name for p in self.out_dir.glob(SHARD_GLOB)) + (
-            [MANIFEST] if (self.out_dir / MANIFEST).exists() else []
+            [manifest_path(self.out_dir).name] if manifest_path(self.out_dir).exists() else []
         )
         if existing:
             raise ShardError(
@@ -372,7 +384,7 @@ def load_manifest(shard_dir: str | os.PathLike) -> tuple[dict, str]:
     The hash identifies the feature space (d + extractor), not the file's bytes: it is what a
     fitted model records and what `assign` compares with new shards."""
     shard_dir = Path(shard_dir)
-    mpath = shard_dir / MANIFEST
+    mpath = manifest_path(shard_dir)
     if not shard_dir.is_dir():
         raise FileNotFoundError(f"{shard_dir}: no such shard directory")
     if not mpath.is_file():
@@ -606,7 +618,7 @@ def validate_shards(shard_dir: str | os.PathLike, max_rows_reported: int = 20) -
         return [Problem(str(shard_dir), "missing", "no such directory")]
     problems: list[Problem] = []
     manifest = None
-    mpath = shard_dir / MANIFEST
+    mpath = manifest_path(shard_dir)
     if not mpath.is_file():
         problems.append(Problem(MANIFEST, "manifest", "missing"))
     else:

@@ -4,6 +4,7 @@ rich: progress bars and tables). Commands parse arguments and call library funct
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -311,13 +312,28 @@ def demo(
     out.print("MLflow runs (params, per-epoch metrics, plots): `make mlflow-ui`, then http://127.0.0.1:5000")
 
 
-shards_app = typer.Typer(no_args_is_help=True, help="Feature-shard directories (Parquet + manifest.json).")
+shards_app = typer.Typer(no_args_is_help=True, help="Feature-shard directories (Parquet + _manifest.json).")
 app.add_typer(shards_app, name="shards")
+
+
+@shards_app.command("import")
+def shards_import(
+    src: Annotated[Path, typer.Argument(help=".npy / .npz (X, optional y) or a .parquet / .csv table")],
+    out_dir: Annotated[Path, typer.Option("--out", help="shard directory to write (must be empty)")],
+    rows_per_shard: Annotated[int | None, typer.Option(help="rows per shard (default 65536)")] = None,
+) -> None:
+    """Turn an array file or a table into a shard directory (what `fit --workers`, `assign` and the
+    jobs read). Tables: a `feature` list column or numeric columns; optional `id` and `label`."""
+    from cluster_service.io.features import import_features
+
+    manifest = import_features(src, out_dir, rows_per_shard)
+    out.print(f"{out_dir}: {manifest['rows']} rows in {len(manifest['shards'])} shard(s), d={manifest['d']}",
+              soft_wrap=True)
 
 
 @shards_app.command("validate")
 def shards_validate(
-    shard_dir: Annotated[Path, typer.Argument(help="directory of Parquet feature shards with manifest.json")],
+    shard_dir: Annotated[Path, typer.Argument(help="directory of Parquet feature shards (with _manifest.json)")],
 ) -> None:
     """Check a shard directory completely; print every problem (file, row, what), exit 1 if any."""
     from cluster_service.io.shards import validate_shards
@@ -328,7 +344,9 @@ def shards_validate(
     if problems:
         console.print(f"[bold red]{len(problems)} problem(s)[/] in {shard_dir}")
         raise typer.Exit(1)
-    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    from cluster_service.io.shards import manifest_path
+
+    manifest = json.loads(manifest_path(shard_dir).read_text())
     out.print(f"{shard_dir}: valid — {manifest.get('rows')} rows in {len(manifest['shards'])} shard(s), "
               f"d={manifest['d']}", soft_wrap=True)
 
@@ -376,7 +394,7 @@ def extract(
 @app.command()
 def assign(
     model: Annotated[str, typer.Argument(help="model dir, run dir, models:/NAME/VERSION or runs:/ID/PATH")],
-    shard_dir: Annotated[Path, typer.Argument(help="directory of Parquet feature shards with manifest.json")],
+    shard_dir: Annotated[Path, typer.Argument(help="shard directory, or an .npz / .npy / .parquet / .csv file")],
     out_dir: Annotated[Path, typer.Option("--out", help="where assignment shards go (same file names)")],
     method: Annotated[str, typer.Option(help="shortlist (FAISS, exact rescore) | exact | net")] = "shortlist",
     top_m: Annotated[int, typer.Option(help="shortlist size: candidate clusters rescored exactly")] = TOP_M,
@@ -386,11 +404,18 @@ def assign(
         help="MLflow tracking URI for model URIs (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
-    """Assign feature shards to a fitted model's clusters; one output Parquet per shard, re-runs
-    skip finished shards; exit 1 if any shard could not be assigned."""
+    """Assign feature shards (or an .npz / .npy / table file) to a fitted model's clusters; one output
+    Parquet per shard, re-runs skip finished shards; exit 1 if any shard could not be assigned."""
     from cluster_service.io.shards import load_manifest
     from cluster_service.runtime.assign_job import assign_shards, open_model
 
+    if shard_dir.is_file():  # an array or table file: its shards are written beside the outputs first
+        from cluster_service.io.features import import_features
+
+        staged = out_dir.parent / f".{out_dir.name}.input-shards"
+        shutil.rmtree(staged, ignore_errors=True)
+        import_features(shard_dir, staged)
+        shard_dir = staged
     manifest, _ = load_manifest(shard_dir)
     uri = None
     if ":/" in model:

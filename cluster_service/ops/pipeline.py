@@ -89,7 +89,9 @@ def extract_step(section: ExtractSection, images: str | None = None, out: str | 
     from feature_extraction.extract import extract
 
     images, out = resolve_path(images or section.images), resolve_path(out or section.out)
-    if reuse and (Path(out) / "manifest.json").is_file():
+    from cluster_service.io.shards import manifest_path
+
+    if reuse and manifest_path(out).is_file():
         print(f"extract: {out} already holds shards; reusing them", flush=True)
         return {"out": out, "reused": True}
     cfg = dataclasses.replace(section.extract_config(), checkpoint=Path(resolve_path(section.checkpoint)))

@@ -25,7 +25,7 @@ import torch
 from cluster_service.io.atomic import write_parquet_atomic
 from cluster_service.io.checks import nonfinite_rows
 from cluster_service.io.runs import assignments_table
-from cluster_service.io.shards import ShardError, iter_feature_batches, load_manifest
+from cluster_service.io.shards import ShardError, iter_feature_batches, load_manifest, manifest_path
 from cluster_service.runtime.ray_session import ensure_ray
 from cluster_service.serve.assign import DEFAULT_TOP_M, METHODS, Assignment, concat_assignments, make_assigner
 from cluster_service.serve.model import FittedModel, ModelError, load_model
@@ -198,11 +198,11 @@ def assign_shards(
         model = open_model(model, n_features=d)
     elif model.n_features != d:
         raise ModelError(f"model has feature dimension d={model.n_features}, "
-                         f"{Path(shard_dir) / 'manifest.json'} says the shards have d={d}")
+                         f"{manifest_path(shard_dir)} says the shards have d={d}")
     why = model.feature_space_mismatch(manifest)
     if why is not None:
         raise ModelError(
-            f"{Path(shard_dir) / 'manifest.json'}: {why}: these features come from another extractor or "
+            f"{manifest_path(shard_dir)}: {why}: these features come from another extractor or "
             "preprocessing, and the model's clusters do not apply to them"
         )
     out = Path(out_dir)
