@@ -28,7 +28,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
+        # as runtime.ray_session starts a local Ray: workers' own lines stay in Ray's log files
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
     yield ray
     ray.shutdown()
 

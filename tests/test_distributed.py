@@ -269,3 +269,31 @@ def test_one_gpu_worker_fits(data, tmp_path, ray_local):
     assert model.n_clusters == summary["k_found"] >= 4
     assert len(_assignments(tmp_path / "out")) == len(y)
     assert summary["nmi"] > 0.9
+
+
+@pytest.mark.ray
+def test_cli_fit_with_workers_shows_the_one_process_progress_and_table(data, tmp_path, monkeypatch, capsys,
+                                                                        ray_local):
+    """`fit --workers 2` prints the same progress bar (epoch, K, loss) and summary table as a one-process
+    fit, fed from rank 0's records; Ray's own lines (TrainingReport dicts, checkpoint paths) stay out."""
+    from cluster_service.ops import cli
+
+    _, _, shards = data
+    own = {k: v for k, v in CFG.flat().items() if k.startswith(("schedule.", "net.min_steps", "seed"))}
+    sets = [a for k, v in own.items() for a in ("--set", f"{k}={v}")]
+    outputs = {}
+    for name, extra in (("one", []), ("two", ["--workers", "2"])):
+        argv = ["cluster-service", "fit", str(shards), "--no-tracking", "--out", str(tmp_path / name), *sets, *extra]
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as done:
+            cli.main()
+        outputs[name] = capsys.readouterr()
+        assert done.value.code == 0, outputs[name].err[-2000:]
+    epochs = CFG.schedule.epochs
+    for name, cap in outputs.items():
+        text = cap.out + cap.err
+        assert f"{epochs}/{epochs}" in text and "K=" in text, name  # the bar reached the last epoch
+        assert "k_found" in cap.out and "model:" in cap.out, name  # the summary table and the paths
+    two = outputs["two"].out + outputs["two"].err
+    assert "TrainingReport(" not in two and "Checkpoint successfully created" not in two
+    assert "on 2 worker(s)" in two

@@ -4,6 +4,7 @@ rich: progress bars and tables). Commands parse arguments and call library funct
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -19,6 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cluster_service.config import CHECKPOINT_EVERY, TOP_M, ConfigError, FitConfig
+from cluster_service.runtime.ray_session import VERBOSE_ENV
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DeepDPM clustering that infers K.")
 console = Console(stderr=True)
@@ -78,6 +80,10 @@ class FitProgress:
 
     def __call__(self, rec, engine) -> None:
         self.progress.update(self.task, completed=rec.epoch + 1, k=rec.n_clusters, loss=rec.loss_cluster)
+
+    def record(self, rec: dict) -> None:
+        """The same update from a record dict (rank 0 of a distributed fit, via progress.jsonl)."""
+        self.progress.update(self.task, completed=rec["epoch"] + 1, k=rec["n_clusters"], loss=rec["loss_cluster"])
 
 
 def run_fit(
@@ -172,6 +178,7 @@ def fit(
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per worker (0: CPU workers, gloo)")] = 0.0,
     checkpoint_every: Annotated[int, typer.Option(
         help="with --workers: epochs between checkpoints")] = CHECKPOINT_EVERY,
+    verbose: Annotated[bool, typer.Option(help="with --workers: also show Ray's own worker lines")] = False,
 ) -> None:
     """Fit DeepDPM on DATA (in this process, or on Ray Train workers); K is inferred. The run is
     logged to MLflow."""
@@ -189,7 +196,10 @@ def fit(
                              gpus_per_worker=gpus_per_worker or 1.0, checkpoint_every=checkpoint_every)
         tracking = TrackingSection(enabled=not no_tracking, uri=tracking_uri,
                                    **({"experiment": experiment} if experiment else {}))
-        summary = fit_job(train, cfg, tracking)
+        if verbose:
+            os.environ[VERBOSE_ENV] = "1"  # Ray's own worker lines on this terminal too
+        with FitProgress(cfg.schedule.epochs, quiet) as bar:
+            summary = fit_job(train, cfg, tracking, progress=bar.record)
         print_summary(summary, f"fit {data} on {workers} worker(s)")
         out.print(f"model: {out_dir / 'model'}\nassignments: {out_dir / 'assignments.parquet'}")
         return

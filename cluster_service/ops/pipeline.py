@@ -79,6 +79,59 @@ class RankZero:
             self.callback(record, engine)
 
 
+class ProgressFile:
+    """Rank 0's epoch records as JSON lines in RUN_DIR/progress.jsonl, for the driver's progress bar
+    (`cluster-service fit --workers N` shows the same bar as a one-process fit; see `follow_progress`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+
+    def __call__(self, record, engine) -> None:
+        if engine.comm.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record.as_dict()) + "\n")
+
+
+def epoch_printer(epochs: int):
+    """A progress feed for job logs: one line per ~5% of the epochs, and the last."""
+    step = max(1, epochs // 20)
+
+    def show(rec: dict) -> None:
+        if (rec["epoch"] + 1) % step == 0 or rec["epoch"] + 1 == epochs:
+            print(f"fit: epoch {rec['epoch'] + 1}/{epochs} K={rec['n_clusters']} "
+                  f"loss={rec['loss_cluster']:.3f} log_marginal={rec['log_marginal']:.4g}", flush=True)
+
+    return show
+
+
+@contextlib.contextmanager
+def follow_progress(path: str | os.PathLike, on_record, poll_s: float = 0.5):
+    """Call `on_record(dict)` for every line appended to `path` while the block runs (a thread tails it)."""
+    import threading
+
+    path, done, seen = Path(path), threading.Event(), [0]
+
+    def drain() -> None:
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            for line in lines[seen[0]:]:
+                on_record(json.loads(line))
+            seen[0] = len(lines)
+
+    def loop() -> None:
+        while not done.wait(poll_s):
+            drain()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        drain()
+
+
 # ---- steps --------------------------------------------------------------------------------------------
 
 
@@ -108,9 +161,10 @@ def extract_step(section: ExtractSection, images: str | None = None, out: str | 
     return report.as_dict()
 
 
-def fit_step(train: TrainSection, cfg: FitConfig, tracker=None) -> dict:
+def fit_step(train: TrainSection, cfg: FitConfig, tracker=None, progress=None) -> dict:
     """Distributed fit of `train.data` into `train.out`; per-epoch metrics go to `tracker` from rank 0,
-    then the final metrics, model directory, config and history from the driver. Returns the summary."""
+    then the final metrics, model directory, config and history from the driver; `progress(record dict)`
+    is called on the driver as rank 0 finishes each epoch. Returns the summary."""
     from cluster_service.runtime.trainer import completed_run, fit_distributed
 
     data, out = resolve_path(train.data), resolve_path(train.out)
@@ -118,12 +172,17 @@ def fit_step(train: TrainSection, cfg: FitConfig, tracker=None) -> dict:
     if train.storage_path is None and (done := completed_run(data, out, cfg)) is not None:
         print(f"fit: {out} already holds this fit (K={done['k_found']}); reusing it", flush=True)
         return {**done, "reused": True}
-    summary = fit_distributed(
-        data, out, cfg, train.workers, use_gpu=train.use_gpu, gpus_per_worker=train.gpus_per_worker,
-        cpus_per_worker=train.cpus_per_worker, checkpoint_every=train.checkpoint_every,
-        max_failures=train.max_failures, storage_path=resolve_path(train.storage_path),
-        callbacks=[RankZero(tracker)] if active else [],
-    )
+    callbacks = [RankZero(tracker)] if active else []
+    feed = Path(out) / "progress.jsonl"
+    feed.unlink(missing_ok=True)
+    callbacks.append(ProgressFile(feed))
+    with follow_progress(feed, progress or epoch_printer(cfg.schedule.epochs)):
+        summary = fit_distributed(
+            data, out, cfg, train.workers, use_gpu=train.use_gpu, gpus_per_worker=train.gpus_per_worker,
+            cpus_per_worker=train.cpus_per_worker, checkpoint_every=train.checkpoint_every,
+            max_failures=train.max_failures, storage_path=resolve_path(train.storage_path),
+            callbacks=callbacks,
+        )
     print(f"fit: K={summary['k_found']} in {summary['seconds']} s on {train.workers} worker(s); "
           f"model {out}/model", flush=True)
     if active:  # the same end-of-run logging as a one-process fit (tracking.Tracker.log_result)
@@ -152,7 +211,7 @@ def data_params(data_path: str) -> tuple[dict[str, Any], str | None]:
     return {"data.n_samples": n, "data.n_features": d, "data.n_shards": n_shards}, manifest_hash
 
 
-def fit_job(train: TrainSection, cfg: FitConfig, tracking: TrackingSection) -> dict:
+def fit_job(train: TrainSection, cfg: FitConfig, tracking: TrackingSection, progress=None) -> dict:
     """The fit job: a tracked distributed fit; the summary gains `mlflow_run` when tracked."""
     data = resolve_path(train.data)
     params, manifest_hash = data_params(data)
@@ -160,7 +219,7 @@ def fit_job(train: TrainSection, cfg: FitConfig, tracking: TrackingSection) -> d
     tracker = start_tracker(cfg, tracking, Path(resolve_path(train.out)).name,
                             {"data.path": data, "job": "fit"}, params, manifest_hash)
     with tracker:
-        summary = fit_step(train, cfg, tracker)
+        summary = fit_step(train, cfg, tracker, progress)
     if tracker.run_id is not None:
         summary["mlflow_run"] = tracker.run_id
     return summary
