@@ -20,6 +20,7 @@ SCHEMA_VERSION = 1
 CHECKPOINT_EVERY = 5  # epochs between Ray Train checkpoints of a distributed fit
 TOP_M = 16  # `assign --method shortlist`: candidate clusters rescored exactly per row
 EXPERIMENT = "cluster_service"  # MLflow experiment of fits and jobs
+NOVELTY_FPR = 0.01  # `assign`: share of training-like rows flagged novel (serve.novelty)
 
 
 class ConfigError(ValueError):

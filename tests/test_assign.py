@@ -228,7 +228,7 @@ def test_interrupted_assign_resumes_and_redoes_only_missing(job, monkeypatch):
     assert [o.status for o in clean.outcomes] == ["done"] * 5
     want = read_outputs(tmp / "clean")
     t = want["part-00001.parquet"]
-    assert t.column_names == ["id", "cluster", "log_prob", "margin", "model_version"]
+    assert t.column_names == ["id", "cluster", "log_prob", "margin", "novelty", "novel", "model_version"]
     assert str(t.schema.field("cluster").type) == "int32" and str(t.schema.field("margin").type) == "float"
     np.testing.assert_array_equal(t.column("id").to_numpy(), np.arange(200, 400) * 7)
     np.testing.assert_array_equal(t.column("cluster").to_numpy(), exact_assign(model, x[200:400]).cluster)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from cluster_service.config import NOVELTY_FPR
 from cluster_service.io.atomic import write_parquet_atomic, write_text_atomic
 
 MODEL_DIR = "model"
@@ -28,17 +29,25 @@ SUMMARY = "summary.json"
 
 
 def assignments_table(
-    ids: np.ndarray, clusters: np.ndarray, log_prob: np.ndarray, margin: np.ndarray, version: str
+    ids: np.ndarray, clusters: np.ndarray, log_prob: np.ndarray, margin: np.ndarray, version: str,
+    novelty: np.ndarray | None = None, novel: np.ndarray | None = None,
 ) -> pa.Table:
     """The one assignments schema (DESIGN §3), written by `fit` and by `assign` alike: id, cluster
     int32, log_prob float32 (log pi_k + log N(x; mu_k, Sigma_k) of the chosen cluster), margin
-    float32 (best minus second-best score; +inf with one cluster), model_version."""
+    float32 (best minus second-best score; +inf with one cluster), novelty float32 (1 - the row's
+    tail probability in its cluster's training densities; NaN without a calibration), novel bool,
+    model_version."""
     ids = np.asarray(ids)
+    n = len(ids)
+    novelty = np.full(n, np.nan) if novelty is None else np.asarray(novelty)
+    novel = np.zeros(n, bool) if novel is None else np.asarray(novel, bool)
     return pa.table({
         "id": pa.array(ids, pa.string()) if ids.dtype == object else pa.array(ids.astype(np.int64)),
         "cluster": pa.array(np.asarray(clusters).astype(np.int32)),
         "log_prob": pa.array(np.asarray(log_prob).astype(np.float32)),
         "margin": pa.array(np.asarray(margin).astype(np.float32)),
+        "novelty": pa.array(novelty.astype(np.float32)),
+        "novel": pa.array(novel),
         "model_version": pa.array([version] * len(ids), pa.string()),
     })
 
@@ -60,7 +69,10 @@ def write_run(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(out_dir / MODEL_DIR)
-    write_parquet_atomic(assignments_table(ids, clusters, log_prob, margin, model.version), out_dir / ASSIGNMENTS)
+    mixture = getattr(model, "mixture", model)  # the latent mixture in autoencoder mode
+    novelty, novel = mixture.novelty_of(clusters, log_prob, NOVELTY_FPR)
+    write_parquet_atomic(assignments_table(ids, clusters, log_prob, margin, model.version, novelty, novel),
+                         out_dir / ASSIGNMENTS)
     write_text_atomic(json.dumps(config, indent=2), out_dir / CONFIG)
     write_text_atomic(json.dumps(history, indent=1), out_dir / HISTORY)
     return out_dir

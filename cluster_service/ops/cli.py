@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cluster_service.config import CHECKPOINT_EVERY, TOP_M, ConfigError, FitConfig
+from cluster_service.config import CHECKPOINT_EVERY, NOVELTY_FPR, TOP_M, ConfigError, FitConfig
 from cluster_service.runtime.ray_session import VERBOSE_ENV
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DeepDPM clustering that infers K.")
@@ -408,6 +408,8 @@ def assign(
     out_dir: Annotated[Path, typer.Option("--out", help="where assignment shards go (same file names)")],
     method: Annotated[str, typer.Option(help="shortlist (FAISS, exact rescore) | exact | net")] = "shortlist",
     top_m: Annotated[int, typer.Option(help="shortlist size: candidate clusters rescored exactly")] = TOP_M,
+    novelty_fpr: Annotated[float, typer.Option(
+        help="flag rows as `novel` at this false-positive rate on training data")] = NOVELTY_FPR,
     local: Annotated[bool, typer.Option(help="run in this process instead of a Ray Data job")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     tracking_uri: Annotated[str | None, typer.Option(
@@ -449,7 +451,7 @@ def assign(
                 console.print(f"[red]failed[/] {o.shard}: {o.error}", markup=True, highlight=False)
 
         report = assign_shards(fitted, shard_dir, out_dir, method, top_m, device,
-                               use_ray=not local, progress=show)
+                               use_ray=not local, progress=show, novelty_fpr=novelty_fpr)
     summary = report.as_dict()
     print_summary(summary, f"assign {shard_dir} ({method})")
     sizes = report.cluster_sizes()

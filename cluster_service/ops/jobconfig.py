@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cluster_service.config import CHECKPOINT_EVERY, EXPERIMENT, TOP_M, ConfigError, FitConfig
+from cluster_service.config import CHECKPOINT_EVERY, EXPERIMENT, NOVELTY_FPR, TOP_M, ConfigError, FitConfig
 
 BASE_DIR_ENV = "CLUSTER_SERVICE_BASE_DIR"
 JOB_NAMES = ("extract", "fit", "assign", "imagenet")
@@ -80,6 +80,7 @@ class AssignSection:
     device: str = "auto"
     local: bool = False  # in the job's process instead of Ray Data actors
     batch_size: int = 65536  # rows per assigner call
+    novelty_fpr: float = NOVELTY_FPR  # rows flagged `novel`: this share of training-like rows
 
 
 @dataclass(frozen=True)

@@ -244,7 +244,8 @@ def assign_step(section: AssignSection, tracking: TrackingSection, model: str | 
         print(f"assign {o.shard}: {o.status} {o.rows} rows{why}", flush=True)
 
     report = assign_shards(fitted, shards, out, section.method, section.top_m, section.device,
-                           use_ray=not section.local, batch_size=section.batch_size, progress=progress)
+                           use_ray=not section.local, batch_size=section.batch_size, progress=progress,
+                           novelty_fpr=section.novelty_fpr)
     print(f"assign: {json.dumps(report.as_dict())}", flush=True)
     return report
 

@@ -22,14 +22,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cluster_service.io.atomic import write_parquet_atomic
+from cluster_service.io.atomic import write_json_atomic, write_parquet_atomic
 from cluster_service.io.checks import nonfinite_rows
 from cluster_service.io.runs import assignments_table
 from cluster_service.io.shards import ShardError, iter_feature_batches, load_manifest, manifest_path
 from cluster_service.runtime.ray_session import ensure_ray
 from cluster_service.serve.assign import DEFAULT_TOP_M, METHODS, Assignment, concat_assignments, make_assigner
 from cluster_service.serve.model import FittedModel, ModelError, load_model
+from cluster_service.serve.novelty import DEFAULT_FPR, share_drift
 
+REPORT = "_assign_report.json"  # Hive-style sidecar: Parquet readers of the directory skip it
 STAMP_KEY = b"cluster_service.assign"  # Parquet footer key: what produced this output shard (kept stable)
 
 
@@ -72,12 +74,14 @@ class JobSpec:
     batch_size: int
     version: str
     n_clusters: int
+    novelty_fpr: float = DEFAULT_FPR
 
     def stamp(self, task: ShardTask) -> bytes:
-        """Footer stamp of a finished output: same model, method and input bytes -> skip on re-run."""
+        """Footer stamp of a finished output: same model, method, novelty rate and input bytes -> skip."""
         top_m = self.top_m if self.method == "shortlist" else 0
         return json.dumps({"model_version": self.version, "method": self.method, "top_m": top_m,
-                           "source": task.name, "source_sha256": task.sha256, "rows": task.rows}).encode()
+                           "novelty_fpr": self.novelty_fpr, "source": task.name, "source_sha256": task.sha256,
+                           "rows": task.rows}).encode()
 
 
 @dataclass
@@ -88,6 +92,7 @@ class ShardOutcome:
     counts: np.ndarray | None = None  # (K,) int64 rows per cluster in this shard
     error: str = ""
     seconds: float = 0.0
+    novel: int = 0  # rows flagged novel
 
 
 @dataclass
@@ -96,6 +101,8 @@ class AssignReport:
     n_clusters: int
     seconds: float
     same_manifest: bool | None  # shards' manifest == the model's training manifest (None: unknown)
+    train_counts: np.ndarray | None = None  # (K,) training rows per cluster (for the share drift)
+    novelty_fpr: float = DEFAULT_FPR
 
     @property
     def failed(self) -> list[ShardOutcome]:
@@ -118,12 +125,21 @@ class AssignReport:
             "failed": len(by["failed"]), "rows": int(sizes.sum()), "rows_assigned_now": rows_done,
             "clusters_used": int((sizes > 0).sum()), "n_clusters": self.n_clusters,
             "seconds": round(self.seconds, 2), "rows_per_s": round(rows_done / max(self.seconds, 1e-9), 1),
+            "novel": int(sum(o.novel for o in self.outcomes)), "novelty_fpr": self.novelty_fpr,
+            "share_drift_tv": None if self.train_counts is None else round(share_drift(sizes, self.train_counts), 4),
         }
 
+    def report(self) -> dict:
+        """`_assign_report.json`: the summary, rows per cluster, novel rows per shard."""
+        return {**self.as_dict(), "rows_per_cluster": self.cluster_sizes().tolist(),
+                "novel_by_shard": {o.shard: o.novel for o in self.outcomes if o.status != "failed"},
+                "failed_shards": {o.shard: o.error for o in self.outcomes if o.status == "failed"}}
 
-def output_table(ids: np.ndarray, a: Assignment, version: str, stamp: bytes) -> pa.Table:
+
+def output_table(ids: np.ndarray, a: Assignment, version: str, stamp: bytes,
+                 novelty: np.ndarray | None = None, novel: np.ndarray | None = None) -> pa.Table:
     """The assignments table (io.runs.assignments_table) stamped in its footer with what produced it."""
-    table = assignments_table(ids, a.cluster, a.log_prob, a.margin, version)
+    table = assignments_table(ids, a.cluster, a.log_prob, a.margin, version, novelty, novel)
     return table.replace_schema_metadata({STAMP_KEY: stamp})
 
 
@@ -140,7 +156,7 @@ class ShardWorker:
     """Holds the model and its assigner (built once) and assigns whole shards."""
 
     def __init__(self, model: FittedModel, spec: JobSpec):
-        self.spec = spec
+        self.spec, self.model = spec, model
         self.assign = make_assigner(model, spec.method, spec.top_m, spec.device)
 
     def run(self, task: ShardTask) -> ShardOutcome:
@@ -158,17 +174,21 @@ class ShardWorker:
                 parts.append(self.assign(b.features))
             a = concat_assignments(parts)
             id_arr = np.concatenate(ids) if ids else np.empty(0, np.int64)
-            write_parquet_atomic(output_table(id_arr, a, spec.version, spec.stamp(task)),
+            novelty, novel = self.model.novelty_of(a.cluster, a.log_prob, spec.novelty_fpr)
+            write_parquet_atomic(output_table(id_arr, a, spec.version, spec.stamp(task), novelty, novel),
                                  Path(spec.out_dir) / task.name)
         except (ValueError, OSError, pa.ArrowException) as e:  # ShardError, ModelError are ValueErrors
             return ShardOutcome(task.name, "failed", error=str(e), seconds=time.perf_counter() - t0)
         counts = np.bincount(a.cluster, minlength=spec.n_clusters).astype(np.int64)
-        return ShardOutcome(task.name, "done", len(id_arr), counts, seconds=time.perf_counter() - t0)
+        return ShardOutcome(task.name, "done", len(id_arr), counts, seconds=time.perf_counter() - t0,
+                            novel=int(novel.sum()))
 
 
 def _skipped(path: Path, task: ShardTask, n_clusters: int) -> ShardOutcome:
-    cluster = pq.read_table(path, columns=["cluster"]).column("cluster").to_numpy()
-    return ShardOutcome(task.name, "skipped", task.rows, np.bincount(cluster, minlength=n_clusters))
+    table = pq.read_table(path)
+    cluster = table.column("cluster").to_numpy()
+    novel = int(table.column("novel").to_numpy(zero_copy_only=False).sum()) if "novel" in table.column_names else 0
+    return ShardOutcome(task.name, "skipped", task.rows, np.bincount(cluster, minlength=n_clusters), novel=novel)
 
 
 def assign_shards(
@@ -181,6 +201,7 @@ def assign_shards(
     use_ray: bool = True,
     batch_size: int = 65536,
     progress: Callable[[ShardOutcome], None] | None = None,
+    novelty_fpr: float = DEFAULT_FPR,
 ) -> AssignReport:
     """Assign every shard listed in SHARD_DIR/manifest.json; one output Parquet per shard in out_dir.
 
@@ -191,6 +212,8 @@ def assign_shards(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not 0.0 < novelty_fpr < 1.0:
+        raise ValueError(f"novelty_fpr must be in (0, 1), got {novelty_fpr}")
     t0 = time.perf_counter()
     manifest, _ = load_manifest(shard_dir)
     d = manifest["d"]
@@ -210,7 +233,7 @@ def assign_shards(
     for stale in out.glob(".*.parquet.tmp-*"):  # left by a killed run; never renamed into place
         stale.unlink(missing_ok=True)
     spec = JobSpec(str(shard_dir), str(out), len(manifest["shards"]), method, top_m, device, batch_size,
-                   model.version or "unversioned", model.n_clusters)
+                   model.version or "unversioned", model.n_clusters, novelty_fpr)
     tasks = [ShardTask(i, s["name"], s["rows"], s["sha256"]) for i, s in enumerate(manifest["shards"])]
     outcomes, todo = [], []
     for task in tasks:
@@ -229,7 +252,10 @@ def assign_shards(
     order = {t.name: t.index for t in tasks}
     outcomes.sort(key=lambda o: order[o.shard])
     same = None if model.manifest_hash is None and model.feature_space is None else True
-    return AssignReport(outcomes, model.n_clusters, time.perf_counter() - t0, same)
+    train_counts = None if model.novelty is None else model.novelty["train_counts"]
+    report = AssignReport(outcomes, model.n_clusters, time.perf_counter() - t0, same, train_counts, novelty_fpr)
+    write_json_atomic(report.report(), out / REPORT)
+    return report
 
 
 def _run_local(model: FittedModel, spec: JobSpec, tasks: list[ShardTask]) -> Iterator[ShardOutcome]:

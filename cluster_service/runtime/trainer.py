@@ -222,6 +222,7 @@ def write_outputs(engine: Engine, rows: LocalRows, out_dir: Path, history: list[
         return
     gidx, ids, clusters, log_prob, margin = (np.concatenate([p[i] for p in parts]) for i in range(5))
     order = np.argsort(gidx, kind="stable")
+    model.calibrate_novelty(clusters, log_prob)  # all rows, gathered
     write_run(out_dir, model, ids[order], clusters[order], log_prob[order], margin[order],
               engine.cfg.to_dict(), history)
 

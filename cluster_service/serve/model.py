@@ -50,6 +50,9 @@ class FittedModel:
     # that define the features. None for models fitted on arrays and for models written before it
     # existed (those carry only a version-1 hash, see shards.feature_space_mismatch).
     feature_space: dict[str, Any] | None = None
+    # Novelty calibration from the training rows (serve.novelty.novelty_table): levels (L,),
+    # quantiles (K, L), train_counts (K,). None for models written before it.
+    novelty: dict[str, np.ndarray] | None = None
 
     def feature_space_mismatch(self, manifest: dict) -> str | None:
         """Why shards with this manifest are not in the model's feature space, or None."""
@@ -102,6 +105,25 @@ class FittedModel:
         lj = self.log_joint(x)
         cluster = lj.argmax(1)
         return cluster, lj[np.arange(lj.shape[0]), cluster]
+
+    def calibrate_novelty(self, clusters: np.ndarray, log_prob: np.ndarray) -> None:
+        """Store the novelty calibration: clusters (n,) and log_prob (n,) = log pi_k + log N(x; mu_k,
+        Sigma_k) of the training rows' assigned clusters."""
+        from cluster_service.serve.novelty import novelty_table
+
+        clusters = np.asarray(clusters)
+        self.novelty = novelty_table(clusters, np.asarray(log_prob) - self.log_weights[clusters], self.n_clusters)
+
+    def novelty_of(self, clusters: np.ndarray, log_prob: np.ndarray, fpr: float) -> tuple[np.ndarray, np.ndarray]:
+        """(novelty (n,) in [0, 1], novel (n,) bool) of rows with these assignments (see serve.novelty);
+        NaN / False when the model has no calibration."""
+        from cluster_service.serve.novelty import tail_probability
+
+        clusters = np.asarray(clusters)
+        if self.novelty is None:
+            return np.full(len(clusters), np.nan), np.zeros(len(clusters), bool)
+        tail = tail_probability(self.novelty, clusters, np.asarray(log_prob) - self.log_weights[clusters])
+        return 1.0 - tail, tail < fpr
 
     def margin(self, x, clusters: np.ndarray) -> np.ndarray:
         """(n,) log-joint of the given cluster minus the best other cluster's (+inf when K = 1):
@@ -165,6 +187,8 @@ class FittedModel:
         arrays.update({f"net.{k}": v for k, v in self.net.items()})
         if self.net_input_shift is not None:
             arrays["net_input_shift"] = self.net_input_shift
+        for k, v in (self.novelty or {}).items():
+            arrays[f"novelty.{k}"] = v
         np.savez(tmp / "arrays.npz", **arrays)
         (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=str))
 
@@ -211,6 +235,7 @@ def load_model(
         manifest_hash=meta.get("manifest_hash"),
         version=meta.get("version", ""),
         feature_space=meta.get("feature_space"),
+        novelty={k[8:]: v for k, v in arrays.items() if k.startswith("novelty.")} or None,
     )
     if n_features is not None and n_features != model.n_features:
         raise ModelError(

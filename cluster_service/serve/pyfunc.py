@@ -22,6 +22,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from cluster_service.config import NOVELTY_FPR
 from cluster_service.io.checks import nonfinite_message
 from cluster_service.serve.assign import DEFAULT_TOP_M, METHODS, make_assigner
 from cluster_service.serve.model import ModelError, load_model
@@ -73,10 +74,13 @@ class ClusterModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         a = self.assign(features_from_input(model_input, self.model.n_features))
+        novelty, novel = self.model.novelty_of(a.cluster, a.log_prob, NOVELTY_FPR)  # as `assign` writes them
         return pd.DataFrame({
             "cluster": a.cluster.astype(np.int32),
             "log_prob": a.log_prob.astype(np.float32),
             "margin": a.margin.astype(np.float32),
+            "novelty": novelty.astype(np.float32),
+            "novel": novel,
         })
 
 

@@ -289,6 +289,7 @@ def fit_autoencoder(
         input_scale=trainer.scale,
         mixture=model_from_engine(engine, manifest_hash, feature_space=feature_space),
     )
+    model.mixture.calibrate_novelty(clusters, log_prob)  # this process's rows (all of them in one process)
     codes = (engine.x.double() + engine.shift).cpu().numpy()
     return AEFitResult(
         model, history, round_starts, ae_history, k_per_round, codes, clusters, log_prob, engine

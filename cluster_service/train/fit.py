@@ -53,6 +53,7 @@ def fit(
         history = run_schedule(engine, callbacks)
     clusters, log_prob = engine.assign()
     model = model_from_engine(engine, manifest_hash, feature_space=feature_space)
+    model.calibrate_novelty(clusters, log_prob)
     return FitResult(model, history, clusters, log_prob, engine)
 
 

@@ -1,0 +1,87 @@
+"""Novelty in `assign`: calibrated on the training rows at fit time, flags what no cluster explains,
+reported per shard with the drift of cluster shares; the pyfunc returns the same columns."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cluster_service.config import FitConfig
+from cluster_service.datasets import make_mixture
+from cluster_service.io.shards import write_shards
+from cluster_service.runtime.assign_job import REPORT, assign_shards
+from cluster_service.serve.novelty import novelty_table, share_drift, tail_probability
+from cluster_service.train.fit import fit
+
+
+def test_tail_probability_reads_the_training_quantiles():
+    rng = np.random.default_rng(0)
+    dens = rng.normal(size=20_000)
+    clusters = (np.arange(20_000) % 2).astype(np.int64)
+    dens[clusters == 1] += 10.0  # cluster 1's densities are shifted: its own quantiles apply
+    table = novelty_table(clusters, dens, 3)
+    assert table["train_counts"].tolist() == [10_000, 10_000, 0]
+    probe = np.array([-2.326, 0.0, 7.674, 10.0, -50.0])
+    tail = tail_probability(table, np.array([0, 0, 1, 1, 2]), probe)
+    np.testing.assert_allclose(tail[:4], [0.01, 0.5, 0.01, 0.5], atol=0.004)  # the normal CDF
+    assert tail[4] == 0.0  # cluster 2 had no rows: pooled quantiles, far below every training row
+    assert share_drift(np.array([5, 5, 0]), np.array([1, 1, 0])) == 0.0
+    assert share_drift(np.array([0, 10, 0]), np.array([1, 1, 0])) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def seen_and_unseen():
+    """A 40-component mixture; the model is fitted on 30 components, 10 are held back."""
+    x, y = make_mixture(16_000, 8, 40, seed=3, separation=12.0, imbalance=2.0)
+    seen = y < 30
+    cfg = FitConfig().replace(**{"k_init": 30, "seed": 0, "device": "cpu", "schedule.epochs": 12,
+                                 "schedule.first_split": 6, "schedule.final_epochs": 6,
+                                 "net.min_steps_per_epoch": 4})
+    train, fresh = np.flatnonzero(seen)[::2], np.flatnonzero(seen)[1::2]
+    res = fit(x[train], cfg)
+    return res.model, x, y, fresh, np.flatnonzero(~seen)
+
+
+def test_assign_flags_held_back_components_and_reports_drift(seen_and_unseen, tmp_path):
+    model, x, y, fresh, unseen = seen_and_unseen
+    assert model.novelty is not None and model.novelty["quantiles"].shape[0] == model.n_clusters
+    rows = np.concatenate([fresh, unseen])
+    write_shards(tmp_path / "new", rows, x[rows], y[rows], rows_per_shard=3000)
+    model.save(tmp_path / "model")
+    report = assign_shards(tmp_path / "model", tmp_path / "new", tmp_path / "out", method="exact", use_ray=False)
+    table = pq.read_table(sorted((tmp_path / "out").glob("*.parquet")))
+    ids, novel = table.column("id").to_numpy(), table.column("novel").to_numpy(zero_copy_only=False)
+    from_unseen = np.isin(ids, unseen)
+    assert novel[from_unseen].mean() >= 0.95  # what no cluster explains
+    assert novel[~from_unseen].mean() <= 0.02  # fresh rows of the seen components: ~ the 1% rate
+    nov = table.column("novelty").to_numpy()
+    assert ((nov >= 0) & (nov <= 1)).all() and np.array_equal(novel, nov > 0.99)
+    on_disk = json.loads((tmp_path / "out" / REPORT).read_text())
+    assert on_disk["novel"] == int(novel.sum()) == report.as_dict()["novel"]
+    assert sum(on_disk["novel_by_shard"].values()) == on_disk["novel"]
+    assert sum(on_disk["rows_per_cluster"]) == len(rows)
+    assert 0.1 < on_disk["share_drift_tv"] < 0.9  # a quarter of the rows pile into a few clusters
+
+    # a stricter rate flags fewer rows; the re-run redoes the shards (the rate is part of the stamp)
+    strict = assign_shards(tmp_path / "model", tmp_path / "new", tmp_path / "out", method="exact",
+                           use_ray=False, novelty_fpr=0.001)
+    assert strict.as_dict()["done"] == report.as_dict()["shards"] and strict.as_dict()["novel"] <= on_disk["novel"]
+    with pytest.raises(ValueError, match="novelty_fpr must be in"):
+        assign_shards(tmp_path / "model", tmp_path / "new", tmp_path / "out", use_ray=False, novelty_fpr=1.5)
+
+
+def test_pyfunc_returns_the_novelty_columns(seen_and_unseen, tmp_path):
+    from types import SimpleNamespace
+
+    from cluster_service.serve.pyfunc import MODEL_DIR_ARTIFACT, ClusterModel
+
+    model, x, _, fresh, unseen = seen_and_unseen
+    model.save(tmp_path / "model")
+    pyfunc = ClusterModel("exact")
+    pyfunc.load_context(SimpleNamespace(artifacts={MODEL_DIR_ARTIFACT: str(tmp_path / "model")}))
+    out = pyfunc.predict(None, x[np.concatenate([fresh[:200], unseen[:200]])])
+    assert list(out.columns) == ["cluster", "log_prob", "margin", "novelty", "novel"]
+    assert out["novel"][:200].mean() <= 0.05 and out["novel"][200:].mean() >= 0.9
