@@ -35,7 +35,7 @@ def assignments_table(
     """The one assignments schema (DESIGN §3), written by `fit` and by `assign` alike: id, cluster
     int32, log_prob float32 (log pi_k + log N(x; mu_k, Sigma_k) of the chosen cluster), margin
     float32 (best minus second-best score; +inf with one cluster), novelty float32 (1 - the row's
-    tail probability in its cluster's training densities; NaN without a calibration), novel bool,
+    tail probability in its cluster's training densities; null without a calibration), novel bool,
     model_version."""
     ids = np.asarray(ids)
     n = len(ids)
@@ -46,7 +46,7 @@ def assignments_table(
         "cluster": pa.array(np.asarray(clusters).astype(np.int32)),
         "log_prob": pa.array(np.asarray(log_prob).astype(np.float32)),
         "margin": pa.array(np.asarray(margin).astype(np.float32)),
-        "novelty": pa.array(novelty.astype(np.float32)),
+        "novelty": pa.array(novelty.astype(np.float32), mask=np.isnan(novelty)),  # null: no calibration
         "novel": pa.array(novel),
         "model_version": pa.array([version] * len(ids), pa.string()),
     })
