@@ -9,6 +9,9 @@ features and the fit instead of starting over."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -87,3 +90,40 @@ def test_imagenet_job_rerun_reuses_features_and_fit(job_run, capfd):
     assert (model_file.stat().st_mtime_ns, (work / "fit" / "history.json").read_text()) == before
     again = json.loads((work / "scores.json").read_text())
     assert again["val"] == first["val"] and again["mlflow_run"] != first["mlflow_run"]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_fit_run_has_a_report_with_one_gallery_panel_per_cluster(job_run):
+    root, _ = job_run
+    fit_dir = root / "work" / "fit"
+    page = (fit_dir / "report.html").read_text()
+    k = json.loads((fit_dir / "summary.json").read_text())["k_found"]
+    panels = re.findall(r'<section class="cluster" id="c(\d+)">(.*?)</section>', page, re.S)
+    assert len(panels) == k
+    for _, body in panels:  # every panel shows member thumbnails, inline (no file or network references)
+        assert body.count('<img src="data:image/jpeg;base64,') >= 1
+    assert "http://" not in page and "https://" not in page and 'src="/' not in page
+    assert len(list((fit_dir / "thumbs").glob("*.jpg"))) >= k  # cached for the next build
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (.ci/run installs Debian's chromium)")
+def test_report_renders_in_headless_chromium(job_run, tmp_path):
+    """The report as a person opens it: a real headless Chromium loads the file, logs no console
+    errors, and the screenshot is not blank."""
+    from PIL import Image
+
+    root, _ = job_run
+    report = root / "work" / "fit" / "report.html"
+    shot = tmp_path / "shot.png"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+           "--window-size=1200,1600", f"--screenshot={shot}", report.as_uri()]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), r.stderr[-2000:]
+    console = [line for line in r.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # text, plots and thumbnails drawn

@@ -95,6 +95,7 @@ def run_fit(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     eval_every: int = 5,
+    report: bool = True,
 ) -> dict:
     """Fit on a data file or shard directory; write RUN_DIR/model and RUN_DIR/assignments.parquet.
     With `tracking`, the fit is an MLflow run (default store ./mlflow.db; see tracking.py)."""
@@ -132,15 +133,20 @@ def run_fit(
         write_run(out_dir, result.model, feats.ids, result.clusters, result.log_prob, margin, cfg.to_dict(),
                   [r.as_dict() for r in result.history])
         tracker.log_result(tracked, tracked_x, feats.labels, out_dir / "model", {"fit_seconds": elapsed})
-    summary = {"n_samples": int(feats.x.shape[0]), "n_features": int(feats.x.shape[1]),
-               "k_found": result.n_clusters, "seconds": round(elapsed, 2), "out": str(out_dir)}
-    if feats.labels is not None:
-        from cluster_service.report.evaluate import score
+        summary = {"n_samples": int(feats.x.shape[0]), "n_features": int(feats.x.shape[1]),
+                   "k_found": result.n_clusters, "seconds": round(elapsed, 2), "out": str(out_dir),
+                   "data": str(Path(data_path).resolve())}
+        if feats.labels is not None:
+            from cluster_service.report.evaluate import score
 
-        summary.update(score(feats.labels, result.clusters).as_dict())
-    if tracker.run_id is not None:
-        summary["mlflow_run"] = tracker.run_id
-    write_summary(out_dir, summary)
+            summary.update(score(feats.labels, result.clusters).as_dict())
+        if tracker.run_id is not None:
+            summary["mlflow_run"] = tracker.run_id
+        write_summary(out_dir, summary)
+        if report:
+            from cluster_service.ops.pipeline import publish_report
+
+            publish_report(out_dir, tracker)
     return summary
 
 
@@ -179,6 +185,7 @@ def fit(
     checkpoint_every: Annotated[int, typer.Option(
         help="with --workers: epochs between checkpoints")] = CHECKPOINT_EVERY,
     verbose: Annotated[bool, typer.Option(help="with --workers: also show Ray's own worker lines")] = False,
+    no_report: Annotated[bool, typer.Option("--no-report", help="do not write RUN_DIR/report.html")] = False,
 ) -> None:
     """Fit DeepDPM on DATA (in this process, or on Ray Train workers); K is inferred. The run is
     logged to MLflow."""
@@ -193,7 +200,8 @@ def fit(
         if cfg.autoencoder.enabled:
             raise ValueError("--autoencoder runs in one process; leave out --workers")
         train = TrainSection(data=str(data), out=str(out_dir), workers=workers, use_gpu=gpus_per_worker > 0,
-                             gpus_per_worker=gpus_per_worker or 1.0, checkpoint_every=checkpoint_every)
+                             gpus_per_worker=gpus_per_worker or 1.0, checkpoint_every=checkpoint_every,
+                             report=not no_report)
         tracking = TrackingSection(enabled=not no_tracking, uri=tracking_uri,
                                    **({"experiment": experiment} if experiment else {}))
         if verbose:
@@ -204,9 +212,11 @@ def fit(
         out.print(f"model: {out_dir / 'model'}\nassignments: {out_dir / 'assignments.parquet'}")
         return
     summary = run_fit(data, out_dir, cfg, quiet=quiet, tracking=not no_tracking, tracking_uri=tracking_uri,
-                      experiment=experiment, eval_every=eval_every)
+                      experiment=experiment, eval_every=eval_every, report=not no_report)
     print_summary(summary, f"fit {data}")
     out.print(f"model: {out_dir / 'model'}\nassignments: {out_dir / 'assignments.parquet'}")
+    if (out_dir / "report.html").is_file():
+        out.print(f"report: {out_dir / 'report.html'} (open it in a browser; also in the MLflow run)")
 
 
 @app.command()
@@ -318,8 +328,33 @@ def demo(
         console.print(f"[bold]{name}[/]: {data_dir / (name + '.npz')}")
         summary = run_fit(data_dir / f"{name}.npz", out_dir / name, cfg)
         print_summary(summary, f"demo: {name}")
+        out.print(f"report: {out_dir / name / 'report.html'} (open it in a browser, or in the MLflow run)")
     out.print(f"outputs under {out_dir}/ (model/, assignments.parquet, history.json, summary.json)")
     out.print("MLflow runs (params, per-epoch metrics, plots): `make mlflow-ui`, then http://127.0.0.1:5000")
+
+
+@app.command()
+def gallery(
+    run_dir: Annotated[Path, typer.Argument(help="run directory of a fit (model/, assignments.parquet, ...)")],
+    images: Annotated[Path | None, typer.Option(help="root for relative image paths in the shards")] = None,
+    per_cluster: Annotated[int, typer.Option(help="thumbnails per cluster")] = 12,
+    clusters: Annotated[str, typer.Option(help="all | largest:N")] = "largest:200",
+    out_file: Annotated[Path | None, typer.Option("--out", help="HTML file (default RUN_DIR/report.html)")] = None,
+) -> None:
+    """(Re)build the run report: summary, plots and one panel per cluster with image galleries (most
+    typical, least certain, random members) when the data's shards carry image paths."""
+    from cluster_service.report.html import build_report
+
+    if clusters == "all":
+        limit = 1 << 30
+    elif clusters.startswith("largest:") and clusters[8:].isdigit():
+        limit = int(clusters[8:])
+    else:
+        raise ValueError(f"--clusters must be 'all' or 'largest:N', got {clusters!r}")
+    if per_cluster < 1:
+        raise ValueError(f"--per-cluster must be >= 1, got {per_cluster}")
+    path = build_report(run_dir, images, per_cluster=per_cluster, max_clusters=limit, out=out_file)
+    out.print(f"report: {path}", soft_wrap=True)
 
 
 shards_app = typer.Typer(no_args_is_help=True, help="Feature-shard directories (Parquet + _manifest.json).")

@@ -66,6 +66,7 @@ class TrainSection:
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the job fails
     # Checkpoint storage; default RUN_DIR/checkpoints. On a multi-node cluster: shared storage.
     storage_path: str | None = None
+    report: bool = True  # write RUN_DIR/report.html (summary, plots, per-cluster panels, image galleries)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,24 @@ class ProgressFile:
                 f.write(json.dumps(record.as_dict()) + "\n")
 
 
+def publish_report(run_dir: str | os.PathLike, tracker=None) -> Path | None:
+    """Build RUN_DIR/report.html (cluster_service.report.html) and log it to the run's MLflow
+    artifacts. A report that cannot be built is a warning, never a failed fit."""
+    import warnings
+
+    from cluster_service.report.html import build_report
+
+    try:
+        path = build_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the fit's outputs are written; the report is extra
+        warnings.warn(f"{run_dir}: report not written ({type(e).__name__}: {e})", stacklevel=2)
+        return None
+    if tracker is not None and tracker.active:
+        tracker.log_texts({"report.html": path.read_text()})
+    print(f"report: {path}", flush=True)
+    return path
+
+
 def epoch_printer(epochs: int):
     """A progress feed for job logs: one line per ~5% of the epochs, and the last."""
     step = max(1, epochs // 20)
@@ -187,7 +205,6 @@ def fit_step(train: TrainSection, cfg: FitConfig, tracker=None, progress=None) -
           f"model {out}/model", flush=True)
     if active:  # the same end-of-run logging as a one-process fit (tracking.Tracker.log_result)
         from cluster_service.io.features import head_rows
-        from cluster_service.io.runs import read_run
         from cluster_service.runtime.trainer import labels_of
 
         x_head = head_rows(data, PLOT_ROWS)  # the projection plot needs points; the driver reads a few
@@ -195,7 +212,37 @@ def fit_step(train: TrainSection, cfg: FitConfig, tracker=None, progress=None) -
                  if isinstance(v, int | float) and not isinstance(v, bool)}
         tracker.log_result(read_run(out), x_head, labels_of(data), Path(out) / "model",
                            {**final, "fit_seconds": float(summary["seconds"])})
+    if train.report:
+        publish_report(out, tracker)
     return summary
+
+
+@dataclasses.dataclass
+class RunResult:
+    """A finished run read back from its directory: what Tracker.log_result and the plots consume
+    (the attributes of train.fit.FitResult, without the engine)."""
+
+    model: Any  # serve.model.FittedModel
+    history: list  # EpochRecords
+    clusters: np.ndarray  # (n,) int32, global row order
+    log_prob: np.ndarray  # (n,) float32
+
+    @property
+    def n_clusters(self) -> int:
+        return self.model.n_clusters
+
+
+def read_run(out_dir: str | os.PathLike) -> RunResult:
+    import pyarrow.parquet as pq
+
+    from cluster_service.serve.model import load_model
+    from cluster_service.train.engine import EpochRecord
+
+    out_dir = Path(out_dir)
+    table = pq.read_table(out_dir / "assignments.parquet", columns=["cluster", "log_prob"])
+    history = [EpochRecord(**r) for r in json.loads((out_dir / "history.json").read_text())]
+    return RunResult(load_model(out_dir / "model"), history, table.column("cluster").to_numpy(),
+                     table.column("log_prob").to_numpy())
 
 
 def data_params(data_path: str) -> tuple[dict[str, Any], str | None]:

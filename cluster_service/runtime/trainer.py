@@ -311,7 +311,7 @@ def fit_distributed(
     elapsed = time.perf_counter() - t0
     summary = {
         "n_samples": n, "n_features": d, "workers": num_workers, "use_gpu": use_gpu,
-        "seconds": round(elapsed, 2), "out": str(out_dir),
+        "seconds": round(elapsed, 2), "out": str(out_dir), "data": str(data_path),
         "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
     }
     return _write_summary(out_dir, data_path, summary)

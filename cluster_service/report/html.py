@@ -1,0 +1,231 @@
+"""The run report: one self-contained HTML file (inline images and CSS, no network, no server).
+
+    build_report(run_dir)   RUN_DIR/report.html from the run directory (cluster_service.io.runs):
+                            summary, K over epochs, cluster sizes, then one panel per cluster:
+                            size, share, mean log-density, nearest clusters and their overlap
+                            (Bhattacharyya coefficient), and, when the data's shards carry image
+                            paths, a gallery: the most typical members (highest log-density), the
+                            least certain (lowest margin) and a few at random.
+
+Thumbnails are made in a process pool and cached under RUN_DIR/thumbs/ (a rebuild reuses them);
+images that cannot be read are listed in the report, never fatal. Matplotlib figures are rendered
+with the Agg canvas (report.plots), Pillow makes the thumbnails.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPORT = "report.html"
+THUMB_PX = 96
+
+
+def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | None = None,
+                 per_cluster: int = 12, max_clusters: int = 200, out: str | os.PathLike | None = None) -> Path:
+    """Write RUN_DIR/report.html (or `out`); returns its path. `images_root` resolves relative image
+    paths of the shards (default: as written by extraction, absolute)."""
+    import pyarrow.parquet as pq
+
+    from cluster_service.io.atomic import write_text_atomic
+    from cluster_service.report import plots
+    from cluster_service.serve.model import load_model
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = json.loads((run_dir / "history.json").read_text())
+    model = load_model(run_dir / "model")
+    table = pq.read_table(run_dir / "assignments.parquet")
+    ids = table.column("id").to_numpy(zero_copy_only=False)
+    clusters = table.column("cluster").to_numpy().astype(np.int64)
+    log_prob = table.column("log_prob").to_numpy().astype(np.float64)
+    margin = table.column("margin").to_numpy().astype(np.float64)
+    k = model.n_clusters
+    sizes = np.bincount(clusters, minlength=k)
+    order = np.argsort(-sizes, kind="stable")[:max_clusters]
+    paths = image_paths(summary.get("data"), ids, images_root)
+    thumbs, missing = {}, []
+    if paths is not None:
+        picks = {c: gallery_rows(clusters, log_prob, margin, c, per_cluster) for c in order}
+        wanted = sorted({int(i) for rows in picks.values() for group in rows.values() for i in group})
+        thumbs, missing = make_thumbnails([paths[i] for i in wanted], run_dir / "thumbs")
+        thumbs = {i: thumbs.get(paths[i]) for i in wanted}
+    figures = {
+        "K over epochs": plots.plot_k_history(history),
+        "cluster sizes": plots.plot_cluster_sizes(clusters, k),
+    }
+    neighbours = nearest_clusters(model.means, model.covariances, 3)
+    panels = [_panel(c, sizes, log_prob[clusters == c], neighbours.get(c, []),
+                     picks[c] if paths is not None else None, thumbs) for c in order]
+    page = _page(run_dir, summary, figures, panels, order, sizes, missing)
+    out = Path(out) if out else run_dir / REPORT
+    write_text_atomic(page, out)
+    return out
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def image_paths(data: str | None, ids: np.ndarray, root: str | os.PathLike | None) -> list[str] | None:
+    """Image path of every assignment row (by id) from the shards' `path` column; None without one."""
+    import pyarrow.parquet as pq
+
+    if not data or not Path(data).is_dir():
+        return None
+    from cluster_service.io.shards import list_shards
+
+    got_ids, got_paths = [], []
+    for p in list_shards(data):
+        if "path" not in pq.read_schema(p).names:
+            return None
+        t = pq.read_table(p, columns=["id", "path"])
+        got_ids.append(t.column("id").to_numpy(zero_copy_only=False))
+        got_paths += t.column("path").to_pylist()
+    where = {v: i for i, v in enumerate(np.concatenate(got_ids).tolist())}
+    out = []
+    for i in ids.tolist():
+        p = got_paths[where[i]] if i in where else None
+        out.append(str(Path(root) / p) if (p and root and not Path(p).is_absolute()) else (p or ""))
+    return out
+
+
+def gallery_rows(clusters, log_prob, margin, c: int, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Row indices of cluster c: the most typical (highest log-density), the least certain (lowest
+    margin) and a random few; n in all (half typical, a quarter each of the others)."""
+    members = np.flatnonzero(clusters == c)
+    n_typ, n_low = max(1, n // 2), max(1, n // 4)
+    typical = members[np.argsort(-log_prob[members], kind="stable")[:n_typ]]
+    margin_low = members[np.argsort(margin[members], kind="stable")[:n_low]]
+    rest = np.setdiff1d(members, np.concatenate([typical, margin_low]))
+    rng = np.random.default_rng(seed + c)
+    random = rng.choice(rest, size=min(n - n_typ - n_low, rest.size), replace=False) if rest.size else rest
+    return {"typical": typical, "least certain": margin_low, "random": np.sort(random)}
+
+
+def nearest_clusters(means: np.ndarray, covariances: np.ndarray, m: int) -> dict[int, list[tuple[int, float]]]:
+    """For every cluster its m nearest clusters by mean distance, with the Bhattacharyya coefficient
+    of the two Gaussians (1: identical, 0: disjoint)."""
+    k = means.shape[0]
+    if k < 2:
+        return {}
+    sq = (means**2).sum(1)
+    dist = sq[:, None] + sq[None, :] - 2 * means @ means.T
+    np.fill_diagonal(dist, np.inf)
+    nn = np.argsort(dist, axis=1)[:, : min(m, k - 1)]
+    out = {}
+    for a in range(k):
+        out[a] = [(int(b), bhattacharyya(means[a], covariances[a], means[b], covariances[b]))
+                  for b in nn[a] if b >= 0 and b != a]
+    return out
+
+
+def bhattacharyya(m1, s1, m2, s2) -> float:
+    """exp(-D_B) of N(m1, s1) and N(m2, s2): D_B = 1/8 d^T S^-1 d + 1/2 ln(det S / sqrt(det s1 det s2)),
+    S = (s1 + s2) / 2."""
+    s = (s1 + s2) / 2
+    diff = m1 - m2
+    _, logdet = np.linalg.slogdet(s)
+    _, l1 = np.linalg.slogdet(s1)
+    _, l2 = np.linalg.slogdet(s2)
+    db = diff @ np.linalg.solve(s, diff) / 8 + 0.5 * (logdet - 0.5 * (l1 + l2))
+    return float(np.exp(-db))
+
+
+# ---- thumbnails -----------------------------------------------------------------------------------
+
+
+def _thumb(args: tuple[str, str]) -> tuple[str, str | None]:
+    """(image path, cached JPEG path or None when the image cannot be read)."""
+    from PIL import Image
+
+    src, cache = args
+    if not Path(cache).is_file():
+        try:
+            with Image.open(src) as im:
+                im = im.convert("RGB")
+                im.thumbnail((THUMB_PX, THUMB_PX))
+                tmp = f"{cache}.tmp-{os.getpid()}"
+                im.save(tmp, "JPEG", quality=80)
+                os.replace(tmp, cache)
+        except (OSError, ValueError):
+            return src, None
+    return src, cache
+
+
+def make_thumbnails(paths: list[str], cache_dir: Path, workers: int | None = None) -> tuple[dict, list[str]]:
+    """{path: cached thumbnail} for every readable image, and the list of unreadable ones."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(p, str(cache_dir / (hashlib.sha1(p.encode()).hexdigest()[:16] + ".jpg"))) for p in paths if p]
+    todo = [j for j in jobs if not Path(j[1]).is_file()]
+    done = {src: cache for src, cache in jobs if Path(cache).is_file()}
+    if len(todo) > 64:
+        with ProcessPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+            results = list(pool.map(_thumb, todo, chunksize=32))
+    else:
+        results = [_thumb(j) for j in todo]
+    done.update({src: cache for src, cache in results if cache})
+    missing = sorted(src for src, cache in results if cache is None) + [p for p in paths if not p]
+    return done, missing
+
+
+# ---- HTML -----------------------------------------------------------------------------------------
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _jpeg(path: str | None) -> str | None:
+    return None if path is None else "data:image/jpeg;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _panel(c, sizes, dens, neighbours, picks, thumbs) -> str:
+    share = sizes[c] / max(sizes.sum(), 1)
+    near = ", ".join(f'<a href="#c{b}">{b}</a> ({o:.2f})' for b, o in neighbours) or "none"
+    stats = (f"<p>size {int(sizes[c])} ({share:.1%}), mean log-density "
+             f"{(dens.mean() if dens.size else float('nan')):.2f}; nearest clusters (overlap): {near}</p>")
+    gallery = ""
+    if picks is not None:
+        for name, rows in picks.items():
+            imgs = "".join(f'<img src="{_jpeg(thumbs.get(int(i)))}" alt="row {int(i)}">'
+                           for i in rows if thumbs.get(int(i)))
+            gallery += f'<div class="strip"><span>{name}</span>{imgs}</div>'
+    return f'<section class="cluster" id="c{c}"><h3>cluster {c}</h3>{stats}{gallery}</section>'
+
+
+def _page(run_dir, summary, figures, panels, order, sizes, missing) -> str:
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in summary.items())
+    figs = "".join(f'<figure><img src="{_png(f)}" alt="{html.escape(n)}"><figcaption>{html.escape(n)}'
+                   "</figcaption></figure>" for n, f in figures.items())
+    toc = " ".join(f'<a href="#c{c}">{c}</a>&nbsp;({int(sizes[c])})' for c in order)
+    miss = (f"<p class='missing'>{len(missing)} image(s) could not be read: "
+            f"{html.escape(', '.join(missing[:20]))}</p>") if missing else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cluster_service run {html.escape(run_dir.name)}</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; }} td {{ border: 1px solid #ccc; padding: 2px 8px; }}
+figure {{ display: inline-block; margin: 0 1em 1em 0; }} figure img {{ max-width: 640px; }}
+.cluster {{ border-top: 1px solid #ddd; padding: .5em 0; }}
+.strip {{ margin: .2em 0; }} .strip span {{ display: inline-block; width: 8em; color: #666; }}
+.strip img {{ width: {THUMB_PX}px; height: {THUMB_PX}px; object-fit: cover; margin-right: 2px; }}
+.missing {{ color: #a00; }}
+</style></head><body>
+<h1>Run {html.escape(run_dir.name)}: K = {html.escape(str(summary.get("k_found")))}</h1>
+<h2>Summary</h2><table>{rows}</table>
+<h2>Training</h2>{figs}
+<h2>Clusters</h2><p>{toc}</p>{miss}
+{"".join(panels)}
+</body></html>
+"""
