@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -72,3 +73,30 @@ def make_embedded_mixture(
 
     x, y = make_mixture(n_samples, n_features, n_clusters, seed=seed)
     return embed_nonlinear(x, out_dim, seed=1000 + seed), y
+
+
+# ---- a small ImageNet-like tree for the pipeline's tests, demo and benchmark --------------------
+
+IMAGENET_CLASSES = ("n01000001", "n01000002", "n01000003", "n01000004")
+
+
+def write_image_folder(root, per_class: int, seed: int) -> dict[str, int]:
+    """An ImageFolder tree: one folder per class of IMAGENET_CLASSES, `per_class` JPEGs each. A class
+    is a colour and a stripe orientation, plus noise, so even a random encoder tells classes apart.
+    Returns {id (path relative to root): class index}."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]], np.float64)
+    yy, xx = np.mgrid[0:48, 0:48]
+    stripes = [np.sin(xx / 3.0), np.sin(yy / 3.0), np.sin((xx + yy) / 4.0), np.sin((xx - yy) / 2.0)]
+    ids = {}
+    for c, name in enumerate(IMAGENET_CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = base[c] + 40 * stripes[c][..., None] + rng.normal(0, 25, (48, 48, 3))
+            rel = f"{name}/{name}_{i:04d}.JPEG"
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / rel, quality=90)
+            ids[rel] = c
+    return ids
