@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cluster_service.io.atomic import write_text_atomic
 from cluster_service.io.shards import iter_feature_batches, read_feature_table, validate_shards, write_shards
 from cluster_service.runtime.ray_session import ensure_ray
 
@@ -134,9 +135,7 @@ def write_section(path: Path, body: str) -> None:
         text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(text, path)
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ and is listed in the report. Only `extract` and `EncodeActor` touch Ray.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster_service.io.atomic import write_json_atomic
 from cluster_service.io.shards import MAX_ROW_GROUP, ShardWriter, load_manifest, manifest_path
 from cluster_service.runtime.ray_session import ensure_ray
 
@@ -231,29 +231,11 @@ def describe_extractor(cfg: ExtractConfig, encoder, checkpoint_hash: str, source
     }
 
 
-def extract(
-    source: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    cfg: ExtractConfig,
-    progress: Callable[[int, int], None] | None = None,
-) -> ExtractReport:
-    """Run the extraction job; write shards + manifest.json + extract_report.json into ``out_dir``.
-
-    Uses the running Ray instance, or starts a local one. ``progress(done, total)`` is called after
-    every batch the driver receives."""
+def _encode_dataset(images: ImageList, encoder, cfg: ExtractConfig):
+    """The Ray Data pipeline: blocks of (id, path, label) -> decode tasks -> encoder actor pool.
+    Returns (dataset, number of actors, whether the actors use GPUs)."""
+    import pyarrow as pa
     import ray
-
-    from feature_extraction.moco import checkpoint_sha256, load_encoder
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.glob("*.parquet")) or manifest_path(out_dir).exists():
-        raise ValueError(f"{out_dir}: already holds shards; extract into an empty or new directory")
-    encoder = load_encoder(cfg.checkpoint, head=cfg.head, normalize=cfg.normalize)  # fail fast, before Ray
-    images = list_images(source)
-    extractor = describe_extractor(cfg, encoder, checkpoint_sha256(cfg.checkpoint), str(source))
-    shard_dir = out_dir.with_name(f".{out_dir.name}.raw-tmp") if cfg.pca_dim else out_dir
-    if shard_dir.exists() and shard_dir != out_dir:
-        shutil.rmtree(shard_dir)
 
     ensure_ray()
     n_gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -270,8 +252,6 @@ def extract(
     ctx.execution_options.preserve_order = True  # shards come out in input order
     ctx.enable_progress_bars = False  # the caller's progress callback shows progress
 
-    import pyarrow as pa
-
     labels = images.labels if images.labels is not None else np.full(len(images.ids), -1, np.int64)
     rows = pa.table({"id": images.ids, "path": images.paths, "label": labels})
     blocks = [rows.slice(i, cfg.batch_size) for i in range(0, len(images.ids), cfg.batch_size)]
@@ -284,6 +264,33 @@ def extract(
                         compute=ray.data.ActorPoolStrategy(size=n_actors),
                         num_gpus=1 if use_gpu else 0, num_cpus=actor_cpus)
 
+    return ds, n_actors, use_gpu
+
+
+def extract(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: ExtractConfig,
+    progress: Callable[[int, int], None] | None = None,
+) -> ExtractReport:
+    """Run the extraction job; write shards + manifest.json + extract_report.json into ``out_dir``.
+
+    Uses the running Ray instance, or starts a local one. ``progress(done, total)`` is called after
+    every batch the driver receives."""
+
+    from feature_extraction.moco import checkpoint_sha256, load_encoder
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.glob("*.parquet")) or manifest_path(out_dir).exists():
+        raise ValueError(f"{out_dir}: already holds shards; extract into an empty or new directory")
+    encoder = load_encoder(cfg.checkpoint, head=cfg.head, normalize=cfg.normalize)  # fail fast, before Ray
+    images = list_images(source)
+    extractor = describe_extractor(cfg, encoder, checkpoint_sha256(cfg.checkpoint), str(source))
+    shard_dir = out_dir.with_name(f".{out_dir.name}.raw-tmp") if cfg.pca_dim else out_dir
+    if shard_dir.exists() and shard_dir != out_dir:
+        shutil.rmtree(shard_dir)
+
+    ds, n_actors, use_gpu = _encode_dataset(images, encoder, cfg)
     report = ExtractReport(str(source), str(out_dir), len(images.ids), 0,
                            device=f"{n_actors} x {'GPU' if use_gpu else 'CPU'} actor(s)")
     t0 = time.perf_counter()
@@ -317,10 +324,7 @@ def extract(
 
 
 def write_report(report: ExtractReport, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(report.as_dict(), path)
 
 
 # ---------------------------------------------------------------------------------------- PCA

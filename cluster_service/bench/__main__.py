@@ -24,6 +24,7 @@ import torch
 
 from cluster_service.config import FitConfig
 from cluster_service.datasets import load_digits_pca, make_mixture
+from cluster_service.io.atomic import write_text_atomic
 from cluster_service.report.evaluate import score
 from cluster_service.train.fit import fit
 
@@ -171,9 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(parts) + "\n"
     if args.append and args.out.exists():
         text = args.out.read_text() + "\n" + "\n".join(parts[2:]) + "\n"
-    tmp = args.out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    write_text_atomic(text, args.out)
     print(text)
 
 

@@ -26,6 +26,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from cluster_service.io.atomic import write_json_atomic
+
 STATE_FILE = "cluster.json"
 
 
@@ -181,9 +183,7 @@ def _save(state: Path, name: str, info: dict) -> None:
     path = state / STATE_FILE
     services = json.loads(path.read_text()) if path.is_file() else {}
     services[name] = info
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(services, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(services, path, indent=1)
 
 
 def _session_pids(sid: int) -> list[int]:

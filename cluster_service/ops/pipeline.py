@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from cluster_service.config import FitConfig
+from cluster_service.io.atomic import write_json_atomic
 from cluster_service.ops.jobconfig import (
     BASE_DIR_ENV,
     AssignSection,
@@ -386,9 +387,7 @@ def run_imagenet(job: ImagenetJob) -> dict:
     scores = {"train": {k: summary[k] for k in ("k_found", "nmi", "ari", "acc") if k in summary},
               "val": val.as_dict(), "assign": report.as_dict(), "paths": paths,
               "mlflow_run": tracker.run_id, "seconds": seconds}
-    tmp = Path(paths["scores"] + ".tmp")
-    tmp.write_text(json.dumps(scores, indent=2) + "\n")
-    os.replace(tmp, paths["scores"])
+    write_json_atomic(scores, paths["scores"])
     print(f"imagenet: val {val}", flush=True)
     return scores
 

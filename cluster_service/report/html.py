@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster_service.io.atomic import atomic_path
+
 REPORT = "report.html"
 THUMB_PX = 96
 
@@ -149,12 +151,10 @@ def _thumb(args: tuple[str, str]) -> tuple[str, str | None]:
     src, cache = args
     if not Path(cache).is_file():
         try:
-            with Image.open(src) as im:
+            with Image.open(src) as im, atomic_path(cache) as tmp:
                 im = im.convert("RGB")
                 im.thumbnail((THUMB_PX, THUMB_PX))
-                tmp = f"{cache}.tmp-{os.getpid()}"
                 im.save(tmp, "JPEG", quality=80)
-                os.replace(tmp, cache)
         except (OSError, ValueError):
             return src, None
     return src, cache

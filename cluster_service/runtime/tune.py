@@ -24,6 +24,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from cluster_service.config import FitConfig
+from cluster_service.io.atomic import write_text_atomic
 from cluster_service.runtime.ray_session import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,4 @@ def _log_sweep_plot(parent, result: SweepResult) -> None:
 def _write_yaml(path: Path, data: dict) -> None:
     import yaml
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(yaml.safe_dump(data, sort_keys=False), path)
