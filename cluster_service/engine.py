@@ -22,6 +22,7 @@ from cluster_service import index as faiss_index
 from cluster_service import moves as mv
 from cluster_service.comm import LocalComm, unwrap
 from cluster_service.config import SCHEMA_VERSION, FitConfig
+from cluster_service.hierarchy import cut_tree, merge_tree
 from cluster_service.gaussian import (
     WhitenedGaussians,
     add_hard_stats_,
@@ -48,6 +49,7 @@ from cluster_service.niw import (
     log_marginal_likelihood,
     make_prior,
     map_estimate,
+    pooled_within_covariance,
 )
 from cluster_service.schedule import EpochPlan
 
@@ -129,10 +131,9 @@ class Engine:
         self.data_var = sq / moments[0]
         self.x = xc.to(self.dtype)
         del x, xc
-        p = cfg.prior
-        self.prior: NIWPrior = make_prior(
-            torch.zeros_like(self.shift), self.data_var, p.kappa, p.nu_offset, p.psi_mode, p.psi_scale
-        )
+        # In psi_mode "pooled" the prior's scale comes from the over-clustered start, so it is
+        # set by initialize() (or restored by load_state_dict).
+        self.prior: NIWPrior = self._make_prior(None) if cfg.prior.psi_mode != "pooled" else None
         self.input_scale = float(self.data_var.mean().clamp_min(1e-30).sqrt())
         self.n_features = self.x.shape[1]
 
@@ -149,19 +150,60 @@ class Engine:
 
     # ---- initialisation --------------------------------------------------------------------
 
-    def initialize(self) -> None:
-        """FAISS k-means on rank 0's rows -> broadcast -> hard statistics -> MAP params."""
-        K = self.cfg.k_init
+    def _make_prior(self, within_cov: torch.Tensor | None) -> NIWPrior:
+        p = self.cfg.prior
+        scale = p.pooled_scale if p.psi_mode == "pooled" else p.psi_scale
+        return make_prior(
+            torch.zeros_like(self.shift), self.data_var, p.kappa, p.nu_offset, p.psi_mode, scale, within_cov
+        )
+
+    def kmeans_stats(self, n_clusters: int) -> SuffStats:
+        """FAISS k-means on rank 0's rows -> broadcast -> hard statistics of all rows, (K,)."""
         centroids = None
         if self.comm.rank == 0:
-            centroids = faiss_index.kmeans(self.x, K, seed=self.cfg.seed)
+            centroids = faiss_index.kmeans(self.x, n_clusters, seed=self.cfg.seed)
         centroids = self.comm.broadcast_object(centroids)
+        K = centroids.shape[0]
         z = torch.from_numpy(faiss_index.assign_nearest(self.x, centroids)).to(self.device)
         stats = SuffStats.zeros((K,), self.n_features, device=self.device)
         ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=self.device)
         for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(self.n_features, 1, self.cfg.chunk_size)):
             add_hard_stats_(stats, self.x[sl], z[sl], ones[sl])
-        stats = self.reduce_stats(stats)
+        return self.reduce_stats(stats)
+
+    def overcluster_size(self) -> int:
+        """K0 of the over-clustered start: overcluster_factor * sqrt(n), at least k_init, at
+        most n / 2 (cells of two points or more) and moves.max_clusters."""
+        cfg = self.cfg
+        k0 = max(cfg.k_init, math.ceil(cfg.overcluster_factor * math.sqrt(self.n_global)))
+        return max(1, min(k0, self.n_global // 2, cfg.moves.max_clusters))
+
+    def initialize(self) -> None:
+        """Starting partition -> hard statistics -> prior (pooled mode) -> MAP params.
+
+        "overcluster": k-means with K0 cells; the pooled within-cell scatter sets psi; cells are
+        merged greedily while log H_m > 0. "kmeans": k-means with k_init clusters.
+        """
+        cells = None
+        if self.cfg.init == "overcluster" or self.cfg.prior.psi_mode == "pooled":
+            cells = self.kmeans_stats(self.overcluster_size())
+            cells = cells[cells.count > 0]
+        if self.cfg.prior.psi_mode == "pooled":
+            self.prior = self._make_prior(pooled_within_covariance(cells))
+        if self.cfg.init == "overcluster":
+            tree = merge_tree(self.prior, self.cfg.prior.alpha, cells, stop_below=0.0)
+            labels = torch.from_numpy(cut_tree(tree, tree.n_leaves - tree.n_merges)).to(self.device)
+            K = tree.n_leaves - tree.n_merges
+            stats = SuffStats(
+                torch.zeros(K, dtype=STAT_DTYPE, device=self.device).index_add_(0, labels, cells.count),
+                torch.zeros(K, self.n_features, dtype=STAT_DTYPE, device=self.device).index_add_(0, labels, cells.sum),
+                torch.zeros(K, self.n_features, self.n_features, dtype=STAT_DTYPE, device=self.device).index_add_(
+                    0, labels, cells.scatter
+                ),
+            )
+        else:
+            stats = self.kmeans_stats(self.cfg.k_init)
+        K = int(stats.count.shape[0])
         means, chol = map_estimate(self.prior, stats)
         self.params = GaussianParams(dp_log_weights(stats.count, self.cfg.prior.alpha), means, chol)
         self.sub_params = mv.principal_axis_subclusters(self.prior, stats)
@@ -405,6 +447,7 @@ class Engine:
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "frozen_until": self.frozen_until,
+            "prior_psi": self.prior.psi.cpu(),  # data-dependent in psi_mode "pooled"
             "params": {k: v.cpu() for k, v in asdict_params(self.params).items()},
             "sub_params": {k: v.cpu() for k, v in asdict_params(self.sub_params).items()},
             "cluster_net": unwrap(self.cluster_net).state_dict(),
@@ -423,6 +466,12 @@ class Engine:
             raise ValueError(f"checkpoint schema {state.get('schema_version')} != {SCHEMA_VERSION}")
         self.epoch = int(state["epoch"])
         self.frozen_until = int(state["frozen_until"])
+        if "prior_psi" in state or self.prior is None:
+            psi = state["prior_psi"].to(self.device, STAT_DTYPE)
+            self.prior = NIWPrior(
+                float(self.cfg.prior.kappa), float(self.n_features + self.cfg.prior.nu_offset),
+                torch.zeros_like(self.shift), psi,
+            )
         self.params = GaussianParams(**{k: v.to(self.device) for k, v in state["params"].items()})
         self.sub_params = GaussianParams(**{k: v.to(self.device) for k, v in state["sub_params"].items()})
         K = self.params.n_clusters

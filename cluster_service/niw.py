@@ -124,6 +124,17 @@ class NIWPosterior:
     psi: torch.Tensor
 
 
+def pooled_within_covariance(stats: SuffStats) -> torch.Tensor:
+    """Pooled within-cluster covariance sum_k (S_k - s_k s_k^T / N_k) / sum_k N_k.
+
+    stats: batch shape (K,) (clusters with N_k <= 0 are ignored) -> (d, d) SPD (float64).
+    """
+    keep = stats.count > 0
+    c, s, S = stats.count[keep], stats.sum[keep], stats.scatter[keep]
+    within = (S - s[:, :, None] * s[:, None, :] / c[:, None, None]).sum(0) / c.sum()
+    return 0.5 * (within + within.T)
+
+
 def make_prior(
     data_mean: torch.Tensor,
     data_var: torch.Tensor,
@@ -131,15 +142,26 @@ def make_prior(
     nu_offset: float,
     psi_mode: str,
     psi_scale: float,
+    within_cov: torch.Tensor | None = None,
 ) -> NIWPrior:
     """Priors scaled to the data.
 
-    data_mean: (d,); data_var: (d,) per-dimension variance of the data.
-    psi = psi_scale * mean(data_var) * I for "data_diag" (scale-free), psi_scale * I for "fixed".
+    data_mean: (d,); data_var: (d,) per-dimension variance of the data; within_cov: (d, d)
+    pooled within-cluster covariance of an over-clustered partition (needed for "pooled").
+    psi = psi_scale * within_cov for "pooled" (empirical Bayes: the prior covariance scale is
+    the clusters' own spread, not the whole data's), psi_scale * mean(data_var) * I for
+    "data_diag" (scale-free), psi_scale * I for "fixed".
     """
     d = data_mean.shape[-1]
     eye = torch.eye(d, dtype=STAT_DTYPE, device=data_mean.device)
-    if psi_mode == "data_diag":
+    if psi_mode == "pooled":
+        if within_cov is None:
+            raise ValueError("psi_mode 'pooled' needs within_cov")
+        w = within_cov.to(STAT_DTYPE)
+        # a ridge of 1e-6 of the mean variance keeps psi SPD when a direction has no spread
+        ridge = 1e-6 * float(w.diagonal().mean().clamp_min(1e-30))
+        psi = psi_scale * (w + ridge * eye)
+    elif psi_mode == "data_diag":
         scale = float(data_var.to(STAT_DTYPE).mean().clamp_min(1e-30))
         psi = psi_scale * scale * eye
     elif psi_mode == "fixed":
