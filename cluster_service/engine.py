@@ -22,7 +22,7 @@ from cluster_service import index as faiss_index
 from cluster_service import moves as mv
 from cluster_service.comm import LocalComm, unwrap
 from cluster_service.config import SCHEMA_VERSION, FitConfig
-from cluster_service.hierarchy import cut_tree, merge_tree
+from cluster_service.hierarchy import MergeTree, cut_tree, merge_tree
 from cluster_service.gaussian import (
     WhitenedGaussians,
     add_hard_stats_,
@@ -432,6 +432,19 @@ class Engine:
         lj = log_joint(x, self.params, self.dtype, self.cfg.chunk_size)
         best, cluster = lj.max(-1)
         return cluster.cpu().numpy(), best.double().cpu().numpy()
+
+    @torch.no_grad()
+    def cluster_tree(self, clusters: np.ndarray) -> MergeTree:
+        """Merge hierarchy over the fitted clusters: hard statistics of the local rows' clusters
+        (n_local,) (all-reduced, so every rank calls this), merged greedily by log H_m down to
+        one cluster (hierarchy.merge_tree)."""
+        K = self.n_clusters
+        stats = SuffStats.zeros((K,), self.n_features, device=self.device)
+        z = torch.from_numpy(np.asarray(clusters, dtype=np.int64)).to(self.device)
+        ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=self.device)
+        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(self.n_features, 1, self.cfg.chunk_size)):
+            add_hard_stats_(stats, self.x[sl], z[sl], ones[sl])
+        return merge_tree(self.prior, self.cfg.prior.alpha, self.reduce_stats(stats))
 
     def export_params(self) -> GaussianParams:
         """Mixture parameters in the original (uncentred) coordinates."""

@@ -71,7 +71,8 @@ def fit(
         engine.initialize()
         history = run_schedule(engine, callbacks)
     clusters, log_prob = engine.assign()
-    return FitResult(model_from_engine(engine, manifest_hash), history, clusters, log_prob, engine)
+    model = model_from_engine(engine, manifest_hash, tree=engine.cluster_tree(clusters))
+    return FitResult(model, history, clusters, log_prob, engine)
 
 
 def run_schedule(

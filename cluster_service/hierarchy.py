@@ -32,7 +32,7 @@ class MergeTree:
 
     linkage: (n_merges, 4) float64 scipy rows [a, b, height, size]: leaves are 0..K-1, the
         node made by row i is K + i; height is non-decreasing (running max of -log H_m, shifted
-        to be >= 0) so scipy can draw it; size is the point count of the new node.
+        to be >= 0) so scipy can draw it; size is the number of leaves under the new node.
     log_ratios: (n_merges,) log H_m of each merge as it was made (may rise and fall).
     n_leaves: K.
     """
@@ -54,7 +54,8 @@ def _log_score(prior: NIWPrior, stats: SuffStats) -> torch.Tensor:
     c, s, S = stats.count.reshape(-1), stats.sum.reshape(n, -1), stats.scatter.reshape(n, *stats.scatter.shape[-2:])
     for i in range(0, n, _PAIR_CHUNK):
         part = SuffStats(c[i : i + _PAIR_CHUNK], s[i : i + _PAIR_CHUNK], S[i : i + _PAIR_CHUNK])
-        flat[i : i + _PAIR_CHUNK] = torch.lgamma(part.count) + log_marginal_likelihood(prior, part)
+        # an empty set (a cluster no row is assigned to) scores lgamma(tiny): finite, merged first
+        flat[i : i + _PAIR_CHUNK] = torch.lgamma(part.count.clamp_min(1e-8)) + log_marginal_likelihood(prior, part)
     return out
 
 
@@ -79,6 +80,7 @@ def merge_tree(
         ratio[iu[0], iu[1]] = union - single[iu[0]] - single[iu[1]] - math.log(alpha)
         ratio[iu[1], iu[0]] = ratio[iu[0], iu[1]]
     node = list(range(K))  # scipy id of the node currently held in slot i
+    leaves = [1] * K
     active = torch.ones(K, dtype=torch.bool, device=dev)
     rows, logs = [], []
     for step in range(K - 1):
@@ -92,7 +94,8 @@ def merge_tree(
         active[j] = False
         ratio[j, :] = -math.inf
         ratio[:, j] = -math.inf
-        rows.append((node[i], node[j], float(c[i])))
+        leaves[i] += leaves[j]
+        rows.append((node[i], node[j], leaves[i]))
         logs.append(r)
         node[i] = K + step
         single[i] = _log_score(prior, SuffStats(c[i : i + 1], s[i : i + 1], S[i : i + 1]))[0]

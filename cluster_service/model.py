@@ -46,6 +46,10 @@ class FittedModel:
     config: dict[str, Any] = field(default_factory=dict)
     manifest_hash: str | None = None
     version: str = ""  # model version string written into assignments
+    # Merge hierarchy over the clusters (hierarchy.merge_tree): scipy linkage rows (K-1, 4) and
+    # the log merge ratio of each merge (K-1,); None for models saved without one.
+    tree_linkage: np.ndarray | None = None
+    tree_log_ratios: np.ndarray | None = None
 
     @property
     def n_clusters(self) -> int:
@@ -86,6 +90,15 @@ class FittedModel:
             xb = torch.from_numpy(np.ascontiguousarray(x[s : s + rows])).to(dev, torch.float64)
             out[s : s + rows] = (g.log_prob(xb) + log_w).cpu().numpy()
         return out
+
+    def cut(self, n_clusters: int) -> np.ndarray:
+        """Coarser level of the merge hierarchy: (K,) int64 group in 0..n_clusters-1 of every
+        cluster, so `model.cut(k)[model.predict(x)[0]]` labels rows at level k."""
+        from cluster_service.hierarchy import MergeTree, cut_tree
+
+        if self.tree_linkage is None:
+            raise ModelError("this model has no merge hierarchy (fitted before hierarchies were stored)")
+        return cut_tree(MergeTree(self.tree_linkage, self.tree_log_ratios, self.n_clusters), n_clusters)
 
     def predict(self, x) -> tuple[np.ndarray, np.ndarray]:
         """Exact MAP cluster and its log pi_k + log N: ((n,) int64, (n,) float64)."""
@@ -140,6 +153,9 @@ class FittedModel:
             arrays.update({f"net.{k}": v for k, v in self.net.items()})
             if self.net_input_shift is not None:
                 arrays["net_input_shift"] = self.net_input_shift
+            if self.tree_linkage is not None:
+                arrays["tree_linkage"] = self.tree_linkage
+                arrays["tree_log_ratios"] = self.tree_log_ratios
             np.savez(tmp / "arrays.npz", **arrays)
             (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=str))
             if path.exists():
@@ -196,6 +212,8 @@ def load_model(
         config=meta.get("config", {}),
         manifest_hash=meta.get("manifest_hash"),
         version=meta.get("version", ""),
+        tree_linkage=arrays.get("tree_linkage"),
+        tree_log_ratios=arrays.get("tree_log_ratios"),
     )
     if n_features is not None and n_features != model.n_features:
         raise ModelError(
@@ -209,8 +227,9 @@ def load_model(
     return model
 
 
-def model_from_engine(engine, manifest_hash: str | None = None, version: str = "") -> FittedModel:
-    """Export an Engine's state (original coordinates) as a FittedModel."""
+def model_from_engine(engine, manifest_hash: str | None = None, version: str = "", tree=None) -> FittedModel:
+    """Export an Engine's state (original coordinates) as a FittedModel; `tree` is the merge
+    hierarchy (hierarchy.MergeTree from Engine.cluster_tree) when one was built."""
     from cluster_service.comm import unwrap
 
     p = engine.export_params()
@@ -233,6 +252,8 @@ def model_from_engine(engine, manifest_hash: str | None = None, version: str = "
         config=engine.cfg.to_dict(),
         manifest_hash=manifest_hash,
         version=version or time.strftime("%Y%m%dT%H%M%S", time.gmtime()),
+        tree_linkage=None if tree is None else tree.linkage,
+        tree_log_ratios=None if tree is None else tree.log_ratios,
     )
 
 
