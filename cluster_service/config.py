@@ -111,6 +111,12 @@ class MoveConfig:
     prune_below: float = 1.0
     # Upper bound on K (a safety net, not a tuning knob).
     max_clusters: int = 5000
+    # Second split proposal per cluster: k-means with up to this many cells inside the cluster
+    # (one per 2 (d + 2) points), merged greedily by the merge ratio; the best level of that
+    # tree is a many-way split, tested instead of the subnets' two-way split when its log H_s
+    # is higher. Finds what one cut misses (a cloud of many components, a small component
+    # beside a large one). 0 = subnets' proposal only (the reference DeepDPM).
+    split_cells: int = 32
 
     def validate(self) -> None:
         if self.min_cluster_size < 2:
@@ -121,6 +127,8 @@ class MoveConfig:
             raise ConfigError(f"moves.prune_below must be >= 0, got {self.prune_below}")
         if self.max_clusters < 1:
             raise ConfigError(f"moves.max_clusters must be >= 1, got {self.max_clusters}")
+        if self.split_cells < 0 or self.split_cells == 1:
+            raise ConfigError(f"moves.split_cells must be 0 (off) or >= 2, got {self.split_cells}")
 
 
 @dataclass(frozen=True)
@@ -240,12 +248,14 @@ class AutoencoderConfig:
 class FitConfig:
     """Everything a fit needs. Compose sub-configs; parse with `FitConfig.from_dict`."""
 
-    # How the fit starts. "overcluster": k-means with K0 = max(k_init, overcluster_factor *
-    # sqrt(n_samples)) clusters (more than any data set here supports), then greedy merges of
-    # the k-means cells while the merge Hastings ratio favours them (hierarchy.merge_tree), so
-    # K starts near what the model supports and no K_init is guessed. "kmeans": k-means with
-    # k_init clusters, K found by the split/merge moves alone (the reference DeepDPM start).
-    init: Literal["overcluster", "kmeans"] = "overcluster"
+    # How the fit starts. "evidence": k-means at K0 = max(k_init, overcluster_factor *
+    # sqrt(n_samples)) (more clusters than the data supports) and at K0 / sqrt(2)^i down to 1;
+    # the partition with the highest DP marginal likelihood (niw.log_partition_evidence)
+    # starts the fit, so K starts near what the model supports and no K_init is guessed.
+    # (Greedy merging of the K0 cells was tried: it chains, e.g. 200 components -> 1.)
+    # "kmeans": k-means with k_init clusters, K found by the split/merge moves alone (the
+    # reference DeepDPM start).
+    init: Literal["evidence", "kmeans"] = "evidence"
     k_init: int = 1
     # K0 of the over-clustered start (also the partition whose pooled scatter sets psi in
     # prior.psi_mode "pooled"), per sqrt(n_samples): 1.0 gives 245 cells at 60k rows, 447 at 200k.
@@ -268,8 +278,8 @@ class FitConfig:
             sub.validate()  # first, so each field's own rule is the message
         if self.k_init < 1:
             raise ConfigError(f"k_init must be >= 1, got {self.k_init}")
-        if self.init not in ("overcluster", "kmeans"):
-            raise ConfigError(f"init must be 'overcluster' or 'kmeans', got {self.init!r}")
+        if self.init not in ("evidence", "kmeans"):
+            raise ConfigError(f"init must be 'evidence' or 'kmeans', got {self.init!r}")
         if not (math.isfinite(self.overcluster_factor) and self.overcluster_factor > 0):
             raise ConfigError(f"overcluster_factor must be > 0, got {self.overcluster_factor}")
         if self.chunk_size < 1:

@@ -75,12 +75,16 @@ def make_overlap_mixture(
     seed: int = 0,
     bayes_target: float = 0.97,
     imbalance: float = 20.0,
+    anisotropy: float = 0.3,
     calib_samples: int = 20000,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Imbalanced, overlapping Gaussian mixture whose Bayes-optimal accuracy is `bayes_target`.
 
-    Sizes span a factor `imbalance` (geometric); covariances are random, full and anisotropic
-    (trace d); the spread of the means is found by bisection so that the Bayes classifier
+    Sizes span a factor `imbalance` (geometric); covariances are random and full,
+    (1 - anisotropy) I + anisotropy A A^T / d scaled to trace d (eigenvalues about 1 - a to
+    1 + 3a: components differ mainly by their means, as in embeddings, not by covariance shape
+    alone, which in high d would separate them perfectly); the spread of the means is found by
+    bisection so that the Bayes classifier
     (true parameters) reaches `bayes_target` (+- about 0.003) on `calib_samples` points.
     Hard-K benchmark data for K inference (issue 16). Returns X (n, d) float32, y (n,) int64.
     """
@@ -95,7 +99,7 @@ def make_overlap_mixture(
     covs = np.empty((K, d, d))
     for k in range(K):
         a = rng.normal(size=(d, d)) / np.sqrt(d)
-        c = a @ a.T + 0.3 * np.eye(d)
+        c = (1 - anisotropy) * np.eye(d) + anisotropy * (a @ a.T)
         covs[k] = c * (d / np.trace(c))
     chol = np.linalg.cholesky(covs)
     # fixed unit draws, re-scaled per candidate spread: accuracy is monotone in the spread

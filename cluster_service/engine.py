@@ -22,7 +22,7 @@ from cluster_service import index as faiss_index
 from cluster_service import moves as mv
 from cluster_service.comm import LocalComm, unwrap
 from cluster_service.config import SCHEMA_VERSION, FitConfig
-from cluster_service.hierarchy import MergeTree, cut_tree, merge_tree
+from cluster_service.hierarchy import MergeTree, merge_tree
 from cluster_service.gaussian import (
     WhitenedGaussians,
     add_hard_stats_,
@@ -47,12 +47,16 @@ from cluster_service.niw import (
     SuffStats,
     dp_log_weights,
     log_marginal_likelihood,
+    log_partition_evidence,
+    log_split_ratio,
     make_prior,
     map_estimate,
     pooled_within_covariance,
 )
 from cluster_service.schedule import EpochPlan
 
+# The evidence start tries k-means at K0, K0 / step, K0 / step^2, ... 1.
+_EVIDENCE_GRID_STEP = 2**0.5
 # Up to this many clusters, cluster and subcluster statistics share one matmul (see accumulate).
 DENSE_SUBCLUSTER_MAX = 256
 
@@ -181,26 +185,25 @@ class Engine:
     def initialize(self) -> None:
         """Starting partition -> hard statistics -> prior (pooled mode) -> MAP params.
 
-        "overcluster": k-means with K0 cells; the pooled within-cell scatter sets psi; cells are
-        merged greedily while log H_m > 0. "kmeans": k-means with k_init clusters.
+        "evidence": k-means with K0 cells (their pooled within-cell scatter sets psi in pooled
+        mode), then k-means at K0 / step^i down to 1; the partition with the highest
+        log_partition_evidence starts the fit. "kmeans": k-means with k_init clusters.
         """
         cells = None
-        if self.cfg.init == "overcluster" or self.cfg.prior.psi_mode == "pooled":
+        if self.cfg.init == "evidence" or self.cfg.prior.psi_mode == "pooled":
             cells = self.kmeans_stats(self.overcluster_size())
             cells = cells[cells.count > 0]
         if self.cfg.prior.psi_mode == "pooled":
             self.prior = self._make_prior(pooled_within_covariance(cells))
-        if self.cfg.init == "overcluster":
-            tree = merge_tree(self.prior, self.cfg.prior.alpha, cells, stop_below=0.0)
-            labels = torch.from_numpy(cut_tree(tree, tree.n_leaves - tree.n_merges)).to(self.device)
-            K = tree.n_leaves - tree.n_merges
-            stats = SuffStats(
-                torch.zeros(K, dtype=STAT_DTYPE, device=self.device).index_add_(0, labels, cells.count),
-                torch.zeros(K, self.n_features, dtype=STAT_DTYPE, device=self.device).index_add_(0, labels, cells.sum),
-                torch.zeros(K, self.n_features, self.n_features, dtype=STAT_DTYPE, device=self.device).index_add_(
-                    0, labels, cells.scatter
-                ),
-            )
+        if self.cfg.init == "evidence":
+            stats, best = cells, float(log_partition_evidence(self.prior, self.cfg.prior.alpha, cells))
+            k = cells.count.shape[0] / _EVIDENCE_GRID_STEP
+            while k >= 1:  # K0 / step, K0 / step^2, ... 1
+                cand = self.kmeans_stats(max(1, round(k)))
+                score = float(log_partition_evidence(self.prior, self.cfg.prior.alpha, cand))
+                if score > best:
+                    stats, best = cand[cand.count > 0], score
+                k /= _EVIDENCE_GRID_STEP
         else:
             stats = self.kmeans_stats(self.cfg.k_init)
         K = int(stats.count.shape[0])
@@ -353,17 +356,87 @@ class Engine:
                 unwrap(self.subnets).reset_clusters(torch.nonzero(dead.cpu()).flatten(), self.init_gen)
         self.params, self.sub_params = params, sub
 
-    def split_step(self, sub_stats: SuffStats) -> tuple[int, int]:
+    def cells_per_cluster(self, counts: torch.Tensor) -> list[int]:
+        """k-means cells used to propose splits of each cluster: one per 2 (d + 2) points (enough
+        for a full covariance), at least 2, at most moves.split_cells. counts: (K,)."""
+        per = 2 * (self.n_features + 2)
+        return [max(2, min(self.cfg.moves.split_cells, int(c) // per)) for c in counts.tolist()]
+
+    @torch.no_grad()
+    def cell_stats(self, n_cells: list[int]) -> SuffStats:
+        """Statistics of k-means cells inside every cluster, batch shape (K, max n_cells).
+
+        Rows go to their exact MAP cluster; rank 0 runs k-means (n_cells[k] cells) on its rows of
+        cluster k and broadcasts the centroids; every rank bins its rows by the nearest centroid
+        of their cluster; one all-reduce. Unused cells stay empty.
+        """
+        K, d, M = self.n_clusters, self.n_features, max(n_cells)
+        z = torch.from_numpy(self.assign()[0]).to(self.device)
+        centroids = None
+        if self.comm.rank == 0:
+            centroids = np.full((K, M, d), np.inf, dtype=np.float32)
+            zc = z.cpu().numpy()
+            for k in range(K):
+                rows = np.flatnonzero(zc == k)
+                m = min(n_cells[k], rows.size // 2)
+                if m >= 2:
+                    centroids[k, :m] = faiss_index.kmeans(self.x[rows], m, seed=self.cfg.seed + k)
+                elif rows.size:
+                    centroids[k, 0] = self.x[rows].mean(0).float().cpu().numpy()
+        centroids = torch.from_numpy(self.comm.broadcast_object(centroids)).to(self.device, self.dtype)
+        stats = SuffStats.zeros((K * M,), d, device=self.device)
+        ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=self.device)
+        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(d, M, self.cfg.chunk_size)):
+            xc, zc = self.x[sl], z[sl]
+            dist = (xc[:, None, :] - centroids[zc]).square().sum(-1)  # (n, M); inf for unused cells
+            cell = torch.nan_to_num(dist, nan=math.inf).argmin(-1)
+            add_hard_stats_(stats, xc, zc * M + cell, ones[sl])
+        stats = self.reduce_stats(stats)
+        return SuffStats(stats.count.reshape(K, M), stats.sum.reshape(K, M, d), stats.scatter.reshape(K, M, d, d))
+
+    def split_step(self, sub_stats: SuffStats, stats: SuffStats) -> tuple[int, int]:
+        """Split proposals per cluster: the subnets' two subclusters and, with moves.split_cells,
+        the best level of the merge tree of its k-means cells (a many-way split); the one with
+        the higher log H_s faces the Metropolis-Hastings test (u ~ U(0,1) from move_gen)."""
         m = self.cfg.moves
+        alpha = self.cfg.prior.alpha
+        K = self.n_clusters
+        log_h = log_split_ratio(self.prior, alpha, sub_stats[:, 0], sub_stats[:, 1]).cpu()
+        eligible = (sub_stats.count >= m.min_cluster_size).all(-1).cpu() & torch.isfinite(log_h)
+        parts: dict[int, SuffStats] = {}
+        tree = None
+        if m.split_cells >= 2:
+            cells = self.cell_stats(self.cells_per_cluster(stats.count))
+            tree = mv.tree_split_proposals(self.prior, alpha, cells)
         decision = None
         if self.comm.rank == 0:
-            decision = mv.propose_splits(
-                self.prior, self.cfg.prior.alpha, sub_stats, m.min_cluster_size, m.max_clusters, self.move_gen
+            u = torch.rand(K, generator=self.move_gen, dtype=STAT_DTYPE)
+            choice, ratios = [], []
+            for k in range(K):
+                best, r = (2, float(log_h[k])) if bool(eligible[k]) else (0, -math.inf)
+                if tree is not None and tree.n_parts[k] >= 2 and tree.log_ratios[k] > r:
+                    best, r = 1, tree.log_ratios[k]  # 1 = tree proposal, 2 = subnets, 0 = none
+                choice.append(best)
+                ratios.append(r)
+            proposed = [k for k in range(K) if choice[k]]
+            accepted = [k for k in proposed if math.log(float(u[k])) < ratios[k]]
+            decision = mv.SplitDecision(
+                tuple(proposed), tuple(ratios[k] for k in proposed), tuple(accepted), tuple(choice[k] for k in accepted)
             )
         decision = self.comm.broadcast_object(decision)
-        if decision.accepted:
-            self.rebuild_for_k(mv.apply_splits(decision, self.params, self.sub_params, self.prior, sub_stats))
-        return len(decision.proposed), len(decision.accepted)
+        for k, how in zip(decision.accepted, decision.kinds):
+            if how == 1:
+                parts[k] = mv.group_cells(cells[k], tree.labels[k], tree.n_parts[k])
+            else:
+                parts[k] = sub_stats[k]
+        room = m.max_clusters - K
+        for k in sorted(parts, key=lambda k: -parts[k].count.shape[0]):  # too many new clusters: drop
+            if sum(p.count.shape[0] - 1 for p in parts.values()) <= room:
+                break
+            del parts[k]
+        if parts:
+            self.rebuild_for_k(mv.apply_multi_splits(parts, self.params, self.sub_params, self.prior))
+        return len(decision.proposed), len(parts)
 
     def merge_step(self, stats: SuffStats) -> tuple[int, int]:
         decision = None
@@ -407,7 +480,7 @@ class Engine:
         if plan.m_step and not frozen and plan.move is None:
             pr = self.prune_step(stats)
         if plan.move == "split" and not frozen:
-            sp, sa = self.split_step(sub_stats)
+            sp, sa = self.split_step(sub_stats, stats)
         elif plan.move == "merge" and not frozen:
             mp, ma = self.merge_step(stats)
         if sa or ma:

@@ -307,3 +307,13 @@ def log_split_ratio(prior: NIWPrior, alpha: float, part1: SuffStats, part2: Suff
 def log_merge_ratio(prior: NIWPrior, alpha: float, part1: SuffStats, part2: SuffStats) -> torch.Tensor:
     """log H_m = -log H_s for merging part1 and part2. Batched -> (...,)."""
     return -log_split_ratio(prior, alpha, part1, part2)
+
+
+def log_partition_evidence(prior: NIWPrior, alpha: float, stats: SuffStats) -> torch.Tensor:
+    """log p(X, partition) up to terms that do not depend on the partition, for a hard
+    partition into the sets of `stats` (batch (K,), empty sets ignored):
+    K log alpha + sum_k [log Gamma(N_k) + log f(X_k)]   (CRP prior times NIW marginals; the
+    split and merge ratios are differences of it). -> scalar."""
+    s = stats[stats.count > 0]
+    K = s.count.shape[0]
+    return K * math.log(alpha) + (torch.lgamma(s.count) + log_marginal_likelihood(prior, s)).sum()
