@@ -158,7 +158,8 @@ class Engine:
         p = self.cfg.prior
         scale = p.pooled_scale if p.psi_mode == "pooled" else p.psi_scale
         return make_prior(
-            torch.zeros_like(self.shift), self.data_var, p.kappa, p.nu_offset, p.psi_mode, scale, within_cov
+            torch.zeros_like(self.shift), self.data_var, p.kappa, p.nu_offset, p.psi_mode, scale, within_cov,
+            psi_floor=p.psi_scale,
         )
 
     def kmeans_stats(self, n_clusters: int) -> SuffStats:
@@ -196,14 +197,24 @@ class Engine:
         if self.cfg.prior.psi_mode == "pooled":
             self.prior = self._make_prior(pooled_within_covariance(cells))
         if self.cfg.init == "evidence":
-            stats, best = cells, float(log_partition_evidence(self.prior, self.cfg.prior.alpha, cells))
-            k = cells.count.shape[0] / _EVIDENCE_GRID_STEP
-            while k >= 1:  # K0 / step, K0 / step^2, ... 1
-                cand = self.kmeans_stats(max(1, round(k)))
-                score = float(log_partition_evidence(self.prior, self.cfg.prior.alpha, cand))
-                if score > best:
-                    stats, best = cand[cand.count > 0], score
+            alpha = self.cfg.prior.alpha
+            d = self.n_features
+            nus = [self.prior.nu]
+            if self.cfg.prior.nu_mode == "evidence":  # nu = d + nu_offset, d + d/2, 2d, 8d, 32d
+                nus += [d + f * d for f in (0.5, 2, 8, 32)]
+            priors = [NIWPrior(self.prior.kappa, nu, self.prior.mean, self.prior.psi) for nu in nus]
+            stats, best, best_prior = None, -math.inf, self.prior
+            k = float(cells.count.shape[0])
+            while k >= 1:  # K0, K0 / step, K0 / step^2, ... 1
+                cand = cells if stats is None else self.kmeans_stats(max(1, round(k)))
+                cand = cand[cand.count > 0]
+                for prior in priors:
+                    score = float(log_partition_evidence(prior, alpha, cand))
+                    if score > best:
+                        stats, best, best_prior = cand, score, prior
+                stats = cand if stats is None else stats
                 k /= _EVIDENCE_GRID_STEP
+            self.prior = best_prior
         else:
             stats = self.kmeans_stats(self.cfg.k_init)
         K = int(stats.count.shape[0])
@@ -534,6 +545,7 @@ class Engine:
             "epoch": self.epoch,
             "frozen_until": self.frozen_until,
             "prior_psi": self.prior.psi.cpu(),  # data-dependent in psi_mode "pooled"
+            "prior_nu": self.prior.nu,  # data-dependent in nu_mode "evidence"
             "params": {k: v.cpu() for k, v in asdict_params(self.params).items()},
             "sub_params": {k: v.cpu() for k, v in asdict_params(self.sub_params).items()},
             "cluster_net": unwrap(self.cluster_net).state_dict(),
@@ -555,7 +567,7 @@ class Engine:
         if "prior_psi" in state or self.prior is None:
             psi = state["prior_psi"].to(self.device, STAT_DTYPE)
             self.prior = NIWPrior(
-                float(self.cfg.prior.kappa), float(self.n_features + self.cfg.prior.nu_offset),
+                float(self.cfg.prior.kappa), float(state.get("prior_nu", self.n_features + self.cfg.prior.nu_offset)),
                 torch.zeros_like(self.shift), psi,
             )
         self.params = GaussianParams(**{k: v.to(self.device) for k, v in state["params"].items()})

@@ -143,13 +143,15 @@ def make_prior(
     psi_mode: str,
     psi_scale: float,
     within_cov: torch.Tensor | None = None,
+    psi_floor: float = 0.0,
 ) -> NIWPrior:
     """Priors scaled to the data.
 
     data_mean: (d,); data_var: (d,) per-dimension variance of the data; within_cov: (d, d)
     pooled within-cluster covariance of an over-clustered partition (needed for "pooled").
     psi = psi_scale * within_cov for "pooled" (empirical Bayes: the prior covariance scale is
-    the clusters' own spread, not the whole data's), psi_scale * mean(data_var) * I for
+    the clusters' own spread, not the whole data's; scaled up so that its mean variance is at
+    least psi_floor * mean(data_var)), psi_scale * mean(data_var) * I for
     "data_diag" (scale-free), psi_scale * I for "fixed".
     """
     d = data_mean.shape[-1]
@@ -159,8 +161,12 @@ def make_prior(
             raise ValueError("psi_mode 'pooled' needs within_cov")
         w = within_cov.to(STAT_DTYPE)
         # a ridge of 1e-6 of the mean variance keeps psi SPD when a direction has no spread
-        ridge = 1e-6 * float(w.diagonal().mean().clamp_min(1e-30))
-        psi = psi_scale * (w + ridge * eye)
+        mean_var = float(w.diagonal().mean().clamp_min(1e-30))
+        w = w + 1e-6 * mean_var * eye
+        # floor: never below psi_floor of the data variance (over-clustering cuts tight
+        # non-Gaussian blobs, e.g. UMAP embeddings, into cells much smaller than a cluster)
+        floor = psi_floor * float(data_var.to(STAT_DTYPE).mean())
+        psi = psi_scale * w * max(1.0, floor / mean_var)
     elif psi_mode == "data_diag":
         scale = float(data_var.to(STAT_DTYPE).mean().clamp_min(1e-30))
         psi = psi_scale * scale * eye
