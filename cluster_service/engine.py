@@ -57,6 +57,10 @@ from cluster_service.schedule import EpochPlan
 
 # The evidence start tries k-means at K0, K0 / step, K0 / step^2, ... 1.
 _EVIDENCE_GRID_STEP = 2**0.5
+# In psi_mode "pooled" the evidence start also tries psi = s * pooled_scale * W for these s
+# (ImageNet-50's 128-d MoCo classes need s = 1/16; the generated mixtures s = 1; UMAP sets
+# sit at the floor).
+_PSI_EVIDENCE_SCALES = (1 / 16, 1 / 4, 1.0, 4.0)
 # Up to this many clusters, cluster and subcluster statistics share one matmul (see accumulate).
 DENSE_SUBCLUSTER_MAX = 256
 
@@ -154,9 +158,9 @@ class Engine:
 
     # ---- initialisation --------------------------------------------------------------------
 
-    def _make_prior(self, within_cov: torch.Tensor | None) -> NIWPrior:
+    def _make_prior(self, within_cov: torch.Tensor | None, factor: float = 1.0) -> NIWPrior:
         p = self.cfg.prior
-        scale = p.pooled_scale if p.psi_mode == "pooled" else p.psi_scale
+        scale = factor * (p.pooled_scale if p.psi_mode == "pooled" else p.psi_scale)
         return make_prior(
             torch.zeros_like(self.shift), self.data_var, p.kappa, p.nu_offset, p.psi_mode, scale, within_cov,
             psi_floor=p.psi_scale,
@@ -195,14 +199,19 @@ class Engine:
             cells = self.kmeans_stats(self.overcluster_size())
             cells = cells[cells.count > 0]
         if self.cfg.prior.psi_mode == "pooled":
-            self.prior = self._make_prior(pooled_within_covariance(cells))
+            cells_within = pooled_within_covariance(cells)
+            self.prior = self._make_prior(cells_within)
         if self.cfg.init == "evidence":
             alpha = self.cfg.prior.alpha
             d = self.n_features
+            # empirical Bayes over a small grid of priors, jointly with the partition
             nus = [self.prior.nu]
-            if self.cfg.prior.nu_mode == "evidence":  # nu = d + nu_offset, d + d/2, 2d, 8d, 32d
+            if self.cfg.prior.nu_mode == "evidence":  # nu = d + nu_offset, 1.5 d, 3 d, 9 d, 33 d
                 nus += [d + f * d for f in (0.5, 2, 8, 32)]
-            priors = [NIWPrior(self.prior.kappa, nu, self.prior.mean, self.prior.psi) for nu in nus]
+            psis = [self.prior.psi]
+            if self.cfg.prior.psi_mode == "pooled":  # psi = s * pooled within-cell scatter (floored)
+                psis = [self._make_prior(cells_within, s).psi for s in _PSI_EVIDENCE_SCALES]
+            priors = [NIWPrior(self.prior.kappa, nu, self.prior.mean, psi) for nu in nus for psi in psis]
             stats, best, best_prior = None, -math.inf, self.prior
             k = float(cells.count.shape[0])
             while k >= 1:  # K0, K0 / step, K0 / step^2, ... 1
