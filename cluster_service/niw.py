@@ -166,7 +166,7 @@ def make_prior(
         # floor: never below psi_floor of the data variance (over-clustering cuts tight
         # non-Gaussian blobs, e.g. UMAP embeddings, into cells much smaller than a cluster)
         floor = psi_floor * float(data_var.to(STAT_DTYPE).mean())
-        psi = psi_scale * w * max(1.0, floor / mean_var)
+        psi = w * max(psi_scale, floor / mean_var)
     elif psi_mode == "data_diag":
         scale = float(data_var.to(STAT_DTYPE).mean().clamp_min(1e-30))
         psi = psi_scale * scale * eye
