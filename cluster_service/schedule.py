@@ -24,7 +24,8 @@ class EpochPlan:
 
 
 def build_plan(cfg: ScheduleConfig) -> list[EpochPlan]:
-    """Per-epoch plan. Splits at first_split + i * period, merges half a period later."""
+    """Per-epoch plan. Splits at first_split + i * period, merges half a period later; the
+    moves end with a merge (a last split without one after it is dropped)."""
     last_move = cfg.epochs - cfg.final_epochs
     half = cfg.move_period // 2
     rows = []
@@ -33,6 +34,8 @@ def build_plan(cfg: ScheduleConfig) -> list[EpochPlan]:
         if cfg.first_split <= e < last_move:
             phase = (e - cfg.first_split) % cfg.move_period
             move = "split" if phase == 0 else "merge" if phase == half else None
+            if move == "split" and e + half >= last_move:
+                move = None  # a split with no merge round after it would end the fit over-split
         rows.append(EpochPlan(e, m_step=e >= cfg.warmup_epochs, train_subnets=e >= cfg.subcluster_start, move=move))
     return rows
 

@@ -96,3 +96,40 @@ def test_overlap_mixture_hits_its_bayes_accuracy():
 
     acc = (GaussianMixture(10, random_state=0).fit(x).predict(x) == y).mean()
     assert acc < 0.99
+
+
+def test_tree_split_proposes_the_three_blobs_of_one_cluster_and_surgery_adds_them():
+    from cluster_service import moves as mv
+    from cluster_service.niw import GaussianParams, map_estimate
+
+    x, cells, blob = blobs_in_cells()
+    prior = prior_from(x, cells)
+    cell_stats = SuffStats(cells.count[None], cells.sum[None], cells.scatter[None])  # one cluster, 12 cells
+    prop = mv.tree_split_proposals(prior, 10.0, cell_stats)
+    assert prop.n_parts == (3,) and prop.log_ratios[0] > 100
+    groups = np.array(prop.labels[0])
+    assert len(set(zip(groups.tolist(), blob.tolist()))) == 3
+    parts = mv.group_cells(cell_stats[0], prop.labels[0], 3)
+    assert parts.count.sum() == pytest.approx(1200) and (parts.count == 400).all()
+    # surgery: cluster 1 of two becomes three clusters; weights keep their total
+    whole = cells.reduce_sum()
+    two = SuffStats.concat([SuffStats(whole.count[None], whole.sum[None], whole.scatter[None])] * 2)
+    means, chol = map_estimate(prior, two)
+    params = GaussianParams(torch.log(torch.tensor([0.5, 0.5], dtype=D)), means, chol)
+    sub = mv.principal_axis_subclusters(prior, two)
+    res = mv.apply_multi_splits({1: parts}, params, sub, prior)
+    assert res.params.n_clusters == 4 and res.source.tolist() == [0, 1, 1, 1]
+    assert sorted(res.fresh.tolist()) == [1, 2, 3]
+    assert float(torch.logsumexp(res.params.log_weights, 0)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_tree_split_of_one_gaussian_scores_below_zero():
+    from cluster_service import moves as mv
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2000, 4, generator=g, dtype=D)
+    cell = torch.bucketize(x[:, 0].contiguous(), torch.linspace(-1.5, 1.5, 7, dtype=D))
+    cells = stats_from_points(x, torch.nn.functional.one_hot(cell, 8).to(D))
+    prior = prior_from(x, cells)
+    prop = mv.tree_split_proposals(prior, 10.0, SuffStats(cells.count[None], cells.sum[None], cells.scatter[None]))
+    assert prop.log_ratios[0] < 0
