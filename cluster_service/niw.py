@@ -160,13 +160,15 @@ def make_prior(
         if within_cov is None:
             raise ValueError("psi_mode 'pooled' needs within_cov")
         w = within_cov.to(STAT_DTYPE)
+        data_scale = float(data_var.to(STAT_DTYPE).mean().clamp_min(1e-30))
+        mean_var = float(w.diagonal().mean())
+        if not mean_var > 1e-9 * data_scale:  # no spread within cells (duplicated points)
+            w, mean_var = data_scale * eye, data_scale
         # a ridge of 1e-6 of the mean variance keeps psi SPD when a direction has no spread
-        mean_var = float(w.diagonal().mean().clamp_min(1e-30))
         w = w + 1e-6 * mean_var * eye
         # floor: never below psi_floor of the data variance (over-clustering cuts tight
         # non-Gaussian blobs, e.g. UMAP embeddings, into cells much smaller than a cluster)
-        floor = psi_floor * float(data_var.to(STAT_DTYPE).mean())
-        psi = w * max(psi_scale, floor / mean_var)
+        psi = w * max(psi_scale, psi_floor * data_scale / mean_var)
     elif psi_mode == "data_diag":
         scale = float(data_var.to(STAT_DTYPE).mean().clamp_min(1e-30))
         psi = psi_scale * scale * eye

@@ -239,6 +239,10 @@ def test_cli_rejects_bad_autoencoder_config(tmp_path, monkeypatch, capsys, mixtu
 DIST = {
     "device": "cpu",
     "k_init": 1,  # k-means runs on rank 0's rows only; from K=1 the init is the same everywhere
+    "init": "kmeans",  # (so the reference start, and no k-means cells in the proposals)
+    "prior.psi_mode": "data_diag",
+    "prior.nu_mode": "fixed",
+    "moves.split_cells": 0,
     "autoencoder.hidden": (32, 32),
     "autoencoder.latent_dim": 4,
     "autoencoder.pretrain_epochs": 4,
