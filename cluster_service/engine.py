@@ -188,6 +188,21 @@ class Engine:
         k0 = max(cfg.k_init, math.ceil(cfg.overcluster_factor * math.sqrt(self.n_global)))
         return max(1, min(k0, self.n_global // 2, cfg.moves.max_clusters))
 
+    def _evidence_start(self, cells: SuffStats, priors: list[NIWPrior]) -> tuple[SuffStats, NIWPrior]:
+        """The k-means partition (K0 = the cells, then K0 / step, K0 / step^2, ... 1) and the
+        prior with the highest log_partition_evidence. cells: (K0,) non-empty."""
+        alpha = self.cfg.prior.alpha
+        best, best_stats, best_prior = -math.inf, cells, priors[0]
+        ks = sorted({max(1, round(cells.count.shape[0] / _EVIDENCE_GRID_STEP**i)) for i in range(64)}, reverse=True)
+        for K in ks:
+            cand = cells if K == cells.count.shape[0] else self.kmeans_stats(K)
+            cand = cand[cand.count > 0]
+            for prior in priors:
+                score = float(log_partition_evidence(prior, alpha, cand))
+                if score > best:
+                    best, best_stats, best_prior = score, cand, prior
+        return best_stats, best_prior
+
     def initialize(self) -> None:
         """Starting partition -> hard statistics -> prior (pooled mode) -> MAP params.
 
@@ -203,9 +218,8 @@ class Engine:
             cells_within = pooled_within_covariance(cells)
             self.prior = self._make_prior(cells_within)
         if self.cfg.init == "evidence":
-            alpha = self.cfg.prior.alpha
-            d = self.n_features
             # empirical Bayes over a small grid of priors, jointly with the partition
+            d = self.n_features
             nus = [self.prior.nu]
             if self.cfg.prior.nu_mode == "evidence":  # nu = d + nu_offset, 1.5 d, 3 d, 9 d, 33 d
                 nus += [d + f * d for f in (0.5, 2, 8, 32)]
@@ -213,18 +227,7 @@ class Engine:
             if self.cfg.prior.psi_mode == "pooled":  # psi = s * pooled within-cell scatter (floored)
                 psis = [self._make_prior(cells_within, s).psi for s in _PSI_EVIDENCE_SCALES]
             priors = [NIWPrior(self.prior.kappa, nu, self.prior.mean, psi) for nu in nus for psi in psis]
-            stats, best, best_prior = None, -math.inf, self.prior
-            k = float(cells.count.shape[0])
-            while k >= 1:  # K0, K0 / step, K0 / step^2, ... 1
-                cand = cells if stats is None else self.kmeans_stats(max(1, round(k)))
-                cand = cand[cand.count > 0]
-                for prior in priors:
-                    score = float(log_partition_evidence(prior, alpha, cand))
-                    if score > best:
-                        stats, best, best_prior = cand, score, prior
-                stats = cand if stats is None else stats
-                k /= _EVIDENCE_GRID_STEP
-            self.prior = best_prior
+            stats, self.prior = self._evidence_start(cells, priors)
         else:
             stats = self.kmeans_stats(self.cfg.k_init)
         K = int(stats.count.shape[0])

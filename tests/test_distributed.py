@@ -44,7 +44,7 @@ CFG = FitConfig().replace(
         "schedule.subcluster_start": 3,
         "schedule.first_split": 8,
         "schedule.move_period": 8,
-        "schedule.final_epochs": 6,
+        "schedule.final_epochs": 2,  # moves to epoch 37: splits 8..32, merges 12..36
         "net.batch_size": 512,
         "net.min_steps_per_epoch": 4,
     }
