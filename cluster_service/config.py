@@ -55,7 +55,7 @@ class PriorConfig:
     # "pooled" mode: multiple of the pooled within-cluster covariance.
     pooled_scale: float = 1.0
     # "data_diag" / "fixed" modes: fraction of the data variance (or absolute scale) a single
-    # cluster is expected to have a priori. "pooled" mode: the floor of psi's mean variance, as
+    # cluster is expected to have a priori. "pooled" mode: an isotropic floor added to psi, as
     # a fraction of the data variance (k-means cells of tight, curved UMAP blobs are much
     # smaller than the blobs: their pooled scatter is 0.0015-0.0026 of the data variance on
     # MNIST/Fashion UMAP, and that prior splits each class into several clusters).

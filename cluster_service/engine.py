@@ -559,6 +559,7 @@ class Engine:
             "frozen_until": self.frozen_until,
             "prior_psi": self.prior.psi.cpu(),  # data-dependent in psi_mode "pooled"
             "prior_nu": self.prior.nu,  # data-dependent in nu_mode "evidence"
+            "data_var": self.data_var.cpu(),  # psi is rescaled when loaded onto other data
             "params": {k: v.cpu() for k, v in asdict_params(self.params).items()},
             "sub_params": {k: v.cpu() for k, v in asdict_params(self.sub_params).items()},
             "cluster_net": unwrap(self.cluster_net).state_dict(),
@@ -579,6 +580,13 @@ class Engine:
         self.frozen_until = int(state["frozen_until"])
         if "prior_psi" in state or self.prior is None:
             psi = state["prior_psi"].to(self.device, STAT_DTYPE)
+            old_var = state.get("data_var")
+            if old_var is not None and not torch.equal(old_var.to(self.device), self.data_var):
+                # the state on re-encoded data (autoencoder rounds): psi's shape belongs to the
+                # old coordinates; keep only its scale, relative to the data's variance
+                ratio = float(self.data_var.mean() / old_var.to(self.device).mean().clamp_min(1e-30))
+                scale = float(psi.diagonal().mean()) * ratio
+                psi = scale * torch.eye(self.n_features, dtype=STAT_DTYPE, device=self.device)
             self.prior = NIWPrior(
                 float(self.cfg.prior.kappa), float(state.get("prior_nu", self.n_features + self.cfg.prior.nu_offset)),
                 torch.zeros_like(self.shift), psi,

@@ -150,8 +150,7 @@ def make_prior(
     data_mean: (d,); data_var: (d,) per-dimension variance of the data; within_cov: (d, d)
     pooled within-cluster covariance of an over-clustered partition (needed for "pooled").
     psi = psi_scale * within_cov for "pooled" (empirical Bayes: the prior covariance scale is
-    the clusters' own spread, not the whole data's; scaled up so that its mean variance is at
-    least psi_floor * mean(data_var)), psi_scale * mean(data_var) * I for
+    the clusters' own spread, not the whole data's; plus psi_floor * mean(data_var) * I), psi_scale * mean(data_var) * I for
     "data_diag" (scale-free), psi_scale * I for "fixed".
     """
     d = data_mean.shape[-1]
@@ -164,11 +163,10 @@ def make_prior(
         mean_var = float(w.diagonal().mean())
         if not mean_var > 1e-9 * data_scale:  # no spread within cells (duplicated points)
             w, mean_var = data_scale * eye, data_scale
-        # a ridge of 1e-6 of the mean variance keeps psi SPD when a direction has no spread
-        w = w + 1e-6 * mean_var * eye
-        # floor: never below psi_floor of the data variance (over-clustering cuts tight
-        # non-Gaussian blobs, e.g. UMAP embeddings, into cells much smaller than a cluster)
-        psi = w * max(psi_scale, psi_floor * data_scale / mean_var)
+        # plus an isotropic floor of psi_floor of the data variance: over-clustering cuts tight
+        # non-Gaussian blobs (UMAP embeddings) into cells much smaller than a cluster, and
+        # directions without spread inside cells would allow needle-thin clusters
+        psi = psi_scale * w + (psi_floor * data_scale + 1e-6 * mean_var) * eye
     elif psi_mode == "data_diag":
         scale = float(data_var.to(STAT_DTYPE).mean().clamp_min(1e-30))
         psi = psi_scale * scale * eye
