@@ -57,11 +57,6 @@ from cluster_service.schedule import EpochPlan
 
 # The evidence start tries k-means at K0, K0 / step, K0 / step^2, ... 1.
 _EVIDENCE_GRID_STEP = 2**0.5
-# In psi_mode "pooled" the evidence start also tries psi = s * pooled_scale * W for these s
-# (ImageNet-50's 128-d MoCo classes pick s = 1/16, the generated mixtures s = 1; the UMAP
-# sets sit at the floor). No s > 1: on Fashion UMAP s = 4 won the evidence and started at
-# K = 94 (NMI .56); a larger prior scale than the over-clustered cells' is never wanted.
-_PSI_EVIDENCE_SCALES = (1 / 16, 1 / 4, 1.0)
 # Up to this many clusters, cluster and subcluster statistics share one matmul (see accumulate).
 DENSE_SUBCLUSTER_MAX = 256
 
@@ -225,7 +220,7 @@ class Engine:
                 nus += [d + f * d for f in (0.5, 2, 8, 32)]
             psis = [self.prior.psi]
             if self.cfg.prior.psi_mode == "pooled":  # psi = s * pooled within-cell scatter (floored)
-                psis = [self._make_prior(cells_within, s).psi for s in _PSI_EVIDENCE_SCALES]
+                psis = [self._make_prior(cells_within, s).psi for s in self.cfg.prior.pooled_evidence_scales]
             priors = [NIWPrior(self.prior.kappa, nu, self.prior.mean, psi) for nu in nus for psi in psis]
             stats, self.prior = self._evidence_start(cells, priors)
         else:
