@@ -576,7 +576,7 @@ class Engine:
         if "prior_psi" in state or self.prior is None:
             psi = state["prior_psi"].to(self.device, STAT_DTYPE)
             old_var = state.get("data_var")
-            if old_var is not None and not torch.equal(old_var.to(self.device), self.data_var):
+            if old_var is not None and not torch.allclose(old_var.to(self.device), self.data_var, rtol=1e-6):
                 # the state on re-encoded data (autoencoder rounds): psi's shape belongs to the
                 # old coordinates; keep only its scale, relative to the data's variance
                 ratio = float(self.data_var.mean() / old_var.to(self.device).mean().clamp_min(1e-30))

@@ -34,9 +34,12 @@ def build_plan(cfg: ScheduleConfig) -> list[EpochPlan]:
         if cfg.first_split <= e < last_move:
             phase = (e - cfg.first_split) % cfg.move_period
             move = "split" if phase == 0 else "merge" if phase == half else None
-            if move == "split" and e + half >= last_move:
-                move = None  # a split with no merge round after it would end the fit over-split
         rows.append(EpochPlan(e, m_step=e >= cfg.warmup_epochs, train_subnets=e >= cfg.subcluster_start, move=move))
+    # A last split with no merge round after it would end the fit over-split: drop it, unless
+    # it is the only split (short schedules).
+    moves = [r for r in rows if r.move]
+    if moves and moves[-1].move == "split" and sum(r.move == "split" for r in moves) > 1:
+        rows[moves[-1].epoch] = EpochPlan(moves[-1].epoch, moves[-1].m_step, moves[-1].train_subnets, None)
     return rows
 
 
