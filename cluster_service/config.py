@@ -90,7 +90,9 @@ class PriorConfig:
             and self.pooled_evidence_scales
             and all(isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in self.pooled_evidence_scales)
         ):
-            raise ConfigError(f"prior.pooled_evidence_scales must be positive numbers, got {self.pooled_evidence_scales!r}")
+            raise ConfigError(
+                f"prior.pooled_evidence_scales must be positive numbers, got {self.pooled_evidence_scales!r}"
+            )
         for name in ("psi_scale", "pooled_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"prior.{name} must be > 0, got {getattr(self, name)}")

@@ -22,7 +22,6 @@ from cluster_service import index as faiss_index
 from cluster_service import moves as mv
 from cluster_service.comm import LocalComm, unwrap
 from cluster_service.config import SCHEMA_VERSION, FitConfig
-from cluster_service.hierarchy import MergeTree, merge_tree
 from cluster_service.gaussian import (
     WhitenedGaussians,
     add_hard_stats_,
@@ -31,6 +30,7 @@ from cluster_service.gaussian import (
     log_joint,
     stats_chunk_rows,
 )
+from cluster_service.hierarchy import MergeTree, merge_tree
 from cluster_service.nets import (
     ClusterNet,
     SubclusterNets,
@@ -443,7 +443,7 @@ class Engine:
                 tuple(proposed), tuple(ratios[k] for k in proposed), tuple(accepted), tuple(choice[k] for k in accepted)
             )
         decision = self.comm.broadcast_object(decision)
-        for k, how in zip(decision.accepted, decision.kinds):
+        for k, how in zip(decision.accepted, decision.kinds, strict=True):
             if how == 1:
                 parts[k] = mv.group_cells(cells[k], tree.labels[k], tree.n_parts[k])
             else:

@@ -140,6 +140,6 @@ def cut_tree(tree: MergeTree, n_clusters: int) -> np.ndarray:
     _, labels = np.unique(roots, return_inverse=True)
     # number groups by their smallest leaf so the labelling is stable
     first = {}
-    for k, g in enumerate(labels):
+    for g in labels:
         first.setdefault(int(g), len(first))
     return np.array([first[int(g)] for g in labels], dtype=np.int64)

@@ -163,16 +163,19 @@ def tree_split_proposals(prior: NIWPrior, alpha: float, cell_stats: SuffStats) -
         nonempty = torch.nonzero(cell_stats.count[k] > 0).flatten()
         lab = [-1] * M
         if nonempty.numel() < 2:
-            labels.append(tuple(lab if nonempty.numel() == 0 else [0 if i == int(nonempty[0]) else -1 for i in range(M)]))
+            if nonempty.numel():
+                lab[int(nonempty[0])] = 0
+            labels.append(tuple(lab))
             n_parts.append(1)
             ratios.append(-math.inf)
             continue
         tree = merge_tree(prior, alpha, cell_stats[k][nonempty])
-        tail = -torch.flip(torch.cumsum(torch.flip(torch.as_tensor(tree.log_ratios), [0]), 0), [0])  # level after m merges
+        # tail[m]: log H_s of the level after m merges = -(sum of the later merges' log ratios)
+        tail = -torch.flip(torch.cumsum(torch.flip(torch.as_tensor(tree.log_ratios), [0]), 0), [0])
         m = int(torch.argmax(tail))
         g = tree.n_leaves - m
         group = cut_tree(tree, g)
-        for c, gi in zip(nonempty.tolist(), group.tolist()):
+        for c, gi in zip(nonempty.tolist(), group.tolist(), strict=True):
             lab[c] = int(gi)
         labels.append(tuple(lab))
         n_parts.append(g)

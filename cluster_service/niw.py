@@ -150,7 +150,8 @@ def make_prior(
     data_mean: (d,); data_var: (d,) per-dimension variance of the data; within_cov: (d, d)
     pooled within-cluster covariance of an over-clustered partition (needed for "pooled").
     psi = psi_scale * within_cov for "pooled" (empirical Bayes: the prior covariance scale is
-    the clusters' own spread, not the whole data's; plus psi_floor * mean(data_var) * I), psi_scale * mean(data_var) * I for
+    the clusters' own spread, not the whole data's; plus psi_floor * mean(data_var) * I),
+    psi_scale * mean(data_var) * I for
     "data_diag" (scale-free), psi_scale * I for "fixed".
     """
     d = data_mean.shape[-1]

@@ -47,7 +47,7 @@ def test_greedy_merges_stop_at_the_true_blobs():
     tree = merge_tree(prior_from(x, cells), 10.0, cells, stop_below=0.0)
     assert tree.n_merges == 9  # 12 cells -> 3 blobs, and no merge across blobs
     labels = cut_tree(tree, 3)
-    assert len(set(zip(labels.tolist(), blob.tolist()))) == 3  # cut = blobs (up to relabelling)
+    assert len(set(zip(labels.tolist(), blob.tolist(), strict=True))) == 3  # cut = blobs (up to relabelling)
     assert (tree.log_ratios > 0).all()
 
 
@@ -66,7 +66,7 @@ def test_full_tree_is_a_valid_scipy_linkage_and_cuts_match_fcluster():
         assert np.unique(ours).size == k
         if k < 12:  # same partition as scipy's maxclust cut of the same tree (heights monotone)
             theirs = fcluster(tree.linkage, k, criterion="maxclust")
-            assert len(set(zip(ours.tolist(), theirs.tolist()))) == k
+            assert len(set(zip(ours.tolist(), theirs.tolist(), strict=True))) == k
 
 
 def test_cut_beyond_a_stopped_tree_is_refused():
@@ -108,7 +108,7 @@ def test_tree_split_proposes_the_three_blobs_of_one_cluster_and_surgery_adds_the
     prop = mv.tree_split_proposals(prior, 10.0, cell_stats)
     assert prop.n_parts == (3,) and prop.log_ratios[0] > 100
     groups = np.array(prop.labels[0])
-    assert len(set(zip(groups.tolist(), blob.tolist()))) == 3
+    assert len(set(zip(groups.tolist(), blob.tolist(), strict=True))) == 3
     parts = mv.group_cells(cell_stats[0], prop.labels[0], 3)
     assert parts.count.sum() == pytest.approx(1200) and (parts.count == 400).all()
     # surgery: cluster 1 of two becomes three clusters; weights keep their total
