@@ -55,6 +55,6 @@ def format_plan(plan: list[EpochPlan]) -> str:
         f"subclusters from {sub if sub is not None else 'never'}",
         f"splits at        {', '.join(map(str, splits)) or 'none'}",
         f"merges at        {', '.join(map(str, merges)) or 'none'}",
-        f"max K growth     x{2 ** len(splits)} from K_init (each split round at most doubles K)",
+        f"split rounds     {len(splits)} (a split may be many-way: moves.split_cells)",
     ]
     return "\n".join(lines)
