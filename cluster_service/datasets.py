@@ -100,3 +100,82 @@ def write_image_folder(root, per_class: int, seed: int) -> dict[str, int]:
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / rel, quality=90)
             ids[rel] = c
     return ids
+
+
+def bayes_accuracy(
+    x: np.ndarray, y: np.ndarray, weights: np.ndarray, means: np.ndarray, covs: np.ndarray
+) -> float:
+    """Accuracy of the Bayes classifier argmax_k log w_k + log N(x; mu_k, Sigma_k) on (x, y).
+
+    x: (n, d); y: (n,); weights: (K,); means: (K, d); covs: (K, d, d).
+    """
+    chol = np.linalg.cholesky(covs)  # (K, d, d)
+    logdet = 2 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(1)
+    best = np.full(x.shape[0], -np.inf)
+    arg = np.zeros(x.shape[0], dtype=np.int64)
+    for k in range(means.shape[0]):
+        z = np.linalg.solve(chol[k], (x - means[k]).T)  # (d, n) whitened
+        lp = np.log(weights[k]) - 0.5 * logdet[k] - 0.5 * (z * z).sum(0)
+        better = lp > best
+        best[better], arg[better] = lp[better], k
+    return float((arg == y).mean())
+
+
+def make_overlap_mixture(
+    n_samples: int = 60000,
+    n_features: int = 32,
+    n_clusters: int = 37,
+    seed: int = 0,
+    bayes_target: float = 0.97,
+    imbalance: float = 20.0,
+    anisotropy: float = 0.3,
+    calib_samples: int = 20000,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Imbalanced, overlapping Gaussian mixture whose Bayes-optimal accuracy is `bayes_target`.
+
+    Sizes span a factor `imbalance` (geometric); covariances are random and full,
+    (1 - anisotropy) I + anisotropy A A^T / d scaled to trace d (eigenvalues about 1 - a to
+    1 + 3a: components differ mainly by their means, as in embeddings, not by covariance shape
+    alone, which in high d would separate them perfectly); the spread of the means is found by
+    bisection so that the Bayes classifier
+    (true parameters) reaches `bayes_target` (+- about 0.003) on `calib_samples` points.
+    Hard-K benchmark data for K inference (issue 16). Returns X (n, d) float32, y (n,) int64.
+    """
+    rng = np.random.default_rng(seed)
+    K, d = n_clusters, n_features
+    w = np.geomspace(1.0, imbalance, K)
+    rng.shuffle(w)
+    w /= w.sum()
+    sizes = np.floor(w * n_samples).astype(int)
+    sizes[: n_samples - sizes.sum()] += 1
+    directions = rng.normal(size=(K, d))
+    covs = np.empty((K, d, d))
+    for k in range(K):
+        a = rng.normal(size=(d, d)) / np.sqrt(d)
+        c = (1 - anisotropy) * np.eye(d) + anisotropy * (a @ a.T)
+        covs[k] = c * (d / np.trace(c))
+    chol = np.linalg.cholesky(covs)
+    # fixed unit draws, re-scaled per candidate spread: accuracy is monotone in the spread
+    yc = rng.choice(K, size=calib_samples, p=w)
+    zc = _draw_noise(rng, chol, yc)
+    lo, hi = 0.0, 20.0
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        acc = bayes_accuracy(zc + mid * directions[yc], yc, w, mid * directions, covs)
+        lo, hi = (lo, mid) if acc > bayes_target else (mid, hi)
+        if hi - lo < 1e-3:
+            break
+    means = 0.5 * (lo + hi) * directions
+    y = np.repeat(np.arange(K), sizes)
+    x = means[y] + _draw_noise(rng, chol, y)
+    perm = rng.permutation(n_samples)
+    return x[perm].astype(np.float32), y[perm].astype(np.int64)
+
+
+def _draw_noise(rng: np.random.Generator, chol: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Zero-mean draws with covariance chol[y] chol[y]^T, one cluster at a time. -> (n, d)."""
+    z = rng.normal(size=(y.size, chol.shape[-1]))
+    for k in np.unique(y):
+        rows = y == k
+        z[rows] = z[rows] @ chol[k].T
+    return z

@@ -60,8 +60,9 @@ def test_ae_mode_recovers_k_on_nonlinear_embedding(embedded, ae_fit):
     s = score(y, ae_fit.clusters)
     assert abs(ae_fit.n_clusters - 10) <= 2, ae_fit.k_per_round
     assert s.nmi > 0.8, s  # chance is ~0
-    # K was inferred from K_init = 1 in the latent space, and survived the re-encoding round.
-    assert ae_fit.history[0].n_clusters == 1 and len(ae_fit.k_per_round) == 2
+    # K was inferred in the latent space (the evidence start, then the moves; no K_init
+    # guessed) and survived the re-encoding round.
+    assert len(ae_fit.k_per_round) == 2 and abs(ae_fit.k_per_round[0] - 10) <= 2
     assert [r.epoch for r in ae_fit.history] == list(range(60 + 30)) and ae_fit.round_starts == [0, 60]
     # Pretraining learned to reconstruct; fine-tuning kept reconstruction and ran the cluster loss.
     pre = [r for r in ae_fit.ae_history if r.phase == "pretrain"]
@@ -104,7 +105,13 @@ def test_ae_model_assigns_new_data_and_round_trips(embedded, ae_fit, tmp_path):
 @pytest.fixture(scope="module")
 def latent_engine(mixture_small):
     x, _ = mixture_small
-    cfg = FitConfig().replace(seed=0, **{"schedule.epochs": 30})
+    # The reference start, prior and proposals (K_init = 1, psi from the data variance): in 30 epochs the
+    # evidence start is still merging, and a half-converged mixture moves under the rebase's
+    # extra M-step (so are the cell-tree proposals), which is not what the rebase tests are about.
+    cfg = FitConfig().replace(
+        seed=0, init="kmeans",
+        **{"schedule.epochs": 30, "prior.psi_mode": "data_diag", "prior.nu_mode": "fixed", "moves.split_cells": 0},
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         engine = Engine(cfg, torch.from_numpy(x.astype(np.float64)))
@@ -234,6 +241,10 @@ def test_cli_rejects_bad_autoencoder_config(tmp_path, monkeypatch, capsys, mixtu
 DIST = {
     "device": "cpu",
     "k_init": 1,  # k-means runs on rank 0's rows only; from K=1 the init is the same everywhere
+    "init": "kmeans",  # (so the reference start, and no k-means cells in the proposals)
+    "prior.psi_mode": "data_diag",
+    "prior.nu_mode": "fixed",
+    "moves.split_cells": 0,
     "autoencoder.hidden": (32, 32),
     "autoencoder.latent_dim": 4,
     "autoencoder.pretrain_epochs": 4,

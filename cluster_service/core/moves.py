@@ -30,6 +30,9 @@ class SplitDecision:
     proposed: tuple[int, ...]  # clusters whose split was evaluated
     log_ratios: tuple[float, ...]  # log H_s of each proposed cluster
     accepted: tuple[int, ...]  # clusters to split (ascending)
+    # which proposal each accepted split uses (engine.split_step: 1 = cell tree, 2 = subnets);
+    # empty = the subnets' for all
+    kinds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,104 @@ def propose_prunes(counts: torch.Tensor, prune_below: float) -> PruneDecision:
     if small.numel() == counts.numel():  # keep the largest one: K >= 1 always
         small = small[small != int(torch.argmax(counts.cpu()))]
     return PruneDecision(tuple(small.tolist()))
+
+
+@dataclass(frozen=True)
+class TreeSplitProposal:
+    """Multi-way split proposals of every cluster from its k-means cells (batch (K,))."""
+
+    labels: tuple[tuple[int, ...], ...]  # per cluster: group of each of its M cells (-1 = empty)
+    n_parts: tuple[int, ...]  # groups per cluster (1 = no split proposed)
+    log_ratios: tuple[float, ...]  # log H_s of the g-way split vs the whole cluster
+
+
+def tree_split_proposals(prior: NIWPrior, alpha: float, cell_stats: SuffStats) -> TreeSplitProposal:
+    """Per cluster: merge its k-means cells greedily by log H_m (hierarchy.merge_tree) and take
+    the level of the tree whose split of the cluster scores best.
+
+    cell_stats: batch shape (K, M), statistics of up to M cells of each cluster (empty allowed).
+    The g-way split ratio alpha^(g-1) prod_j Gamma(N_j) f(X_j) / (Gamma(N) f(X)) telescopes
+    along the tree, so level g scores -sum of the log ratios of the merges after it. Unlike the
+    subnets' single cut this proposes many-way splits (a cloud of 20 components is never split
+    well in two) and separates a small component from a large one cut in half. Deterministic:
+    every rank computes the same proposals from the same reduced statistics.
+    """
+    from cluster_service.core.hierarchy import cut_tree, merge_tree
+
+    K, M = cell_stats.count.shape
+    labels, n_parts, ratios = [], [], []
+    for k in range(K):
+        nonempty = torch.nonzero(cell_stats.count[k] > 0).flatten()
+        lab = [-1] * M
+        if nonempty.numel() < 2:
+            if nonempty.numel():
+                lab[int(nonempty[0])] = 0
+            labels.append(tuple(lab))
+            n_parts.append(1)
+            ratios.append(-math.inf)
+            continue
+        tree = merge_tree(prior, alpha, cell_stats[k][nonempty])
+        # tail[m]: log H_s of the level after m merges = -(sum of the later merges' log ratios)
+        tail = -torch.flip(torch.cumsum(torch.flip(torch.as_tensor(tree.log_ratios), [0]), 0), [0])
+        m = int(torch.argmax(tail))
+        g = tree.n_leaves - m
+        group = cut_tree(tree, g)
+        for c, gi in zip(nonempty.tolist(), group.tolist(), strict=True):
+            lab[c] = int(gi)
+        labels.append(tuple(lab))
+        n_parts.append(g)
+        ratios.append(float(tail[m]))
+    return TreeSplitProposal(tuple(labels), tuple(n_parts), tuple(ratios))
+
+
+def group_cells(cell_stats: SuffStats, labels: tuple[int, ...], n_parts: int) -> SuffStats:
+    """Statistics of the groups of one cluster's cells: cell_stats (M,), labels (M,) -> (n_parts,)."""
+    lab = torch.as_tensor(labels, dtype=torch.long, device=cell_stats.count.device)
+    keep = lab >= 0
+    out = SuffStats.zeros((n_parts,), cell_stats.n_features, device=cell_stats.count.device)
+    out.count.index_add_(0, lab[keep], cell_stats.count[keep])
+    out.sum.index_add_(0, lab[keep], cell_stats.sum[keep])
+    out.scatter.index_add_(0, lab[keep], cell_stats.scatter[keep])
+    return out
+
+
+def apply_multi_splits(
+    accepted: dict[int, SuffStats], params: GaussianParams, sub_params: GaussianParams, prior: NIWPrior
+) -> MoveResult:
+    """Cluster k -> g_k clusters from the statistics of its parts (accepted[k]: batch (g_k,)).
+
+    k keeps part 0, parts 1.. are appended (in ascending k). Parameters are the parts' NIW
+    modes, weights pi_k * N_j / N_k; every part gets fresh principal-axis subclusters.
+    """
+    K = params.n_clusters
+    if not accepted:
+        return MoveResult(params, sub_params, torch.arange(K), torch.empty(0, dtype=torch.long))
+    dev = params.means.device
+    keys = sorted(accepted)
+    parts = SuffStats.concat([accepted[k] for k in keys])
+    owner = torch.cat([torch.full((accepted[k].count.shape[0],), k, dtype=torch.long) for k in keys]).to(dev)
+    first = torch.cat([torch.arange(accepted[k].count.shape[0]) == 0 for k in keys]).to(dev)
+    means, chol = map_estimate(prior, parts)
+    frac = parts.count / torch.zeros(K, dtype=STAT_DTYPE, device=dev).index_add_(0, owner, parts.count)[owner]
+    log_w_parts = params.log_weights[owner] + torch.log(frac.clamp_min(1e-300))
+    subs = principal_axis_subclusters(prior, parts)
+    n_new = int((~first).sum())
+    log_w, mu, L = params.log_weights.clone(), params.means.clone(), params.chol.clone()
+    slw, smu, sL = sub_params.log_weights.clone(), sub_params.means.clone(), sub_params.chol.clone()
+    kept = owner[first]
+    log_w[kept], mu[kept], L[kept] = log_w_parts[first], means[first], chol[first]
+    slw[kept], smu[kept], sL[kept] = subs.log_weights[first], subs.means[first], subs.chol[first]
+    new = ~first
+    source = torch.cat([torch.arange(K, device=dev), owner[new]])
+    fresh = torch.cat([kept, torch.arange(K, K + n_new, device=dev)])
+    return MoveResult(
+        GaussianParams(torch.cat([log_w, log_w_parts[new]]), torch.cat([mu, means[new]]), torch.cat([L, chol[new]])),
+        GaussianParams(
+            torch.cat([slw, subs.log_weights[new]]), torch.cat([smu, subs.means[new]]), torch.cat([sL, subs.chol[new]])
+        ),
+        source.cpu(),
+        fresh.cpu(),
+    )
 
 
 # ---- subcluster initialisation --------------------------------------------------------------

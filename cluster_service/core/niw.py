@@ -124,6 +124,17 @@ class NIWPosterior:
     psi: torch.Tensor
 
 
+def pooled_within_covariance(stats: SuffStats) -> torch.Tensor:
+    """Pooled within-cluster covariance sum_k (S_k - s_k s_k^T / N_k) / sum_k N_k.
+
+    stats: batch shape (K,) (clusters with N_k <= 0 are ignored) -> (d, d) SPD (float64).
+    """
+    keep = stats.count > 0
+    c, s, S = stats.count[keep], stats.sum[keep], stats.scatter[keep]
+    within = (S - s[:, :, None] * s[:, None, :] / c[:, None, None]).sum(0) / c.sum()
+    return 0.5 * (within + within.T)
+
+
 def make_prior(
     data_mean: torch.Tensor,
     data_var: torch.Tensor,
@@ -131,15 +142,33 @@ def make_prior(
     nu_offset: float,
     psi_mode: str,
     psi_scale: float,
+    within_cov: torch.Tensor | None = None,
+    psi_floor: float = 0.0,
 ) -> NIWPrior:
     """Priors scaled to the data.
 
-    data_mean: (d,); data_var: (d,) per-dimension variance of the data.
-    psi = psi_scale * mean(data_var) * I for "data_diag" (scale-free), psi_scale * I for "fixed".
+    data_mean: (d,); data_var: (d,) per-dimension variance of the data; within_cov: (d, d)
+    pooled within-cluster covariance of an over-clustered partition (needed for "pooled").
+    psi = psi_scale * within_cov for "pooled" (empirical Bayes: the prior covariance scale is
+    the clusters' own spread, not the whole data's; plus psi_floor * mean(data_var) * I),
+    psi_scale * mean(data_var) * I for
+    "data_diag" (scale-free), psi_scale * I for "fixed".
     """
     d = data_mean.shape[-1]
     eye = torch.eye(d, dtype=STAT_DTYPE, device=data_mean.device)
-    if psi_mode == "data_diag":
+    if psi_mode == "pooled":
+        if within_cov is None:
+            raise ValueError("psi_mode 'pooled' needs within_cov")
+        w = within_cov.to(STAT_DTYPE)
+        data_scale = float(data_var.to(STAT_DTYPE).mean().clamp_min(1e-30))
+        mean_var = float(w.diagonal().mean())
+        if not mean_var > 1e-9 * data_scale:  # no spread within cells (duplicated points)
+            w, mean_var = data_scale * eye, data_scale
+        # plus an isotropic floor of psi_floor of the data variance: over-clustering cuts tight
+        # non-Gaussian blobs (UMAP embeddings) into cells much smaller than a cluster, and
+        # directions without spread inside cells would allow needle-thin clusters
+        psi = psi_scale * w + (psi_floor * data_scale + 1e-6 * mean_var) * eye
+    elif psi_mode == "data_diag":
         scale = float(data_var.to(STAT_DTYPE).mean().clamp_min(1e-30))
         psi = psi_scale * scale * eye
     elif psi_mode == "fixed":
@@ -285,3 +314,13 @@ def log_split_ratio(prior: NIWPrior, alpha: float, part1: SuffStats, part2: Suff
 def log_merge_ratio(prior: NIWPrior, alpha: float, part1: SuffStats, part2: SuffStats) -> torch.Tensor:
     """log H_m = -log H_s for merging part1 and part2. Batched -> (...,)."""
     return -log_split_ratio(prior, alpha, part1, part2)
+
+
+def log_partition_evidence(prior: NIWPrior, alpha: float, stats: SuffStats) -> torch.Tensor:
+    """log p(X, partition) up to terms that do not depend on the partition, for a hard
+    partition into the sets of `stats` (batch (K,), empty sets ignored):
+    K log alpha + sum_k [log Gamma(N_k) + log f(X_k)]   (CRP prior times NIW marginals; the
+    split and merge ratios are differences of it). -> scalar."""
+    s = stats[stats.count > 0]
+    K = s.count.shape[0]
+    return K * math.log(alpha) + (torch.lgamma(s.count) + log_marginal_likelihood(prior, s)).sum()

@@ -24,7 +24,8 @@ class EpochPlan:
 
 
 def build_plan(cfg: ScheduleConfig) -> list[EpochPlan]:
-    """Per-epoch plan. Splits at first_split + i * period, merges half a period later."""
+    """Per-epoch plan. Splits at first_split + i * period, merges half a period later; the
+    moves end with a merge (a last split without one after it is dropped)."""
     last_move = cfg.epochs - cfg.final_epochs
     half = cfg.move_period // 2
     rows = []
@@ -34,6 +35,11 @@ def build_plan(cfg: ScheduleConfig) -> list[EpochPlan]:
             phase = (e - cfg.first_split) % cfg.move_period
             move = "split" if phase == 0 else "merge" if phase == half else None
         rows.append(EpochPlan(e, m_step=e >= cfg.warmup_epochs, train_subnets=e >= cfg.subcluster_start, move=move))
+    # A last split with no merge round after it would end the fit over-split: drop it, unless
+    # it is the only split (short schedules).
+    moves = [r for r in rows if r.move]
+    if moves and moves[-1].move == "split" and sum(r.move == "split" for r in moves) > 1:
+        rows[moves[-1].epoch] = EpochPlan(moves[-1].epoch, moves[-1].m_step, moves[-1].train_subnets, None)
     return rows
 
 
@@ -49,6 +55,6 @@ def format_plan(plan: list[EpochPlan]) -> str:
         f"subclusters from {sub if sub is not None else 'never'}",
         f"splits at        {', '.join(map(str, splits)) or 'none'}",
         f"merges at        {', '.join(map(str, merges)) or 'none'}",
-        f"max K growth     x{2 ** len(splits)} from K_init (each split round at most doubles K)",
+        f"split rounds     {len(splits)} (a split may be many-way: moves.split_cells)",
     ]
     return "\n".join(lines)

@@ -334,6 +334,41 @@ def demo(
 
 
 @app.command()
+def cut(
+    run_dir: Annotated[Path, typer.Argument(help="run directory of a fit (model/, assignments.parquet)")],
+    out_file: Annotated[Path, typer.Option("--out", help="Parquet file to write: id, cluster")],
+    k: Annotated[int | None, typer.Option("--k", help="number of groups")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        help="merge every pair whose log merge ratio is above this (instead of --k)")] = None,
+) -> None:
+    """Label the run's rows at a coarser level of the model's merge hierarchy (K stays what the model
+    inferred; the tree groups its clusters): writes (id, cluster) for every row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cluster_service.io.atomic import write_parquet_atomic
+    from cluster_service.serve.model import load_model
+
+    if (k is None) == (threshold is None):
+        raise ValueError("give exactly one of --k and --threshold")
+    model = load_model(run_dir / "model")
+    if threshold is not None:
+        if model.tree_log_ratios is None:
+            raise ValueError(f"{run_dir / 'model'}: this model has no merge hierarchy")
+        below = np.flatnonzero(np.asarray(model.tree_log_ratios) <= threshold)  # merges run in tree order
+        k = model.n_clusters - (int(below[0]) if below.size else len(model.tree_log_ratios))
+    if not 1 <= k <= model.n_clusters:
+        raise ValueError(f"--k must be in 1..{model.n_clusters} (the model's K), got {k}")
+    groups = model.cut(k)
+    table = pq.read_table(run_dir / "assignments.parquet", columns=["id", "cluster"])
+    labels = groups[table.column("cluster").to_numpy()]
+    write_parquet_atomic(pa.table({"id": table.column("id"), "cluster": pa.array(labels.astype(np.int32))}),
+                         out_file)
+    out.print(f"{out_file}: {table.num_rows} rows in {len(np.unique(labels))} groups (level k={k} of K="
+              f"{model.n_clusters})", soft_wrap=True)
+
+
+@app.command()
 def gallery(
     run_dir: Annotated[Path, typer.Argument(help="run directory of a fit (model/, assignments.parquet, ...)")],
     images: Annotated[Path | None, typer.Option(help="root for relative image paths in the shards")] = None,

@@ -139,6 +139,14 @@ class DeepDPM(ClusterMixin, BaseEstimator):
         """Mean log-likelihood of X (higher is better): a label-free model-selection score."""
         return float(self.score_samples(X).mean())
 
+    def cut(self, n_clusters: int, X=None) -> np.ndarray:
+        """The merge hierarchy at a coarser level: labels (n,) in 0..n_clusters-1 of X (default: the
+        training rows' labels_). K stays what the model inferred; this only groups its clusters."""
+        check_is_fitted(self, "model_")
+        groups = getattr(self.model_, "mixture", self.model_).cut(n_clusters)
+        labels = self.labels_ if X is None else self.predict(X)
+        return groups[labels]
+
     # ---- persistence ------------------------------------------------------------------------
 
     def save(self, path) -> Path:

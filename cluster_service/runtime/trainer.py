@@ -215,7 +215,8 @@ def write_outputs(engine: Engine, rows: LocalRows, out_dir: Path, history: list[
     from cluster_service.train.export import model_from_engine
 
     clusters, log_prob = engine.assign()
-    model = model_from_engine(engine, rows.manifest_hash, feature_space=rows.feature_space)
+    tree = engine.cluster_tree(clusters)  # a collective: every rank takes part
+    model = model_from_engine(engine, rows.manifest_hash, feature_space=rows.feature_space, tree=tree)
     margin = model.margin(rows.x, clusters)
     parts = engine.comm.gather_object((rows.global_index, rows.ids, clusters, log_prob, margin))
     if parts is None:  # not rank 0

@@ -46,6 +46,10 @@ class FittedModel:
     config: dict[str, Any] = field(default_factory=dict)
     manifest_hash: str | None = None
     version: str = ""  # model version string written into assignments
+    # Merge hierarchy over the clusters (hierarchy.merge_tree): scipy linkage rows (K-1, 4) and
+    # the log merge ratio of each merge (K-1,); None for models saved without one.
+    tree_linkage: np.ndarray | None = None
+    tree_log_ratios: np.ndarray | None = None
     # The feature space the model was fitted in (shards.feature_space): d and the extractor fields
     # that define the features. None for models fitted on arrays and for models written before it
     # existed (those carry only a version-1 hash, see shards.feature_space_mismatch).
@@ -99,6 +103,15 @@ class FittedModel:
             xb = torch.from_numpy(np.ascontiguousarray(x[s : s + rows])).to(dev, torch.float64)
             out[s : s + rows] = (g.log_prob(xb) + log_w).cpu().numpy()
         return out
+
+    def cut(self, n_clusters: int) -> np.ndarray:
+        """Coarser level of the merge hierarchy: (K,) int64 group in 0..n_clusters-1 of every
+        cluster, so `model.cut(k)[model.predict(x)[0]]` labels rows at level k."""
+        from cluster_service.core.hierarchy import MergeTree, cut_tree
+
+        if self.tree_linkage is None:
+            raise ModelError("this model has no merge hierarchy (fitted before hierarchies were stored)")
+        return cut_tree(MergeTree(self.tree_linkage, self.tree_log_ratios, self.n_clusters), n_clusters)
 
     def predict(self, x) -> tuple[np.ndarray, np.ndarray]:
         """Exact MAP cluster and its log pi_k + log N: ((n,) int64, (n,) float64)."""
@@ -189,6 +202,9 @@ class FittedModel:
             arrays["net_input_shift"] = self.net_input_shift
         for k, v in (self.novelty or {}).items():
             arrays[f"novelty.{k}"] = v
+        if self.tree_linkage is not None:
+            arrays["tree_linkage"] = self.tree_linkage
+            arrays["tree_log_ratios"] = self.tree_log_ratios
         np.savez(tmp / "arrays.npz", **arrays)
         (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=str))
 
@@ -236,6 +252,8 @@ def load_model(
         version=meta.get("version", ""),
         feature_space=meta.get("feature_space"),
         novelty={k[8:]: v for k, v in arrays.items() if k.startswith("novelty.")} or None,
+        tree_linkage=arrays.get("tree_linkage"),
+        tree_log_ratios=arrays.get("tree_log_ratios"),
     )
     if n_features is not None and n_features != model.n_features:
         raise ModelError(

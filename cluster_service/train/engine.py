@@ -30,6 +30,7 @@ from cluster_service.core.gaussian import (
     log_joint,
     stats_chunk_rows,
 )
+from cluster_service.core.hierarchy import MergeTree, merge_tree
 from cluster_service.core.nets import (
     ClusterNet,
     SubclusterNets,
@@ -46,12 +47,17 @@ from cluster_service.core.niw import (
     SuffStats,
     dp_log_weights,
     log_marginal_likelihood,
+    log_partition_evidence,
+    log_split_ratio,
     make_prior,
     map_estimate,
+    pooled_within_covariance,
 )
 from cluster_service.core.schedule import EpochPlan
 from cluster_service.train.comm import LocalComm, unwrap
 
+# The evidence start tries k-means at K0, K0 / step, K0 / step^2, ... 1.
+_EVIDENCE_GRID_STEP = 2**0.5
 # Up to this many clusters, cluster and subcluster statistics share one matmul (see accumulate).
 DENSE_SUBCLUSTER_MAX = 256
 
@@ -122,10 +128,9 @@ class Engine:
         self.data_var = sq / moments[0]
         self.x = xc.to(self.dtype)
         del x, xc
-        p = cfg.prior
-        self.prior: NIWPrior = make_prior(
-            torch.zeros_like(self.shift), self.data_var, p.kappa, p.nu_offset, p.psi_mode, p.psi_scale
-        )
+        # In psi_mode "pooled" the prior's scale comes from the over-clustered start, so it is
+        # set by initialize() (or restored by load_state_dict).
+        self.prior: NIWPrior = self._make_prior(None) if cfg.prior.psi_mode != "pooled" else None
         self.input_scale = float(self.data_var.mean().clamp_min(1e-30).sqrt())
         self.n_features = self.x.shape[1]
 
@@ -142,19 +147,78 @@ class Engine:
 
     # ---- initialisation --------------------------------------------------------------------
 
-    def initialize(self) -> None:
-        """FAISS k-means on rank 0's rows -> broadcast -> hard statistics -> MAP params."""
-        K = self.cfg.k_init
+    def _make_prior(self, within_cov: torch.Tensor | None, factor: float = 1.0) -> NIWPrior:
+        p = self.cfg.prior
+        scale = factor * (p.pooled_scale if p.psi_mode == "pooled" else p.psi_scale)
+        return make_prior(
+            torch.zeros_like(self.shift), self.data_var, p.kappa, p.nu_offset, p.psi_mode, scale, within_cov,
+            psi_floor=p.psi_scale,
+        )
+
+    def kmeans_stats(self, n_clusters: int) -> SuffStats:
+        """FAISS k-means on rank 0's rows -> broadcast -> hard statistics of all rows, (K,)."""
         centroids = None
         if self.comm.rank == 0:
-            centroids = faiss_index.kmeans(self.x, K, seed=self.cfg.seed)
+            centroids = faiss_index.kmeans(self.x, n_clusters, seed=self.cfg.seed)
         centroids = self.comm.broadcast_object(centroids)
+        K = centroids.shape[0]
         z = torch.from_numpy(faiss_index.assign_nearest(self.x, centroids)).to(self.device)
         stats = SuffStats.zeros((K,), self.n_features, device=self.device)
         ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=self.device)
         for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(self.n_features, 1, self.cfg.chunk_size)):
             add_hard_stats_(stats, self.x[sl], z[sl], ones[sl])
-        stats = self.reduce_stats(stats)
+        return self.reduce_stats(stats)
+
+    def overcluster_size(self) -> int:
+        """K0 of the over-clustered start: overcluster_factor * sqrt(n), at least k_init, at
+        most n / 2 (cells of two points or more) and moves.max_clusters."""
+        cfg = self.cfg
+        k0 = max(cfg.k_init, math.ceil(cfg.overcluster_factor * math.sqrt(self.n_global)))
+        return max(1, min(k0, self.n_global // 2, cfg.moves.max_clusters))
+
+    def _evidence_start(self, cells: SuffStats, priors: list[NIWPrior]) -> tuple[SuffStats, NIWPrior]:
+        """The k-means partition (K0 = the cells, then K0 / step, K0 / step^2, ... 1) and the
+        prior with the highest log_partition_evidence. cells: (K0,) non-empty."""
+        alpha = self.cfg.prior.alpha
+        best, best_stats, best_prior = -math.inf, cells, priors[0]
+        ks = sorted({max(1, round(cells.count.shape[0] / _EVIDENCE_GRID_STEP**i)) for i in range(64)}, reverse=True)
+        for K in ks:
+            cand = cells if K == cells.count.shape[0] else self.kmeans_stats(K)
+            cand = cand[cand.count > 0]
+            for prior in priors:
+                score = float(log_partition_evidence(prior, alpha, cand))
+                if score > best:
+                    best, best_stats, best_prior = score, cand, prior
+        return best_stats, best_prior
+
+    def initialize(self) -> None:
+        """Starting partition -> hard statistics -> prior (pooled mode) -> MAP params.
+
+        "evidence": k-means with K0 cells (their pooled within-cell scatter sets psi in pooled
+        mode), then k-means at K0 / step^i down to 1; the partition with the highest
+        log_partition_evidence starts the fit. "kmeans": k-means with k_init clusters.
+        """
+        cells = None
+        if self.cfg.init == "evidence" or self.cfg.prior.psi_mode == "pooled":
+            cells = self.kmeans_stats(self.overcluster_size())
+            cells = cells[cells.count > 0]
+        if self.cfg.prior.psi_mode == "pooled":
+            cells_within = pooled_within_covariance(cells)
+            self.prior = self._make_prior(cells_within)
+        if self.cfg.init == "evidence":
+            # empirical Bayes over a small grid of priors, jointly with the partition
+            d = self.n_features
+            nus = [self.prior.nu]
+            if self.cfg.prior.nu_mode == "evidence":  # nu = d + nu_offset, 1.5 d, 3 d, 9 d, 33 d
+                nus += [d + f * d for f in (0.5, 2, 8, 32)]
+            psis = [self.prior.psi]
+            if self.cfg.prior.psi_mode == "pooled":  # psi = s * pooled within-cell scatter (floored)
+                psis = [self._make_prior(cells_within, s).psi for s in self.cfg.prior.pooled_evidence_scales]
+            priors = [NIWPrior(self.prior.kappa, nu, self.prior.mean, psi) for nu in nus for psi in psis]
+            stats, self.prior = self._evidence_start(cells, priors)
+        else:
+            stats = self.kmeans_stats(self.cfg.k_init)
+        K = int(stats.count.shape[0])
         means, chol = map_estimate(self.prior, stats)
         self.params = GaussianParams(dp_log_weights(stats.count, self.cfg.prior.alpha), means, chol)
         self.sub_params = mv.principal_axis_subclusters(self.prior, stats)
@@ -304,17 +368,87 @@ class Engine:
                 unwrap(self.subnets).reset_clusters(torch.nonzero(dead.cpu()).flatten(), self.init_gen)
         self.params, self.sub_params = params, sub
 
-    def split_step(self, sub_stats: SuffStats) -> tuple[int, int]:
+    def cells_per_cluster(self, counts: torch.Tensor) -> list[int]:
+        """k-means cells used to propose splits of each cluster: one per 2 (d + 2) points (enough
+        for a full covariance), at least 2, at most moves.split_cells. counts: (K,)."""
+        per = 2 * (self.n_features + 2)
+        return [max(2, min(self.cfg.moves.split_cells, int(c) // per)) for c in counts.tolist()]
+
+    @torch.no_grad()
+    def cell_stats(self, n_cells: list[int]) -> SuffStats:
+        """Statistics of k-means cells inside every cluster, batch shape (K, max n_cells).
+
+        Rows go to their exact MAP cluster; rank 0 runs k-means (n_cells[k] cells) on its rows of
+        cluster k and broadcasts the centroids; every rank bins its rows by the nearest centroid
+        of their cluster; one all-reduce. Unused cells stay empty.
+        """
+        K, d, M = self.n_clusters, self.n_features, max(n_cells)
+        z = torch.from_numpy(self.assign()[0]).to(self.device)
+        centroids = None
+        if self.comm.rank == 0:
+            centroids = np.full((K, M, d), np.inf, dtype=np.float32)
+            zc = z.cpu().numpy()
+            for k in range(K):
+                rows = np.flatnonzero(zc == k)
+                m = min(n_cells[k], rows.size // 2)
+                if m >= 2:
+                    centroids[k, :m] = faiss_index.kmeans(self.x[rows], m, seed=self.cfg.seed + k)
+                elif rows.size:
+                    centroids[k, 0] = self.x[rows].mean(0).float().cpu().numpy()
+        centroids = torch.from_numpy(self.comm.broadcast_object(centroids)).to(self.device, self.dtype)
+        stats = SuffStats.zeros((K * M,), d, device=self.device)
+        ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=self.device)
+        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(d, M, self.cfg.chunk_size)):
+            xc, zc = self.x[sl], z[sl]
+            dist = (xc[:, None, :] - centroids[zc]).square().sum(-1)  # (n, M); inf for unused cells
+            cell = torch.nan_to_num(dist, nan=math.inf).argmin(-1)
+            add_hard_stats_(stats, xc, zc * M + cell, ones[sl])
+        stats = self.reduce_stats(stats)
+        return SuffStats(stats.count.reshape(K, M), stats.sum.reshape(K, M, d), stats.scatter.reshape(K, M, d, d))
+
+    def split_step(self, sub_stats: SuffStats, stats: SuffStats) -> tuple[int, int]:
+        """Split proposals per cluster: the subnets' two subclusters and, with moves.split_cells,
+        the best level of the merge tree of its k-means cells (a many-way split); the one with
+        the higher log H_s faces the Metropolis-Hastings test (u ~ U(0,1) from move_gen)."""
         m = self.cfg.moves
+        alpha = self.cfg.prior.alpha
+        K = self.n_clusters
+        log_h = log_split_ratio(self.prior, alpha, sub_stats[:, 0], sub_stats[:, 1]).cpu()
+        eligible = (sub_stats.count >= m.min_cluster_size).all(-1).cpu() & torch.isfinite(log_h)
+        parts: dict[int, SuffStats] = {}
+        tree = None
+        if m.split_cells >= 2:
+            cells = self.cell_stats(self.cells_per_cluster(stats.count))
+            tree = mv.tree_split_proposals(self.prior, alpha, cells)
         decision = None
         if self.comm.rank == 0:
-            decision = mv.propose_splits(
-                self.prior, self.cfg.prior.alpha, sub_stats, m.min_cluster_size, m.max_clusters, self.move_gen
+            u = torch.rand(K, generator=self.move_gen, dtype=STAT_DTYPE)
+            choice, ratios = [], []
+            for k in range(K):
+                best, r = (2, float(log_h[k])) if bool(eligible[k]) else (0, -math.inf)
+                if tree is not None and tree.n_parts[k] >= 2 and tree.log_ratios[k] > r:
+                    best, r = 1, tree.log_ratios[k]  # 1 = tree proposal, 2 = subnets, 0 = none
+                choice.append(best)
+                ratios.append(r)
+            proposed = [k for k in range(K) if choice[k]]
+            accepted = [k for k in proposed if math.log(float(u[k])) < ratios[k]]
+            decision = mv.SplitDecision(
+                tuple(proposed), tuple(ratios[k] for k in proposed), tuple(accepted), tuple(choice[k] for k in accepted)
             )
         decision = self.comm.broadcast_object(decision)
-        if decision.accepted:
-            self.rebuild_for_k(mv.apply_splits(decision, self.params, self.sub_params, self.prior, sub_stats))
-        return len(decision.proposed), len(decision.accepted)
+        for k, how in zip(decision.accepted, decision.kinds, strict=True):
+            if how == 1:
+                parts[k] = mv.group_cells(cells[k], tree.labels[k], tree.n_parts[k])
+            else:
+                parts[k] = sub_stats[k]
+        room = m.max_clusters - K
+        for k in sorted(parts, key=lambda k: -parts[k].count.shape[0]):  # too many new clusters: drop
+            if sum(p.count.shape[0] - 1 for p in parts.values()) <= room:
+                break
+            del parts[k]
+        if parts:
+            self.rebuild_for_k(mv.apply_multi_splits(parts, self.params, self.sub_params, self.prior))
+        return len(decision.proposed), len(parts)
 
     def merge_step(self, stats: SuffStats) -> tuple[int, int]:
         decision = None
@@ -358,7 +492,7 @@ class Engine:
         if plan.m_step and not frozen and plan.move is None:
             pr = self.prune_step(stats)
         if plan.move == "split" and not frozen:
-            sp, sa = self.split_step(sub_stats)
+            sp, sa = self.split_step(sub_stats, stats)
         elif plan.move == "merge" and not frozen:
             mp, ma = self.merge_step(stats)
         if sa or ma:
@@ -384,6 +518,19 @@ class Engine:
         best, cluster = lj.max(-1)
         return cluster.cpu().numpy(), best.double().cpu().numpy()
 
+    @torch.no_grad()
+    def cluster_tree(self, clusters: np.ndarray) -> MergeTree:
+        """Merge hierarchy over the fitted clusters: hard statistics of the local rows' clusters
+        (n_local,) (all-reduced, so every rank calls this), merged greedily by log H_m down to
+        one cluster (hierarchy.merge_tree)."""
+        K = self.n_clusters
+        stats = SuffStats.zeros((K,), self.n_features, device=self.device)
+        z = torch.from_numpy(np.asarray(clusters, dtype=np.int64)).to(self.device)
+        ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=self.device)
+        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(self.n_features, 1, self.cfg.chunk_size)):
+            add_hard_stats_(stats, self.x[sl], z[sl], ones[sl])
+        return merge_tree(self.prior, self.cfg.prior.alpha, self.reduce_stats(stats))
+
     def export_params(self) -> GaussianParams:
         """Mixture parameters in the original (uncentred) coordinates."""
         return GaussianParams(
@@ -398,6 +545,9 @@ class Engine:
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "frozen_until": self.frozen_until,
+            "prior_psi": self.prior.psi.cpu(),  # data-dependent in psi_mode "pooled"
+            "prior_nu": self.prior.nu,  # data-dependent in nu_mode "evidence"
+            "data_var": self.data_var.cpu(),  # psi is rescaled when loaded onto other data
             "params": {k: v.cpu() for k, v in asdict_params(self.params).items()},
             "sub_params": {k: v.cpu() for k, v in asdict_params(self.sub_params).items()},
             "cluster_net": unwrap(self.cluster_net).state_dict(),
@@ -416,6 +566,19 @@ class Engine:
             raise ValueError(f"checkpoint schema {state.get('schema_version')} != {SCHEMA_VERSION}")
         self.epoch = int(state["epoch"])
         self.frozen_until = int(state["frozen_until"])
+        if "prior_psi" in state or self.prior is None:
+            psi = state["prior_psi"].to(self.device, STAT_DTYPE)
+            old_var = state.get("data_var")
+            if old_var is not None and not torch.allclose(old_var.to(self.device), self.data_var, rtol=1e-6):
+                # the state on re-encoded data (autoencoder rounds): psi's shape belongs to the
+                # old coordinates; keep only its scale, relative to the data's variance
+                ratio = float(self.data_var.mean() / old_var.to(self.device).mean().clamp_min(1e-30))
+                scale = float(psi.diagonal().mean()) * ratio
+                psi = scale * torch.eye(self.n_features, dtype=STAT_DTYPE, device=self.device)
+            self.prior = NIWPrior(
+                float(self.cfg.prior.kappa), float(state.get("prior_nu", self.n_features + self.cfg.prior.nu_offset)),
+                torch.zeros_like(self.shift), psi,
+            )
         self.params = GaussianParams(**{k: v.to(self.device) for k, v in state["params"].items()})
         self.sub_params = GaussianParams(**{k: v.to(self.device) for k, v in state["sub_params"].items()})
         K = self.params.n_clusters

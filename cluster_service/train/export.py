@@ -9,8 +9,9 @@ from cluster_service.train.comm import unwrap
 
 
 def model_from_engine(engine, manifest_hash: str | None = None, version: str = "",
-                      feature_space: dict | None = None) -> FittedModel:
-    """Export an Engine's state (original coordinates) as a FittedModel."""
+                      feature_space: dict | None = None, tree=None) -> FittedModel:
+    """Export an Engine's state (original coordinates) as a FittedModel; `tree` is the merge
+    hierarchy (core.hierarchy.MergeTree from Engine.cluster_tree) when one was built."""
     p = engine.export_params()
     net_state = unwrap(engine.cluster_net).state_dict()
     prior = engine.prior
@@ -31,5 +32,7 @@ def model_from_engine(engine, manifest_hash: str | None = None, version: str = "
         config=engine.cfg.to_dict(),
         manifest_hash=manifest_hash,
         feature_space=feature_space,
+        tree_linkage=None if tree is None else tree.linkage,
+        tree_log_ratios=None if tree is None else tree.log_ratios,
         version=version or time.strftime("%Y%m%dT%H%M%S", time.gmtime()),
     )

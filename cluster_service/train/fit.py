@@ -52,7 +52,7 @@ def fit(
         engine.initialize()
         history = run_schedule(engine, callbacks)
     clusters, log_prob = engine.assign()
-    model = model_from_engine(engine, manifest_hash, feature_space=feature_space)
+    model = model_from_engine(engine, manifest_hash, feature_space=feature_space, tree=engine.cluster_tree(clusters))
     model.calibrate_novelty(clusters, log_prob)
     return FitResult(model, history, clusters, log_prob, engine)
 

@@ -1,0 +1,145 @@
+"""Greedy agglomeration of clusters by the DPGMM merge ratio, and cuts of the resulting tree.
+
+Pure functions over `SuffStats` (hard or weighted statistics of K clusters):
+
+    merge_tree(prior, alpha, stats)  repeatedly merge the pair with the highest log H_m
+                                     (DeepDPM eq. 9, H_m = 1 / H_s) -> MergeTree
+    cut_tree(tree, n_clusters)       labels (K,) of the leaves at a coarser level
+
+Used twice: at initialisation (an over-clustered k-means partition merged while log H_m > 0,
+so K starts near what the model supports without a guessed K_init), and after a fit (the
+whole tree down to one cluster, stored with the model so users can ask for a coarser level
+without refitting). The tree uses scipy's linkage format.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cluster_service.core.niw import NIWPrior, SuffStats, log_marginal_likelihood
+
+# Pairs whose union statistics are evaluated in one batch (memory: chunk * d^2 float64).
+_PAIR_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class MergeTree:
+    """Greedy merges of K leaves.
+
+    linkage: (n_merges, 4) float64 scipy rows [a, b, height, size]: leaves are 0..K-1, the
+        node made by row i is K + i; height is non-decreasing (running max of -log H_m, shifted
+        to be >= 0) so scipy can draw it; size is the number of leaves under the new node.
+    log_ratios: (n_merges,) log H_m of each merge as it was made (may rise and fall).
+    n_leaves: K.
+    """
+
+    linkage: np.ndarray
+    log_ratios: np.ndarray
+    n_leaves: int
+
+    @property
+    def n_merges(self) -> int:
+        return int(self.linkage.shape[0])
+
+
+def _log_score(prior: NIWPrior, stats: SuffStats) -> torch.Tensor:
+    """log Gamma(N) + log f(X) of each set: its term in the split/merge ratios. -> (...,)."""
+    out = torch.empty(stats.count.shape, dtype=stats.count.dtype, device=stats.count.device)
+    flat = out.reshape(-1)
+    n = flat.numel()
+    c, s, S = stats.count.reshape(-1), stats.sum.reshape(n, -1), stats.scatter.reshape(n, *stats.scatter.shape[-2:])
+    for i in range(0, n, _PAIR_CHUNK):
+        part = SuffStats(c[i : i + _PAIR_CHUNK], s[i : i + _PAIR_CHUNK], S[i : i + _PAIR_CHUNK])
+        # an empty set (a cluster no row is assigned to) scores lgamma(tiny): finite, merged first
+        flat[i : i + _PAIR_CHUNK] = torch.lgamma(part.count.clamp_min(1e-8)) + log_marginal_likelihood(prior, part)
+    return out
+
+
+def merge_tree(
+    prior: NIWPrior, alpha: float, stats: SuffStats, stop_below: float | None = None
+) -> MergeTree:
+    """Greedy agglomeration: merge the pair with the highest log H_m until one cluster is left,
+    or, with `stop_below`, until the best log H_m is below it.
+
+    stats: batch shape (K,) with counts > 0. log H_m(i, j) = lgamma(N_ij) + log f(X_ij)
+    - lgamma(N_i) - log f(X_i) - lgamma(N_j) - log f(X_j) - log alpha. Cost: K^2 / 2 union
+    marginal likelihoods up front, then K per merge.
+    """
+    K = int(stats.count.shape[0])
+    dev = stats.count.device
+    c, s, S = stats.count.clone(), stats.sum.clone(), stats.scatter.clone()
+    single = _log_score(prior, SuffStats(c, s, S))  # (K,)
+    ratio = torch.full((K, K), -math.inf, dtype=c.dtype, device=dev)
+    iu = torch.triu_indices(K, K, 1, device=dev)
+    if iu.shape[1]:
+        union = _log_score(prior, SuffStats(c[iu[0]] + c[iu[1]], s[iu[0]] + s[iu[1]], S[iu[0]] + S[iu[1]]))
+        ratio[iu[0], iu[1]] = union - single[iu[0]] - single[iu[1]] - math.log(alpha)
+        ratio[iu[1], iu[0]] = ratio[iu[0], iu[1]]
+    node = list(range(K))  # scipy id of the node currently held in slot i
+    leaves = [1] * K
+    active = torch.ones(K, dtype=torch.bool, device=dev)
+    rows, logs = [], []
+    for step in range(K - 1):
+        best = int(torch.argmax(ratio))
+        i, j = divmod(best, K)
+        r = float(ratio[i, j])
+        if not math.isfinite(r) or (stop_below is not None and r < stop_below):
+            break
+        i, j = min(i, j), max(i, j)
+        c[i], s[i], S[i] = c[i] + c[j], s[i] + s[j], S[i] + S[j]
+        active[j] = False
+        ratio[j, :] = -math.inf
+        ratio[:, j] = -math.inf
+        leaves[i] += leaves[j]
+        rows.append((node[i], node[j], leaves[i]))
+        logs.append(r)
+        node[i] = K + step
+        single[i] = _log_score(prior, SuffStats(c[i : i + 1], s[i : i + 1], S[i : i + 1]))[0]
+        others = torch.nonzero(active).flatten()
+        others = others[others != i]
+        if others.numel():
+            union = _log_score(prior, SuffStats(c[others] + c[i], s[others] + s[i], S[others] + S[i]))
+            ratio[i, others] = union - single[others] - single[i] - math.log(alpha)
+            ratio[others, i] = ratio[i, others]
+    log_ratios = np.asarray(logs, dtype=np.float64)
+    heights = np.maximum.accumulate(-log_ratios) if logs else log_ratios
+    if heights.size:
+        heights = heights - min(0.0, float(heights[0]))
+    linkage = np.zeros((len(rows), 4), dtype=np.float64)
+    for n, (a, b, size) in enumerate(rows):
+        linkage[n] = (a, b, heights[n], size)
+    return MergeTree(linkage, log_ratios, K)
+
+
+def cut_tree(tree: MergeTree, n_clusters: int) -> np.ndarray:
+    """Leaf labels after the first K - n_clusters merges: (K,) int64 in 0..n_clusters-1, numbered
+    by each group's smallest leaf. n_clusters below K - n_merges is an error."""
+    K = tree.n_leaves
+    if not 1 <= n_clusters <= K:
+        raise ValueError(f"n_clusters must be in 1..{K}, got {n_clusters}")
+    steps = K - n_clusters
+    if steps > tree.n_merges:
+        raise ValueError(f"the tree has {tree.n_merges} merges; the coarsest level is {K - tree.n_merges} clusters")
+    parent = list(range(K + steps))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for n in range(steps):
+        a, b = int(tree.linkage[n, 0]), int(tree.linkage[n, 1])
+        parent[find(a)] = K + n
+        parent[find(b)] = K + n
+    roots = np.array([find(k) for k in range(K)])
+    _, labels = np.unique(roots, return_inverse=True)
+    # number groups by their smallest leaf so the labelling is stable
+    first = {}
+    for g in labels:
+        first.setdefault(int(g), len(first))
+    return np.array([first[int(g)] for g in labels], dtype=np.int64)

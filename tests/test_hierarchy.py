@@ -1,0 +1,135 @@
+"""Greedy merge hierarchy over cluster statistics, cuts, the empirical-Bayes prior and the
+hard-mixture generator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.cluster.hierarchy import fcluster, is_valid_linkage
+
+from cluster_service.core.hierarchy import cut_tree, merge_tree
+from cluster_service.core.niw import (
+    SuffStats,
+    log_merge_ratio,
+    make_prior,
+    pooled_within_covariance,
+    stats_from_points,
+)
+from cluster_service.datasets import make_overlap_mixture
+
+D = torch.float64
+
+
+def blobs_in_cells(seed: int = 0):
+    """3 well-separated Gaussians in 4-d, each cut into 4 k-means-like cells along its first axis.
+    Returns x (1200, 4), cell statistics (12,) and the blob of each cell (12,)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[0.0, 0, 0, 0], [12, 0, 0, 0], [0, 12, 0, 0]], dtype=D)
+    xs, cells, blob = [], [], []
+    for b in range(3):
+        x = torch.randn(400, 4, generator=g, dtype=D) + centres[b]
+        x0 = x[:, 0].contiguous()
+        cell = torch.bucketize(x0, torch.quantile(x0, torch.tensor([0.25, 0.5, 0.75], dtype=D)))
+        w = torch.nn.functional.one_hot(cell, 4).to(D)
+        cells.append(stats_from_points(x, w))
+        xs.append(x)
+        blob += [b] * 4
+    return torch.cat(xs), SuffStats.concat(cells), np.array(blob)
+
+
+def prior_from(x: torch.Tensor, stats: SuffStats):
+    return make_prior(x.mean(0), x.var(0), 1e-4, 2.0, "pooled", 1.0, pooled_within_covariance(stats))
+
+
+def test_greedy_merges_stop_at_the_true_blobs():
+    x, cells, blob = blobs_in_cells()
+    tree = merge_tree(prior_from(x, cells), 10.0, cells, stop_below=0.0)
+    assert tree.n_merges == 9  # 12 cells -> 3 blobs, and no merge across blobs
+    labels = cut_tree(tree, 3)
+    assert len(set(zip(labels.tolist(), blob.tolist(), strict=True))) == 3  # cut = blobs (up to relabelling)
+    assert (tree.log_ratios > 0).all()
+
+
+def test_full_tree_is_a_valid_scipy_linkage_and_cuts_match_fcluster():
+    x, cells, blob = blobs_in_cells(1)
+    prior = prior_from(x, cells)
+    tree = merge_tree(prior, 10.0, cells)
+    assert tree.n_merges == 11 and is_valid_linkage(tree.linkage)
+    assert np.all(np.diff(tree.linkage[:, 2]) >= 0) and tree.linkage[-1, 3] == 12
+    # the first merge is the pair with the highest log merge ratio among all pairs
+    i, j = torch.triu_indices(12, 12, 1)
+    best = float(log_merge_ratio(prior, 10.0, cells[i], cells[j]).max())
+    assert tree.log_ratios[0] == pytest.approx(best, rel=1e-9)
+    for k in (1, 2, 3, 5, 12):
+        ours = cut_tree(tree, k)
+        assert np.unique(ours).size == k
+        if k < 12:  # same partition as scipy's maxclust cut of the same tree (heights monotone)
+            theirs = fcluster(tree.linkage, k, criterion="maxclust")
+            assert len(set(zip(ours.tolist(), theirs.tolist(), strict=True))) == k
+
+
+def test_cut_beyond_a_stopped_tree_is_refused():
+    x, cells, _ = blobs_in_cells()
+    tree = merge_tree(prior_from(x, cells), 10.0, cells, stop_below=0.0)
+    with pytest.raises(ValueError, match="coarsest level is 3"):
+        cut_tree(tree, 2)
+
+
+def test_pooled_within_covariance_is_the_scatter_about_each_cell_mean():
+    x, cells, _ = blobs_in_cells()
+    ref = 0.0
+    for k in range(12):
+        c, s, S = cells.count[k], cells.sum[k], cells.scatter[k]
+        ref = ref + S - torch.outer(s, s) / c
+    torch.testing.assert_close(pooled_within_covariance(cells), ref / cells.count.sum())
+
+
+def test_overlap_mixture_hits_its_bayes_accuracy():
+    from cluster_service.datasets import bayes_accuracy  # noqa: F401 - the calibration's own yardstick
+
+    x, y = make_overlap_mixture(6000, 8, 10, seed=3, bayes_target=0.95, imbalance=20.0)
+    sizes = np.bincount(y)
+    assert x.shape == (6000, 8) and sizes.size == 10 and sizes.max() / sizes.min() > 10
+    # overlap is real: k-means given K cannot be perfect; well-separated data would be
+    from sklearn.mixture import GaussianMixture
+
+    acc = (GaussianMixture(10, random_state=0).fit(x).predict(x) == y).mean()
+    assert acc < 0.99
+
+
+def test_tree_split_proposes_the_three_blobs_of_one_cluster_and_surgery_adds_them():
+    from cluster_service.core import moves as mv
+    from cluster_service.core.niw import GaussianParams, map_estimate
+
+    x, cells, blob = blobs_in_cells()
+    prior = prior_from(x, cells)
+    cell_stats = SuffStats(cells.count[None], cells.sum[None], cells.scatter[None])  # one cluster, 12 cells
+    prop = mv.tree_split_proposals(prior, 10.0, cell_stats)
+    assert prop.n_parts == (3,) and prop.log_ratios[0] > 100
+    groups = np.array(prop.labels[0])
+    assert len(set(zip(groups.tolist(), blob.tolist(), strict=True))) == 3
+    parts = mv.group_cells(cell_stats[0], prop.labels[0], 3)
+    assert parts.count.sum() == pytest.approx(1200) and (parts.count == 400).all()
+    # surgery: cluster 1 of two becomes three clusters; weights keep their total
+    whole = cells.reduce_sum()
+    two = SuffStats.concat([SuffStats(whole.count[None], whole.sum[None], whole.scatter[None])] * 2)
+    means, chol = map_estimate(prior, two)
+    params = GaussianParams(torch.log(torch.tensor([0.5, 0.5], dtype=D)), means, chol)
+    sub = mv.principal_axis_subclusters(prior, two)
+    res = mv.apply_multi_splits({1: parts}, params, sub, prior)
+    assert res.params.n_clusters == 4 and res.source.tolist() == [0, 1, 1, 1]
+    assert sorted(res.fresh.tolist()) == [1, 2, 3]
+    assert float(torch.logsumexp(res.params.log_weights, 0)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_tree_split_of_one_gaussian_scores_below_zero():
+    from cluster_service.core import moves as mv
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2000, 4, generator=g, dtype=D)
+    cell = torch.bucketize(x[:, 0].contiguous(), torch.linspace(-1.5, 1.5, 7, dtype=D))
+    cells = stats_from_points(x, torch.nn.functional.one_hot(cell, 8).to(D))
+    prior = prior_from(x, cells)
+    prop = mv.tree_split_proposals(prior, 10.0, SuffStats(cells.count[None], cells.sum[None], cells.scatter[None]))
+    assert prop.log_ratios[0] < 0
