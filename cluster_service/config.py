@@ -64,9 +64,11 @@ class PriorConfig:
     # "pooled" mode with the evidence start: psi = s * pooled_scale * W (+ floor) for each s
     # here is tried, and the DP evidence of the starting partition picks one. Measured:
     # (1/16, 1/4, 1) takes ImageNet-50's test split (50 points per class in 128-d) from K 7,
-    # NMI .58 to K 30, NMI .74, but splits sklearn digits into 20 clusters (15 with (1,)) and
-    # no s > 1 (Fashion UMAP picked 4 and started at K 94). Default: (1,) only.
-    pooled_evidence_scales: tuple[float, ...] = (1.0,)
+    # NMI .58 to K 29, NMI .745, but splits sklearn digits into 20 clusters (15 with (1,)); so
+    # scales below 1 are tried only when the start's cells are under-determined (fewer than
+    # 2 (d + 2) points per cell: ImageNet-50 yes, digits / UMAP / the mixtures no; see
+    # Engine.evidence_scales). No s > 1 (Fashion UMAP picked 4 and started at K 94).
+    pooled_evidence_scales: tuple[float, ...] = (0.0625, 0.25, 1.0)
     # "data_diag" / "fixed" modes: fraction of the data variance (or absolute scale) a single
     # cluster is expected to have a priori. "pooled" mode: an isotropic floor added to psi, as
     # a fraction of the data variance (k-means cells of tight, curved UMAP blobs are much

@@ -6,6 +6,7 @@ Sections (each a function returning markdown):
   assign    rows/s of exact vs shortlist assignment (cluster_service.bench.assign.bench_assign)
   epochs    epoch time with 1 and 2 CPU workers, all_reduce share (cluster_service.runtime.trainer)
   methods   kl vs ajs, with and without the autoencoder (cluster_service.train.autoencoder)
+  krecovery K found on real embeddings and hard mixtures vs BGM / GMM / k-means (bench.krecovery)
   pipeline  the smoke ImageNet pipeline's stage times (cluster_service.bench.pipeline)
   gpu       (--gpu) one epoch at N=1.28M, d=128, K=1000 vs the flop-count limit
 """
@@ -125,7 +126,7 @@ def optional_section(title: str, module: str, func: str, **kwargs) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    ap.add_argument("--sections", default="quality,scaling,assign,epochs,methods,pipeline,features",
+    ap.add_argument("--sections", default="quality,krecovery,scaling,assign,epochs,methods,pipeline,features",
                     help="comma-separated")
     ap.add_argument("--gpu", action="store_true", help="run the GPU sections (needs CUDA)")
     ap.add_argument("--append", action="store_true", help="append the sections to the existing file")
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
                                       "cluster_service.bench.perf", "bench_scaling"))
         parts.append(optional_section("Top ops of one epoch (torch.profiler, N=20k d=32 K=32, CPU)",
                                       "cluster_service.bench.perf", "profile_epoch_md"))
+    if "krecovery" in sections:
+        parts.append(optional_section("K recovery: defaults vs peers given the true K",
+                                      "cluster_service.bench.krecovery", "bench_k_recovery"))
     if "pipeline" in sections:
         parts.append(optional_section("Smoke ImageNet pipeline: stage times (CPU, 2 workers)",
                                       "cluster_service.bench.pipeline", "bench_pipeline"))

@@ -176,6 +176,15 @@ class Engine:
         k0 = max(cfg.k_init, math.ceil(cfg.overcluster_factor * math.sqrt(self.n_global)))
         return max(1, min(k0, self.n_global // 2, cfg.moves.max_clusters))
 
+    def evidence_scales(self, cells: SuffStats) -> list[float]:
+        """The psi scales the evidence start may pick: prior.pooled_evidence_scales, but those below 1
+        only when the start's cells are under-determined (fewer than 2 (d + 2) points each on
+        average, e.g. ~50 MoCo points per cell in 128-d): their pooled scatter then overstates
+        the clusters' spread. Well-determined cells (digits, UMAP, the mixtures) keep scale 1."""
+        d, n_cells = self.n_features, max(1, int(cells.count.shape[0]))
+        few = self.n_global / n_cells < 2 * (d + 2)
+        return [s for s in self.cfg.prior.pooled_evidence_scales if s >= 1.0 or few] or [1.0]
+
     def _evidence_start(self, cells: SuffStats, priors: list[NIWPrior]) -> tuple[SuffStats, NIWPrior]:
         """The k-means partition (K0 = the cells, then K0 / step, K0 / step^2, ... 1) and the
         prior with the highest log_partition_evidence. cells: (K0,) non-empty."""
@@ -213,7 +222,7 @@ class Engine:
                 nus += [d + f * d for f in (0.5, 2, 8, 32)]
             psis = [self.prior.psi]
             if self.cfg.prior.psi_mode == "pooled":  # psi = s * pooled within-cell scatter (floored)
-                psis = [self._make_prior(cells_within, s).psi for s in self.cfg.prior.pooled_evidence_scales]
+                psis = [self._make_prior(cells_within, s).psi for s in self.evidence_scales(cells)]
             priors = [NIWPrior(self.prior.kappa, nu, self.prior.mean, psi) for nu in nus for psi in psis]
             stats, self.prior = self._evidence_start(cells, priors)
         else:
