@@ -85,3 +85,49 @@ def test_pyfunc_returns_the_novelty_columns(seen_and_unseen, tmp_path):
     out = pyfunc.predict(None, x[np.concatenate([fresh[:200], unseen[:200]])])
     assert list(out.columns) == ["cluster", "log_prob", "margin", "novelty", "novel"]
     assert out["novel"][:200].mean() <= 0.05 and out["novel"][200:].mean() >= 0.9
+
+
+@pytest.fixture(scope="module")
+def thirty_of_forty(tmp_path_factory):
+    """A model fitted (default start, short schedule) on 30 of 40 components; all 40 as an .npz."""
+    x, y = make_mixture(12_000, 8, 40, seed=3, separation=12.0, imbalance=2.0)
+    root = tmp_path_factory.mktemp("update")
+    seen = y < 30
+    np.savez(root / "old.npz", X=x[seen], y=y[seen])
+    np.savez(root / "all.npz", X=x, y=y)
+    cfg = FitConfig().replace(**{"seed": 0, "device": "cpu", "net.min_steps_per_epoch": 4, "schedule.epochs": 60,
+                                 "schedule.first_split": 10, "schedule.move_period": 8, "schedule.final_epochs": 6})
+    res = fit(x[seen], cfg)
+    res.model.save(root / "model")
+    return root, res.model, x, y
+
+
+def test_update_adds_the_new_clusters_and_keeps_the_old_ids(thirty_of_forty, tmp_path, monkeypatch, capsys):
+    """`cluster-service update MODEL all.npz`: K goes to 40 +- 2 without restarting from scratch, the
+    old clusters keep their ids (same id, same place), lineage.json maps old -> new, assignments carry
+    the new model version (its speed against a from-scratch fit is in BENCHMARKS.md, not a timed test)."""
+    import sys
+
+    from cluster_service.ops import cli
+    from cluster_service.report.evaluate import score
+    from cluster_service.serve.model import load_model
+
+    root, old, x, y = thirty_of_forty
+    assert 28 <= old.n_clusters <= 32
+    args = ["cluster-service", "update", str(root / "model"), str(root / "all.npz"), "--out", str(tmp_path / "run"),
+            "--no-tracking", "--quiet", "--epochs", "40", "--set", "schedule.first_split=8",
+            "--set", "schedule.move_period=8"]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 0, capsys.readouterr().err[-2000:]
+    new = load_model(tmp_path / "run" / "model")
+    assert abs(new.n_clusters - 40) <= 2
+    moved = np.linalg.norm(new.means[: old.n_clusters] - old.means, axis=1)
+    assert (moved < 1.0).sum() >= 28  # ids kept: cluster i is still where old cluster i was
+    lineage = json.loads((tmp_path / "run" / "lineage.json").read_text())
+    assert len(lineage["persisting"]) >= 28 and lineage["previous_version"] == old.version
+    assert all(lineage["persisting"][k] == int(k) for k in lineage["persisting"] if int(k) < new.n_clusters)
+    table = pq.read_table(tmp_path / "run" / "assignments.parquet")
+    assert set(table.column("model_version").to_pylist()) == {new.version} and new.version
+    assert score(y, table.column("cluster").to_numpy()).nmi > 0.95

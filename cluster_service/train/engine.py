@@ -240,6 +240,39 @@ class Engine:
         if keep.removed:
             self.rebuild_for_k(mv.apply_prunes(keep, self.params, self.sub_params))
 
+    def initialize_from(self, means: np.ndarray, chol: np.ndarray, prior_psi: np.ndarray, prior_nu: float) -> None:
+        """Continue from a fitted model instead of a fresh start (`cluster-service update`): its
+        prior (psi, nu) and clusters (means (K, d), chol (K, d, d), original coordinates) assign
+        this engine's rows; clusters that receive no row are dropped; MAP parameters, weights and
+        subclusters are re-estimated from those rows; nets start fresh (the warm-up trains them
+        against the model's responsibilities). Splits then add clusters for new data."""
+        dev = self.device
+        self.prior = NIWPrior(float(self.cfg.prior.kappa), float(prior_nu), torch.zeros_like(self.shift),
+                              torch.as_tensor(prior_psi, dtype=STAT_DTYPE, device=dev))
+        start = GaussianParams(torch.zeros(means.shape[0], dtype=STAT_DTYPE, device=dev),
+                               torch.as_tensor(means, dtype=STAT_DTYPE, device=dev) - self.shift,
+                               torch.as_tensor(chol, dtype=STAT_DTYPE, device=dev))
+        z = torch.empty(self.x.shape[0], dtype=torch.int64, device=dev)
+        rows = stats_chunk_rows(self.n_features, means.shape[0], self.cfg.chunk_size)
+        for sl in iter_chunks(self.x.shape[0], rows):
+            z[sl] = log_joint(self.x[sl], start, STAT_DTYPE, self.cfg.chunk_size).argmax(-1)
+        stats = SuffStats.zeros((means.shape[0],), self.n_features, device=dev)
+        ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=dev)
+        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(self.n_features, 1, self.cfg.chunk_size)):
+            add_hard_stats_(stats, self.x[sl], z[sl], ones[sl])
+        stats = self.reduce_stats(stats)
+        self.kept_from_model = torch.nonzero(stats.count > 0).flatten().cpu().numpy()  # model cluster ids kept
+        stats = stats[stats.count > 0]
+        K = int(stats.count.shape[0])
+        new_means, new_chol = map_estimate(self.prior, stats)
+        self.params = GaussianParams(dp_log_weights(stats.count, self.cfg.prior.alpha), new_means, new_chol)
+        self.sub_params = mv.principal_axis_subclusters(self.prior, stats)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            net = ClusterNet(self.n_features, K, self.cfg.net.cluster_hidden, self.input_scale)
+        subnets = SubclusterNets(self.n_features, K, self.cfg.net.sub_hidden, self.input_scale, self.init_gen)
+        self._install_nets(net.to(dev), subnets.to(dev))
+
     def _install_nets(self, net: ClusterNet, subnets: SubclusterNets) -> None:
         self.cluster_net = self.comm.wrap(net)
         self.subnets = self.comm.wrap(subnets)

@@ -1,0 +1,115 @@
+"""Update a fitted model with new data (`cluster-service update`): continue the fit from the model's
+clusters and prior instead of starting over, so splits add clusters for what is new and merges join
+clusters, and keep cluster ids stable across model versions.
+
+    update(model, x)  ->  UpdateResult(model, history, clusters, log_prob, lineage)
+
+x is what the update fits: the new rows, or old + new rows (the CLI takes both directories). Ids: a
+new cluster whose mean lies within `match_radius` Mahalanobis units of an old cluster (under the old
+cluster's covariance; Hungarian matching, one to one) persists and keeps the old id; the others
+(splits, new data) take the ids left free. `lineage` says, for every new cluster, the old cluster
+it comes from (the most probable one at its mean) and, for every old cluster, where it went.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from cluster_service.config import FitConfig
+from cluster_service.io.checks import check_features
+from cluster_service.serve.model import FittedModel
+from cluster_service.train.engine import Engine, EpochRecord
+from cluster_service.train.export import model_from_engine
+from cluster_service.train.fit import EpochCallback, run_schedule
+
+
+@dataclass
+class UpdateResult:
+    model: FittedModel
+    history: list[EpochRecord]
+    clusters: np.ndarray  # (n,) int64, in the updated model's (stable) ids
+    log_prob: np.ndarray  # (n,) float64
+    lineage: dict  # persisting {old: new}, parent_of_new {new: old}, old_to_new {old: new}
+
+    @property
+    def n_clusters(self) -> int:
+        return self.model.n_clusters
+
+
+def update(model: FittedModel, x: np.ndarray, cfg: FitConfig | None = None, callbacks: Sequence[EpochCallback] = (),
+           match_radius: float = 3.0) -> UpdateResult:
+    """Continue `model`'s fit on x (n, d); cfg defaults to the model's own config."""
+    cfg = (cfg or FitConfig.from_dict(model.config)).validate()
+    x = check_features(np.asarray(x), "features", min_rows=2)
+    if x.shape[1] != model.n_features:
+        raise ValueError(f"features: d={x.shape[1]}, the model has d={model.n_features}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        engine = Engine(cfg, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)))
+        engine.initialize_from(model.means, model.chol, np.asarray(model.prior["psi"]), float(model.prior["nu"]))
+        history = run_schedule(engine, callbacks)
+    clusters, log_prob = engine.assign()
+    new = model_from_engine(engine, model.manifest_hash, feature_space=model.feature_space,
+                            tree=engine.cluster_tree(clusters))
+    order, lineage = stable_order(model, new, match_radius)
+    new = permute_clusters(new, order)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    clusters = rank[clusters]
+    new.calibrate_novelty(clusters, log_prob)
+    return UpdateResult(new, history, clusters, log_prob, _renumber(lineage, rank))
+
+
+def stable_order(old: FittedModel, new: FittedModel, radius: float) -> tuple[np.ndarray, dict]:
+    """order (K_new,): new cluster at each position of the updated model, so that persisting clusters
+    sit at their old ids; and the lineage in the *unordered* new ids."""
+    k_old, k_new = old.n_clusters, new.n_clusters
+    # Mahalanobis distance of every new mean under every old cluster: (K_old, K_new)
+    diff = new.means[None, :, :] - old.means[:, None, :]
+    z = np.linalg.solve(old.chol[:, None], diff[..., None])[..., 0]
+    dist = np.sqrt((z**2).sum(-1))
+    rows, cols = linear_sum_assignment(dist)
+    persisting = {int(i): int(j) for i, j in zip(rows, cols, strict=True) if dist[i, j] <= radius}
+    parent = {int(j): int(dist[:, j].argmin()) for j in range(k_new)}
+    old_to_new = {int(i): persisting.get(int(i), int(dist[i].argmin())) for i in range(k_old)}
+    slot = np.full(k_new, -1, dtype=np.int64)
+    for i, j in persisting.items():
+        if i < k_new:
+            slot[i] = j
+    free = [j for j in range(k_new) if j not in set(slot.tolist())]
+    slot[slot < 0] = free
+    return slot, {"persisting": persisting, "parent_of_new": parent, "old_to_new": old_to_new}
+
+
+def permute_clusters(model: FittedModel, order: np.ndarray) -> FittedModel:
+    """The same model with cluster `order[p]` at position p (weights, parameters, the net's head and
+    the merge tree's leaves)."""
+    from dataclasses import replace
+
+    net = dict(model.net)
+    for key in ("head.weight", "head.bias"):
+        if key in net:
+            net[key] = net[key][order]
+    linkage = model.tree_linkage
+    if linkage is not None:
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        linkage = linkage.copy()
+        leaf = linkage[:, :2] < order.size
+        linkage[:, :2][leaf] = rank[linkage[:, :2][leaf].astype(np.int64)]
+    return replace(model, log_weights=model.log_weights[order], means=model.means[order], chol=model.chol[order],
+                   net=net, tree_linkage=linkage)
+
+
+def _renumber(lineage: dict, rank: np.ndarray) -> dict:
+    """Lineage with new cluster ids in the updated model's numbering (JSON-ready: str keys)."""
+    return {
+        "persisting": {str(i): int(rank[j]) for i, j in lineage["persisting"].items()},
+        "parent_of_new": {str(int(rank[j])): i for j, i in lineage["parent_of_new"].items()},
+        "old_to_new": {str(i): int(rank[j]) for i, j in lineage["old_to_new"].items()},
+    }
