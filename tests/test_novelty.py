@@ -37,7 +37,7 @@ def seen_and_unseen():
     """A 40-component mixture; the model is fitted on 30 components, 10 are held back."""
     x, y = make_mixture(16_000, 8, 40, seed=3, separation=12.0, imbalance=2.0)
     seen = y < 30
-    cfg = FitConfig().replace(**{"k_init": 30, "seed": 0, "device": "cpu", "schedule.epochs": 12,
+    cfg = FitConfig().replace(**{"init": "kmeans", "k_init": 30, "seed": 0, "device": "cpu", "schedule.epochs": 12,
                                  "schedule.first_split": 6, "schedule.final_epochs": 6,
                                  "net.min_steps_per_epoch": 4})
     train, fresh = np.flatnonzero(seen)[::2], np.flatnonzero(seen)[1::2]
