@@ -146,7 +146,7 @@ def run_fit(
         if report:
             from cluster_service.ops.pipeline import publish_report
 
-            publish_report(out_dir, tracker)
+            publish_report(out_dir, tracker, announce=False)
     return summary
 
 

@@ -93,7 +93,7 @@ class ProgressFile:
                 f.write(json.dumps(record.as_dict()) + "\n")
 
 
-def publish_report(run_dir: str | os.PathLike, tracker=None) -> Path | None:
+def publish_report(run_dir: str | os.PathLike, tracker=None, announce: bool = True) -> Path | None:
     """Build RUN_DIR/report.html (cluster_service.report.html) and log it to the run's MLflow
     artifacts. A report that cannot be built is a warning, never a failed fit."""
     import warnings
@@ -107,7 +107,8 @@ def publish_report(run_dir: str | os.PathLike, tracker=None) -> Path | None:
         return None
     if tracker is not None and tracker.active:
         tracker.log_texts({"report.html": path.read_text()})
-    print(f"report: {path}", flush=True)
+    if announce:  # job logs; the CLI prints its own line
+        print(f"report: {path}", flush=True)
     return path
 
 
