@@ -21,7 +21,7 @@ ALLOWED = {
     "io": set(),
     "serve": {"serve", "core", "index"},
     "train": {"train", "core", "serve", "index"},
-    "report": {"report", "serve"},  # the run report reads the model directory
+    "report": {"report", "serve", "index"},  # the run report reads the model directory
     "runtime": {"runtime", "train", "serve", "core", "report", "index"},
     "ops": {"ops", "runtime", "train", "serve", "core", "report", "index", "datasets"},
     "bench": {"bench", "ops", "runtime", "train", "serve", "core", "report", "index", "datasets"},

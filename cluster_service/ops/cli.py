@@ -36,9 +36,11 @@ def main() -> None:
         sys.exit(2)
 
 
-def load_config(config: Path | None, overrides: list[str] | None = None, **flags) -> FitConfig:
-    """Config file (YAML/JSON) < --set key=value < explicit flags; validated once here."""
-    data: dict = {}
+def load_config(config: Path | None, overrides: list[str] | None = None, base: dict | None = None,
+                **flags) -> FitConfig:
+    """`base` (a model's config) or config file (YAML/JSON) < --set key=value < explicit flags;
+    validated once here."""
+    data: dict = dict(base or {})
     if config is not None:
         if not config.is_file():
             raise ConfigError(f"{config}: config file not found")
@@ -359,17 +361,12 @@ def update(
     feats = load_features(new_data)
     parts = [feats] if old_data is None else [load_features(old_data), feats]
     x = np.concatenate([f.x for f in parts])
-    ids = np.concatenate([f.ids.astype(object) if len(parts) > 1 else f.ids for f in parts])
+    ids = np.concatenate([f.ids for f in parts])
     if len(parts) > 1 and len(set(ids.tolist())) < len(ids):  # row numbers of two array files collide
         ids = np.array([f"{tag}:{i}" for tag, f in zip(("old", "new"), parts, strict=True) for i in f.ids.tolist()],
                        dtype=object)
     labels = None if any(f.labels is None for f in parts) else np.concatenate([f.labels for f in parts])
-    base = FitConfig.from_dict(fitted.config)
-    extra = {"schedule.epochs": epochs} if epochs is not None else {}
-    for item in set_ or []:
-        key, _, value = item.partition("=")
-        extra[key.strip()] = yaml.safe_load(value)
-    cfg = base.replace(**extra)
+    cfg = load_config(None, set_, base=fitted.config, **{"schedule.epochs": epochs})
     tracker = Tracker(cfg, tracking_uri, None, run_name=f"update {out_dir.name}", enabled=not no_tracking,
                       labels=labels, tags={"data.path": str(new_data), "job": "update", "updated_from": model})
     tracker.start(fitted.manifest_hash, {"data.n_samples": len(x), "data.n_features": x.shape[1]})

@@ -189,7 +189,7 @@ def fit_step(train: TrainSection, cfg: FitConfig, tracker=None, progress=None) -
 
     data, out = resolve_path(train.data), resolve_path(train.out)
     active = tracker is not None and tracker.active
-    if train.storage_path is None and (done := completed_run(data, out, cfg)) is not None:
+    if (done := completed_run(data, out, cfg, resolve_path(train.storage_path))) is not None:
         print(f"fit: {out} already holds this fit (K={done['k_found']}); reusing it", flush=True)
         return {**done, "reused": True}
     callbacks = [RankZero(tracker)] if active else []

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster_service import index
 from cluster_service.io.atomic import atomic_path
 
 REPORT = "report.html"
@@ -53,19 +54,23 @@ def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | No
     k = model.n_clusters
     sizes = np.bincount(clusters, minlength=k)
     order = np.argsort(-sizes, kind="stable")[:max_clusters]
-    paths = image_paths(summary.get("data"), ids, images_root)
+    by_row = np.argsort(clusters, kind="stable")  # rows grouped by cluster once
+    bounds = np.searchsorted(clusters[by_row], np.arange(k + 1))
+    members = {c: by_row[bounds[c] : bounds[c + 1]] for c in order}
+    paths = image_paths(summary.get("data"), ids)
     thumbs, missing = {}, []
     if paths is not None:
-        picks = {c: gallery_rows(clusters, log_prob, margin, c, per_cluster) for c in order}
+        picks = {c: gallery_rows(members[c], log_prob, margin, c, per_cluster) for c in order}
         wanted = sorted({int(i) for rows in picks.values() for group in rows.values() for i in group})
-        thumbs, missing = make_thumbnails([paths[i] for i in wanted], run_dir / "thumbs")
-        thumbs = {i: thumbs.get(paths[i]) for i in wanted}
+        files = {i: _resolve(paths[i], images_root) for i in wanted}
+        thumbs, missing = make_thumbnails(list(files.values()), run_dir / "thumbs")
+        thumbs = {i: thumbs.get(f) for i, f in files.items()}
     figures = {
         "K over epochs": plots.plot_k_history(history),
         "cluster sizes": plots.plot_cluster_sizes(clusters, k),
     }
     neighbours = nearest_clusters(model.means, model.covariances, 3)
-    panels = [_panel(c, sizes, log_prob[clusters == c], neighbours.get(c, []),
+    panels = [_panel(c, sizes, log_prob[members[c]], neighbours.get(c, []),
                      picks[c] if paths is not None else None, thumbs) for c in order]
     page = _page(run_dir, summary, figures, panels, order, sizes, missing)
     out = Path(out) if out else run_dir / REPORT
@@ -76,8 +81,9 @@ def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | No
 # ---- data ---------------------------------------------------------------------------------------
 
 
-def image_paths(data: str | None, ids: np.ndarray, root: str | os.PathLike | None) -> list[str] | None:
-    """Image path of every assignment row (by id) from the shards' `path` column; None without one."""
+def image_paths(data: str | None, ids: np.ndarray) -> np.ndarray | None:
+    """Image path (n,) object ("" where unknown) of every assignment row, joined by id with the
+    shards' `path` column; None when the shards have none."""
     import pyarrow.parquet as pq
 
     if not data or not Path(data).is_dir():
@@ -90,19 +96,25 @@ def image_paths(data: str | None, ids: np.ndarray, root: str | os.PathLike | Non
             return None
         t = pq.read_table(p, columns=["id", "path"])
         got_ids.append(t.column("id").to_numpy(zero_copy_only=False))
-        got_paths += t.column("path").to_pylist()
-    where = {v: i for i, v in enumerate(np.concatenate(got_ids).tolist())}
-    out = []
-    for i in ids.tolist():
-        p = got_paths[where[i]] if i in where else None
-        out.append(str(Path(root) / p) if (p and root and not Path(p).is_absolute()) else (p or ""))
+        got_paths.append(t.column("path").fill_null("").to_numpy(zero_copy_only=False))
+    all_ids, all_paths = np.concatenate(got_ids), np.concatenate(got_paths).astype(object)
+    order = np.argsort(all_ids, kind="stable")
+    pos = np.clip(np.searchsorted(all_ids[order], ids), 0, all_ids.size - 1)
+    found = all_ids[order][pos] == ids
+    out = all_paths[order][pos]
+    out[~found] = ""
     return out
 
 
-def gallery_rows(clusters, log_prob, margin, c: int, n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Row indices of cluster c: the most typical (highest log-density), the least certain (lowest
-    margin) and a random few; n in all (half typical, a quarter each of the others)."""
-    members = np.flatnonzero(clusters == c)
+def _resolve(path: str, root: str | os.PathLike | None) -> str:
+    """A shard's image path, relative ones under `root` (extraction writes absolute ones)."""
+    return str(Path(root) / path) if path and root and not Path(path).is_absolute() else path
+
+
+def gallery_rows(members: np.ndarray, log_prob, margin, c: int, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Row indices (from `members`, cluster c's rows in ascending order): the most typical (highest
+    log-density), the least certain (lowest margin) and a random few; n in all (half typical, a
+    quarter each of the others)."""
     n_typ, n_low = max(1, n // 2), max(1, n // 4)
     typical = members[np.argsort(-log_prob[members], kind="stable")[:n_typ]]
     margin_low = members[np.argsort(margin[members], kind="stable")[:n_low]]
@@ -118,10 +130,7 @@ def nearest_clusters(means: np.ndarray, covariances: np.ndarray, m: int) -> dict
     k = means.shape[0]
     if k < 2:
         return {}
-    sq = (means**2).sum(1)
-    dist = sq[:, None] + sq[None, :] - 2 * means @ means.T
-    np.fill_diagonal(dist, np.inf)
-    nn = np.argsort(dist, axis=1)[:, : min(m, k - 1)]
+    nn = index.nearest_clusters(means, min(m, k - 1)).numpy()  # the merge candidates' FAISS search
     out = {}
     for a in range(k):
         out[a] = [(int(b), bhattacharyya(means[a], covariances[a], means[b], covariances[b]))

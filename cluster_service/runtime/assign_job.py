@@ -185,7 +185,8 @@ class ShardWorker:
 
 
 def _skipped(path: Path, task: ShardTask, n_clusters: int) -> ShardOutcome:
-    table = pq.read_table(path)
+    columns = [c for c in ("cluster", "novel") if c in pq.read_schema(path).names]
+    table = pq.read_table(path, columns=columns)  # not the ids and scores: only what the report counts
     cluster = table.column("cluster").to_numpy()
     novel = int(table.column("novel").to_numpy(zero_copy_only=False).sum()) if "novel" in table.column_names else 0
     return ShardOutcome(task.name, "skipped", task.rows, np.bincount(cluster, minlength=n_clusters), novel=novel)

@@ -231,13 +231,18 @@ def write_outputs(engine: Engine, rows: LocalRows, out_dir: Path, history: list[
 # ---- the driver -----------------------------------------------------------------------------
 
 
-def completed_run(data_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: FitConfig) -> dict | None:
+def completed_run(data_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: FitConfig,
+                  storage_path: str | None = None) -> dict | None:
     """The summary of a finished fit of the same data and config in `out_dir`, or None.
 
     A run is finished when summary.json exists (it is written last); it is the same fit when the
-    job key its checkpoints were written under matches (see _check_resume)."""
+    job key its checkpoints were written under (storage_path, default RUN_DIR/checkpoints)
+    matches (see _check_resume). Object-store checkpoints carry no key here: never reused."""
+    if storage_path and "://" in storage_path:
+        return None
     out_dir = Path(out_dir).resolve()
-    summary, key_file = out_dir / "summary.json", out_dir / "checkpoints" / f"{RUN_NAME}.job.json"
+    storage = Path(storage_path).resolve() if storage_path else out_dir / "checkpoints"
+    summary, key_file = out_dir / "summary.json", storage / f"{RUN_NAME}.job.json"
     if not summary.is_file() or not key_file.is_file():
         return None
     job_key = json.loads(json.dumps({"data": str(Path(data_path).resolve()), "config": cfg.to_dict()}))

@@ -41,12 +41,15 @@ def novelty_table(clusters: np.ndarray, log_density: np.ndarray, n_clusters: int
 
 def tail_probability(table: dict[str, np.ndarray], clusters: np.ndarray, log_density: np.ndarray) -> np.ndarray:
     """(n,) fraction of the assigned cluster's training rows whose log-density is at most the row's."""
-    q, levels = table["quantiles"], table["levels"]
-    out = np.empty(len(clusters), dtype=np.float64)
-    for k in np.unique(clusters):
-        rows = clusters == k
-        out[rows] = np.interp(log_density[rows], q[k], levels, left=0.0, right=1.0)
-    return out
+    q, levels = table["quantiles"][clusters], table["levels"]  # (n, L): each row's own cluster's quantiles
+    x = np.asarray(log_density, dtype=np.float64)
+    # np.interp per row, vectorised: the bracketing quantiles and a linear step between them
+    hi = np.clip((q <= x[:, None]).sum(1), 1, levels.size - 1)
+    rows = np.arange(x.size)
+    q0, q1 = q[rows, hi - 1], q[rows, hi]
+    frac = np.where(q1 > q0, (x - q0) / np.where(q1 > q0, q1 - q0, 1.0), 1.0)
+    tail = levels[hi - 1] + np.clip(frac, 0.0, 1.0) * (levels[hi] - levels[hi - 1])
+    return np.where(x < q[:, 0], 0.0, np.where(x >= q[:, -1], 1.0, tail))
 
 
 def share_drift(counts: np.ndarray, train_counts: np.ndarray) -> float:

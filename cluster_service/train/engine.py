@@ -161,9 +161,13 @@ class Engine:
         if self.comm.rank == 0:
             centroids = faiss_index.kmeans(self.x, n_clusters, seed=self.cfg.seed)
         centroids = self.comm.broadcast_object(centroids)
-        K = centroids.shape[0]
         z = torch.from_numpy(faiss_index.assign_nearest(self.x, centroids)).to(self.device)
-        stats = SuffStats.zeros((K,), self.n_features, device=self.device)
+        return self.hard_stats(z, centroids.shape[0])
+
+    def hard_stats(self, z: torch.Tensor, n_clusters: int) -> SuffStats:
+        """Statistics (n_clusters,) of the local rows with hard labels z (n_local,) int64,
+        all-reduced (a collective: every rank calls it)."""
+        stats = SuffStats.zeros((n_clusters,), self.n_features, device=self.device)
         ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=self.device)
         for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(self.n_features, 1, self.cfg.chunk_size)):
             add_hard_stats_(stats, self.x[sl], z[sl], ones[sl])
@@ -227,15 +231,7 @@ class Engine:
             stats, self.prior = self._evidence_start(cells, priors)
         else:
             stats = self.kmeans_stats(self.cfg.k_init)
-        K = int(stats.count.shape[0])
-        means, chol = map_estimate(self.prior, stats)
-        self.params = GaussianParams(dp_log_weights(stats.count, self.cfg.prior.alpha), means, chol)
-        self.sub_params = mv.principal_axis_subclusters(self.prior, stats)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed)
-            net = ClusterNet(self.n_features, K, self.cfg.net.cluster_hidden, self.input_scale)
-        subnets = SubclusterNets(self.n_features, K, self.cfg.net.sub_hidden, self.input_scale, self.init_gen)
-        self._install_nets(net.to(self.device), subnets.to(self.device))
+        self._start_from_stats(stats)
         keep = mv.propose_prunes(stats.count, 0.5)  # k-means duplicates on tiny data
         if keep.removed:
             self.rebuild_for_k(mv.apply_prunes(keep, self.params, self.sub_params))
@@ -253,25 +249,23 @@ class Engine:
                                torch.as_tensor(means, dtype=STAT_DTYPE, device=dev) - self.shift,
                                torch.as_tensor(chol, dtype=STAT_DTYPE, device=dev))
         z = torch.empty(self.x.shape[0], dtype=torch.int64, device=dev)
-        rows = stats_chunk_rows(self.n_features, means.shape[0], self.cfg.chunk_size)
-        for sl in iter_chunks(self.x.shape[0], rows):
+        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(self.n_features, means.shape[0], self.cfg.chunk_size)):
             z[sl] = log_joint(self.x[sl], start, STAT_DTYPE, self.cfg.chunk_size).argmax(-1)
-        stats = SuffStats.zeros((means.shape[0],), self.n_features, device=dev)
-        ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=dev)
-        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(self.n_features, 1, self.cfg.chunk_size)):
-            add_hard_stats_(stats, self.x[sl], z[sl], ones[sl])
-        stats = self.reduce_stats(stats)
-        self.kept_from_model = torch.nonzero(stats.count > 0).flatten().cpu().numpy()  # model cluster ids kept
-        stats = stats[stats.count > 0]
+        stats = self.hard_stats(z, means.shape[0])
+        self._start_from_stats(stats[stats.count > 0])
+
+    def _start_from_stats(self, stats: SuffStats) -> None:
+        """MAP parameters, DP weights and principal-axis subclusters from starting statistics (K,);
+        fresh nets (the clustering net seeded by cfg.seed) for that K."""
         K = int(stats.count.shape[0])
-        new_means, new_chol = map_estimate(self.prior, stats)
-        self.params = GaussianParams(dp_log_weights(stats.count, self.cfg.prior.alpha), new_means, new_chol)
+        means, chol = map_estimate(self.prior, stats)
+        self.params = GaussianParams(dp_log_weights(stats.count, self.cfg.prior.alpha), means, chol)
         self.sub_params = mv.principal_axis_subclusters(self.prior, stats)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             net = ClusterNet(self.n_features, K, self.cfg.net.cluster_hidden, self.input_scale)
         subnets = SubclusterNets(self.n_features, K, self.cfg.net.sub_hidden, self.input_scale, self.init_gen)
-        self._install_nets(net.to(dev), subnets.to(dev))
+        self._install_nets(net.to(self.device), subnets.to(self.device))
 
     def _install_nets(self, net: ClusterNet, subnets: SubclusterNets) -> None:
         self.cluster_net = self.comm.wrap(net)
@@ -430,8 +424,10 @@ class Engine:
         if self.comm.rank == 0:
             centroids = np.full((K, M, d), np.inf, dtype=np.float32)
             zc = z.cpu().numpy()
+            order = np.argsort(zc, kind="stable")  # rows grouped by cluster once, not K scans of all rows
+            bounds = np.searchsorted(zc[order], np.arange(K + 1))
             for k in range(K):
-                rows = np.flatnonzero(zc == k)
+                rows = order[bounds[k] : bounds[k + 1]]
                 m = min(n_cells[k], rows.size // 2)
                 if m >= 2:
                     centroids[k, :m] = faiss_index.kmeans(self.x[rows], m, seed=self.cfg.seed + k)
@@ -565,13 +561,8 @@ class Engine:
         """Merge hierarchy over the fitted clusters: hard statistics of the local rows' clusters
         (n_local,) (all-reduced, so every rank calls this), merged greedily by log H_m down to
         one cluster (hierarchy.merge_tree)."""
-        K = self.n_clusters
-        stats = SuffStats.zeros((K,), self.n_features, device=self.device)
         z = torch.from_numpy(np.asarray(clusters, dtype=np.int64)).to(self.device)
-        ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=self.device)
-        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(self.n_features, 1, self.cfg.chunk_size)):
-            add_hard_stats_(stats, self.x[sl], z[sl], ones[sl])
-        return merge_tree(self.prior, self.cfg.prior.alpha, self.reduce_stats(stats))
+        return merge_tree(self.prior, self.cfg.prior.alpha, self.hard_stats(z, self.n_clusters))
 
     def export_params(self) -> GaussianParams:
         """Mixture parameters in the original (uncentred) coordinates."""

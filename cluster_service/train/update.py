@@ -21,6 +21,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from cluster_service.config import FitConfig
+from cluster_service.core.gaussian import WhitenedGaussians
 from cluster_service.io.checks import check_features
 from cluster_service.serve.model import FittedModel
 from cluster_service.train.engine import Engine, EpochRecord
@@ -69,10 +70,11 @@ def stable_order(old: FittedModel, new: FittedModel, radius: float) -> tuple[np.
     """order (K_new,): new cluster at each position of the updated model, so that persisting clusters
     sit at their old ids; and the lineage in the *unordered* new ids."""
     k_old, k_new = old.n_clusters, new.n_clusters
-    # Mahalanobis distance of every new mean under every old cluster: (K_old, K_new)
-    diff = new.means[None, :, :] - old.means[:, None, :]
-    z = np.linalg.solve(old.chol[:, None], diff[..., None])[..., 0]
-    dist = np.sqrt((z**2).sum(-1))
+    # Mahalanobis distance of every new mean under every old cluster (K_old, K_new), from the same
+    # whitening as the log-densities: log N = const_k - maha^2 / 2
+    g = WhitenedGaussians(torch.from_numpy(old.means).double(), torch.from_numpy(old.chol).double(), torch.float64)
+    maha2 = -2.0 * (g.log_prob(torch.from_numpy(new.means).double()) - g.const)  # (K_new, K_old)
+    dist = maha2.clamp_min(0).sqrt().T.numpy()
     rows, cols = linear_sum_assignment(dist)
     persisting = {int(i): int(j) for i, j in zip(rows, cols, strict=True) if dist[i, j] <= radius}
     parent = {int(j): int(dist[:, j].argmin()) for j in range(k_new)}
