@@ -53,7 +53,7 @@ def _peers(x, y, k_true: int, seed: int) -> list[tuple[str, np.ndarray, float]]:
     return rows
 
 
-def bench_k_recovery(seeds: Sequence[int] = (0,), include_large: bool = True) -> list[dict]:
+def bench_k_recovery(seeds: Sequence[int] = (0, 1, 2), include_large: bool = True) -> list[dict]:
     from cluster_service.config import FitConfig
     from cluster_service.report.evaluate import score
     from cluster_service.train.fit import fit
