@@ -295,11 +295,13 @@ def test_cli_fit_with_workers_shows_the_one_process_progress_and_table(data, tmp
             cli.main()
         outputs[name] = capsys.readouterr()
         assert done.value.code == 0, outputs[name].err[-2000:]
-    epochs = CFG.schedule.epochs
     for name, cap in outputs.items():
         text = cap.out + cap.err
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        epochs = summary["epochs"]  # an early stop ends the bar at the epochs run (the plan is a cap)
+        assert epochs <= CFG.schedule.epochs and summary["stopped"], summary
         assert f"{epochs}/{epochs}" in text and "K=" in text, name  # the bar reached the last epoch
-        assert "k_found" in cap.out and "model:" in cap.out, name  # the summary table and the paths
+        assert "k_found" in cap.out and "model:" in cap.out and "stopped" in cap.out, name  # the table, paths
     two = outputs["two"].out + outputs["two"].err
     assert "TrainingReport(" not in two and "Checkpoint successfully created" not in two
     assert "on 2 worker(s)" in two

@@ -142,3 +142,76 @@ def test_gpu_fit_matches_cpu_fit():
     assert gpu.n_clusters == cpu.n_clusters == 8
     assert score(y, gpu.clusters).nmi > 0.99
     assert np.isfinite(gpu.model.chol).all()
+
+
+# ---- early stop (core.schedule.Convergence) --------------------------------------------------
+
+
+def _feed(conv, ks, mls, moved=()):
+    """Feed a whole default plan: K and log marginal per round end (index 0 = before the first
+    split, then one per merge epoch); epochs in between repeat the round's values."""
+    from types import SimpleNamespace
+
+    plan = build_plan(conv.cfg)
+    first = conv.cfg.first_split
+    ran = []
+    for row in plan:
+        row = conv.allows(row)
+        if row is None:
+            break
+        r = 0 if row.epoch < first else 1 + (row.epoch - first) // conv.cfg.move_period
+        r = min(r, len(ks) - 1)
+        rec = SimpleNamespace(epoch=row.epoch, n_clusters=ks[r], log_marginal=mls[r],
+                              splits_accepted=int(row.move == "split" and r in moved), merges_accepted=0, pruned=0)
+        conv.observe(row, rec)
+        ran.append(row)
+    return ran
+
+
+def test_early_stop_waits_for_k_and_the_marginal_to_settle():
+    from cluster_service.core.schedule import Convergence
+
+    cfg = FitConfig().schedule  # stop_rounds 2, first split 15, period 10: round ends 14, 20, 30, ...
+    n = 1000
+    # K settled from the start and the marginal flat: stop at the second merge epoch (30)
+    ran = _feed(Convergence(cfg, n), [5] * 20, [-100.0] * 20)
+    assert len(ran) == 31 and ran[-1].epoch == 30
+    # K still growing for 6 rounds: never cut off while it grows; stops 2 rounds after the last change
+    ks = [1, 2, 4, 8, 12, 15, 17] + [17] * 20
+    ran = _feed(Convergence(cfg, n), ks, [-100.0] * len(ks))
+    assert ran[-1].epoch == 20 + 10 * 7, [r.epoch for r in ran][-3:]
+    # K settled but the marginal still improving by 0.02 nats per row per round: runs to the cap
+    conv = Convergence(cfg, n)
+    ran = _feed(conv, [5] * 20, [-100.0 + 20.0 * i for i in range(20)])
+    assert len(ran) == cfg.epochs and conv.stop_at is None
+    assert conv.why_stopped(ran[-1].epoch, cfg.epochs).startswith("epoch cap")
+    # off: the whole calendar
+    off = FitConfig().replace(**{"schedule.stop_rounds": 0}).schedule
+    assert len(_feed(Convergence(off, n), [5] * 20, [-100.0] * 20)) == off.epochs
+
+
+def test_early_stop_settles_after_a_late_move_and_survives_a_checkpoint():
+    from cluster_service.core.schedule import Convergence
+
+    cfg = FitConfig().schedule
+    conv = Convergence(cfg, 1000)
+    # a split accepted in the last round (and merged back: K unchanged) -> settle epochs without moves
+    ran = _feed(conv, [5] * 20, [-100.0] * 20, moved={2})
+    assert conv.stop_at == 31 + cfg.freeze_epochs + 1 and len(ran) == conv.stop_at
+    assert all(r.move is None for r in ran[31:])
+    assert "settle" in conv.reason and "K 5" in conv.reason
+    again = Convergence.from_state(cfg, 1000, 1, conv.state())
+    assert again == conv
+
+
+def test_fit_stops_early_with_the_k_and_partition_of_the_full_calendar():
+    """Defaults on an easy mixture: the fit ends well before the cap, says why, and gives the
+    same K and assignments as running every planned epoch."""
+    x, y = make_mixture(4000, 8, 6, seed=11)
+    early = fit(x, FitConfig(seed=0))
+    full = fit(x, FitConfig(seed=0).replace(**{"schedule.stop_rounds": 0}))
+    assert len(early.history) < 0.6 * len(full.history) == 0.6 * FitConfig().schedule.epochs
+    assert early.history[-1].stopped.startswith("converged") and not early.history[-2].stopped
+    assert full.history[-1].stopped.startswith("epoch cap")
+    assert early.n_clusters == full.n_clusters == 6
+    assert score(y, early.clusters).nmi >= score(y, full.clusters).nmi - 0.005

@@ -92,6 +92,33 @@ def test_chunked_statistics_match_direct_computation():
     torch.testing.assert_close(hard.count, onehot.sum(0))
 
 
+@pytest.mark.parametrize("d, n_bins", [(2, 300), (16, 5), (16, 40)])
+def test_hard_statistics_match_numpy_on_both_paths(d, n_bins):
+    """add_hard_stats_ sorts rows by bin and does one matmul per bin when bins hold many outer-product
+    elements (d 16), and adds the (n, d, d) outer products by index when they hold few (d 2, 300
+    bins); both equal a numpy loop over the rows, empty bins included."""
+    from cluster_service.core.gaussian import add_hard_stats_
+    from cluster_service.core.niw import SuffStats
+
+    rng = np.random.default_rng(d + n_bins)
+    n = 600
+    x = rng.normal(size=(n, d)).astype(np.float32) * 3 + 1
+    z = rng.integers(0, n_bins - 1, size=n)  # the last bin stays empty
+    w = rng.random(n)
+    out = SuffStats.zeros((n_bins,), d)
+    add_hard_stats_(out, torch.from_numpy(x), torch.from_numpy(z), torch.from_numpy(w))
+    count, total, scatter = np.zeros(n_bins), np.zeros((n_bins, d)), np.zeros((n_bins, d, d))
+    xd = x.astype(np.float64)
+    for i in range(n):
+        count[z[i]] += w[i]
+        total[z[i]] += w[i] * xd[i]
+        scatter[z[i]] += w[i] * np.outer(xd[i], xd[i])
+    np.testing.assert_allclose(out.count.numpy(), count, rtol=1e-12)
+    np.testing.assert_allclose(out.sum.numpy(), total, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(out.scatter.numpy(), scatter, rtol=1e-10, atol=1e-10)
+    assert out.count[-1] == 0 and float(out.scatter[-1].abs().sum()) == 0
+
+
 def test_weighted_map_m_step_matches_numpy():
     rng = np.random.default_rng(4)
     d, n = 4, 200

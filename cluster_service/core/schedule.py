@@ -7,8 +7,8 @@ accepted move.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 from cluster_service.config import ScheduleConfig
 
@@ -43,8 +43,13 @@ def build_plan(cfg: ScheduleConfig) -> list[EpochPlan]:
     return rows
 
 
-def format_plan(plan: list[EpochPlan]) -> str:
-    """Compact text: phases as epoch ranges, then the move epochs."""
+def format_plan(plan: list[EpochPlan], cfg: ScheduleConfig | None = None) -> str:
+    """Compact text: phases as epoch ranges, then the move epochs and the early-stop rule."""
+    cfg = cfg or ScheduleConfig(epochs=len(plan))
+    early_stop = (
+        f"at a merge epoch once K is the same over {cfg.stop_rounds} move rounds and the log marginal "
+        f"moved <= {cfg.stop_tol:g} nats per row and dimension; epochs {len(plan)} is then a cap"
+    )
     warm = [p.epoch for p in plan if not p.m_step]
     sub = next((p.epoch for p in plan if p.train_subnets), None)
     splits = [p.epoch for p in plan if p.move == "split"]
@@ -56,5 +61,90 @@ def format_plan(plan: list[EpochPlan]) -> str:
         f"splits at        {', '.join(map(str, splits)) or 'none'}",
         f"merges at        {', '.join(map(str, merges)) or 'none'}",
         f"split rounds     {len(splits)} (a split may be many-way: moves.split_cells)",
+        f"early stop       {'off (stop_rounds 0)' if cfg.stop_rounds == 0 else early_stop}",
     ]
     return "\n".join(lines)
+
+
+class _Record(Protocol):  # what Convergence reads of an EpochRecord
+    epoch: int
+    n_clusters: int
+    log_marginal: float
+    splits_accepted: int
+    merges_accepted: int
+    pruned: int
+
+
+@dataclass
+class Convergence:
+    """When a fit may stop before its planned epochs (ScheduleConfig.stop_rounds / stop_tol).
+
+    Fed every epoch's record in order (`observe`). A "round end" is the epoch before the first
+    split and every merge epoch. At a round end the fit has converged when K at the last
+    stop_rounds + 1 round ends is one number and the log marginal likelihood changed by at
+    most stop_tol nats per row and dimension between the first and the last of them. It then stops right away,
+    or after freeze_epochs + 1 settle epochs without moves (the frozen epochs of the last move and
+    one M-step) when the last round changed the partition (a split and a merge back). Decisions come from all-reduced figures only, so
+    every rank of a distributed fit decides alike. `state`/`from_state` go into checkpoints.
+    """
+
+    cfg: ScheduleConfig
+    n_rows: int = 1  # the fit's rows (all ranks) and their dimension: stop_tol is per row and dimension
+    n_features: int = 1
+    round_ends: list[tuple[int, int, float]] = field(default_factory=list)  # (epoch, K, log marginal)
+    last_change: int = -1  # last epoch with an accepted move or a prune
+    stop_at: int | None = None  # first epoch not to run, once converged
+    reason: str = ""
+
+    def observe(self, plan: EpochPlan, rec: _Record) -> None:
+        if rec.splits_accepted or rec.merges_accepted or rec.pruned:
+            self.last_change = rec.epoch
+        end = plan.move == "merge" or rec.epoch == self.cfg.first_split - 1
+        if not end or self.stop_at is not None or self.cfg.stop_rounds == 0:
+            return
+        self.round_ends.append((rec.epoch, rec.n_clusters, rec.log_marginal))
+        window = self.round_ends[-(self.cfg.stop_rounds + 1) :]
+        if len(window) < self.cfg.stop_rounds + 1 or len({k for _, k, _ in window}) > 1:
+            return
+        change = abs(window[-1][2] - window[0][2]) / max(1, self.n_rows * self.n_features)
+        if change > self.cfg.stop_tol:
+            return
+        moved = self.last_change > window[-2][0]
+        settle = self.cfg.freeze_epochs + 1 if moved else 0
+        self.stop_at = rec.epoch + 1 + settle
+        self.reason = (
+            f"converged at epoch {rec.epoch}: K {window[-1][1]} over the last {self.cfg.stop_rounds} move rounds, "
+            f"log marginal changed {change:.1e} nats per row and dimension (schedule.stop_tol {self.cfg.stop_tol:g})"
+            + (f"; {settle} settle epochs without moves" if moved else "")
+        )
+
+    def allows(self, plan: EpochPlan) -> EpochPlan | None:
+        """The row to run for `plan` (moves off while settling), or None when the fit is over."""
+        if self.stop_at is None:
+            return plan
+        if plan.epoch >= self.stop_at:
+            return None
+        return EpochPlan(plan.epoch, plan.m_step, plan.train_subnets, None)
+
+    def why_stopped(self, last_epoch: int, n_epochs: int) -> str:
+        """Why the fit ended after `last_epoch` (of a plan of n_epochs)."""
+        if self.stop_at is not None and last_epoch + 1 >= self.stop_at:
+            return self.reason
+        if last_epoch + 1 >= n_epochs:
+            tail = ""
+            if len(self.round_ends) >= 2:
+                ks = [k for _, k, _ in self.round_ends[-(self.cfg.stop_rounds + 1) :]]
+                tail = f" (K at the last round ends: {', '.join(map(str, ks))})"
+            return f"epoch cap: schedule.epochs {n_epochs} reached before convergence{tail}"
+        return ""
+
+    def state(self) -> dict:
+        return {"round_ends": self.round_ends, "last_change": self.last_change, "stop_at": self.stop_at,
+                "reason": self.reason}
+
+    @classmethod
+    def from_state(cls, cfg: ScheduleConfig, n_rows: int, n_features: int, state: dict | None) -> Convergence:
+        if not state:
+            return cls(cfg, n_rows, n_features)
+        ends = [tuple(r) for r in state["round_ends"]]
+        return cls(cfg, n_rows, n_features, ends, int(state["last_change"]), state["stop_at"], str(state["reason"]))

@@ -78,6 +78,14 @@ def write_run(
     return out_dir
 
 
+def stop_summary(history: list) -> dict:
+    """{"epochs": epochs run, "stopped": why the fit ended} from EpochRecords or their dicts."""
+    if not history:
+        return {}
+    last = history[-1] if isinstance(history[-1], dict) else history[-1].as_dict()
+    return {"epochs": len(history), "stopped": last.get("stopped", "")}
+
+
 def write_summary(out_dir: str | os.PathLike, summary: dict) -> Path:
     """summary.json, last: a run directory with it is complete."""
     return write_text_atomic(json.dumps(summary, indent=2), Path(out_dir) / SUMMARY)

@@ -81,11 +81,15 @@ class FitProgress:
         self.progress.__exit__(*exc)
 
     def __call__(self, rec, engine) -> None:
-        self.progress.update(self.task, completed=rec.epoch + 1, k=rec.n_clusters, loss=rec.loss_cluster)
+        self.record(rec.as_dict())
 
     def record(self, rec: dict) -> None:
-        """The same update from a record dict (rank 0 of a distributed fit, via progress.jsonl)."""
-        self.progress.update(self.task, completed=rec["epoch"] + 1, k=rec["n_clusters"], loss=rec["loss_cluster"])
+        """Update from a record dict (also rank 0's records of a distributed fit, via progress.jsonl).
+        An early stop ends the bar at the epochs run (the planned epochs are a cap)."""
+        done = rec["epoch"] + 1
+        total = done if rec.get("stopped") else None
+        self.progress.update(self.task, completed=done, k=rec["n_clusters"], loss=rec["loss_cluster"],
+                             **({"total": total} if total else {}))
 
 
 def run_fit(
@@ -102,7 +106,7 @@ def run_fit(
     """Fit on a data file or shard directory; write RUN_DIR/model and RUN_DIR/assignments.parquet.
     With `tracking`, the fit is an MLflow run (default store ./mlflow.db; see tracking.py)."""
     from cluster_service.io.features import load_features
-    from cluster_service.io.runs import write_run, write_summary
+    from cluster_service.io.runs import stop_summary, write_run, write_summary
     from cluster_service.runtime.tracking import Tracker
     from cluster_service.train.fit import fit
 
@@ -136,8 +140,8 @@ def run_fit(
                   [r.as_dict() for r in result.history])
         tracker.log_result(tracked, tracked_x, feats.labels, out_dir / "model", {"fit_seconds": elapsed})
         summary = {"n_samples": int(feats.x.shape[0]), "n_features": int(feats.x.shape[1]),
-                   "k_found": result.n_clusters, "seconds": round(elapsed, 2), "out": str(out_dir),
-                   "data": str(Path(data_path).resolve())}
+                   "k_found": result.n_clusters, "seconds": round(elapsed, 2), **stop_summary(result.history),
+                   "out": str(out_dir), "data": str(Path(data_path).resolve())}
         if feats.labels is not None:
             from cluster_service.report.evaluate import score
 
@@ -307,7 +311,7 @@ def plan(
     from cluster_service.core.schedule import build_plan, format_plan
 
     cfg = load_config(config, set_, **{"schedule.epochs": epochs})
-    out.print(format_plan(build_plan(cfg.schedule)))
+    out.print(format_plan(build_plan(cfg.schedule), cfg.schedule))
 
 
 @app.command()

@@ -356,6 +356,7 @@ class Tracker:
         final: dict[str, float] = {"final/n_clusters": float(result.n_clusters), **(extra_metrics or {})}
         if result.history:
             final["final/log_marginal"] = result.history[-1].log_marginal
+            final["final/epochs"] = float(len(result.history))
         if labels is not None:
             from cluster_service.report.evaluate import score
 
@@ -365,6 +366,8 @@ class Tracker:
             return final
         step = result.history[-1].epoch if result.history else 0
         self.log_metrics(final, step=step)
+        if result.history and result.history[-1].stopped:
+            self.set_tags({"stopped": result.history[-1].stopped})  # why the fit ended (early stop or cap)
         with tempfile.TemporaryDirectory(prefix="cs-mlflow-") as tmp:
             tmp = Path(tmp)
             self._write_run_files(tmp, result)
@@ -380,7 +383,7 @@ class Tracker:
         from cluster_service.core.schedule import build_plan, format_plan
 
         (tmp / "config.yaml").write_text(yaml.safe_dump({"fit": self.cfg.to_dict()}, sort_keys=False))
-        (tmp / "schedule_plan.txt").write_text(format_plan(build_plan(self.cfg.schedule)) + "\n")
+        (tmp / "schedule_plan.txt").write_text(format_plan(build_plan(self.cfg.schedule), self.cfg.schedule) + "\n")
         (tmp / "history.json").write_text(json.dumps([r.as_dict() for r in result.history], indent=1))
 
     def _write_plots(self, out: Path, result, x: np.ndarray, labels: np.ndarray | None) -> None:

@@ -173,7 +173,6 @@ def train_loop_per_worker(job: TrainJob) -> None:
             engine.load_state_dict(state)
         else:
             engine.initialize()
-        n_epochs = cfg.schedule.epochs
 
         def after_epoch(rec: EpochRecord, eng: Engine) -> None:
             history.append(rec.as_dict())
@@ -183,7 +182,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
                 _maybe_fail(job.fault, rank, rec.epoch)
             # A report is a barrier through the Ray Train controller (tens of ms): report with
             # the checkpoints only. Per-epoch records stay in `history` (and callbacks).
-            if (rec.epoch + 1) % job.checkpoint_every == 0 or rec.epoch + 1 == n_epochs:
+            if (rec.epoch + 1) % job.checkpoint_every == 0 or rec.stopped:  # stopped: the last epoch
                 report_checkpoint({**rec.as_dict(), "world_size": world}, eng, history, rank)
 
         run_schedule(engine, [after_epoch])
@@ -349,11 +348,12 @@ def _write_summary(out_dir: Path, data_path: Path, summary: dict) -> dict:
     """K found and, when the data has labels, NMI/ARI/ACC of the written assignments; summary.json last."""
     import pyarrow.parquet as pq
 
-    from cluster_service.io.runs import write_summary
+    from cluster_service.io.runs import HISTORY, stop_summary, write_summary
     from cluster_service.report.evaluate import score
     from cluster_service.serve.model import load_model
 
-    summary = {**summary, "k_found": load_model(out_dir / "model").n_clusters}
+    history = json.loads((out_dir / HISTORY).read_text()) if (out_dir / HISTORY).is_file() else []
+    summary = {**summary, "k_found": load_model(out_dir / "model").n_clusters, **stop_summary(history)}
     labels = labels_of(data_path)
     if labels is not None:
         clusters = pq.read_table(out_dir / "assignments.parquet", columns=["cluster"]).column("cluster")

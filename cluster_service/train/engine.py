@@ -26,6 +26,7 @@ from cluster_service.core.gaussian import (
     WhitenedGaussians,
     add_hard_stats_,
     add_weighted_stats_,
+    chunk_rows,
     iter_chunks,
     log_joint,
     stats_chunk_rows,
@@ -53,7 +54,7 @@ from cluster_service.core.niw import (
     map_estimate,
     pooled_within_covariance,
 )
-from cluster_service.core.schedule import EpochPlan
+from cluster_service.core.schedule import Convergence, EpochPlan
 from cluster_service.train.comm import LocalComm, unwrap
 
 # The evidence start tries k-means at K0, K0 / step, K0 / step^2, ... 1.
@@ -84,6 +85,7 @@ class EpochRecord:
     time_reduce: float
     time_mstep: float
     time_moves: float
+    stopped: str = ""  # on the last epoch of a fit: why it ended (core.schedule.Convergence)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -109,9 +111,12 @@ class Engine:
         self.cfg = cfg
         self.comm = comm or LocalComm()
         self.device = device or resolve_device(cfg.device)
-        # Statistics and decisions in float64. Dense math in float64 on CPU (exact, and the
-        # CPU has no fast fp32 path worth the risk); float32 on GPU with float64 accumulation.
-        self.dtype = torch.float64 if self.device.type == "cpu" else torch.float32
+        # Dense per-row math (densities, responsibilities, outer-product matmuls) in float32 on
+        # every device, each chunk's sums accumulated in float64; the rows are kept centred in
+        # float32 (half the memory). Statistics, the M-step, move decisions and the final MAP
+        # assignment (`assign`) are float64. float64 dense math on CPU was ~2x slower per epoch
+        # (60k x 32, K 37) for the same K and assignments (tests/test_engine.py).
+        self.dtype = torch.float32
         n_local = x.shape[0]
         self.n_global = int(n_global if n_global is not None else n_local)
         gi = torch.arange(n_local) if global_index is None else torch.as_tensor(global_index, dtype=torch.long)
@@ -139,6 +144,7 @@ class Engine:
         self.init_gen = torch.Generator().manual_seed(cfg.seed + 2)  # net (re)initialisation
         self.epoch = 0
         self.frozen_until = -1
+        self.convergence = Convergence(cfg.schedule, self.n_global, self.x.shape[1])  # early stop (fit.run_schedule)
         self.last_stats: tuple[SuffStats, SuffStats] | None = None  # set by run_epoch
         self.params: GaussianParams
         self.sub_params: GaussianParams
@@ -169,7 +175,8 @@ class Engine:
         all-reduced (a collective: every rank calls it)."""
         stats = SuffStats.zeros((n_clusters,), self.n_features, device=self.device)
         ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=self.device)
-        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(self.n_features, 1, self.cfg.chunk_size)):
+        # no (rows, d, d) intermediate (add_hard_stats_ sorts rows by bin): large chunks
+        for sl in iter_chunks(self.x.shape[0], chunk_rows(8 * self.n_features, self.x.shape[0])):
             add_hard_stats_(stats, self.x[sl], z[sl], ones[sl])
         return self.reduce_stats(stats)
 
@@ -294,8 +301,9 @@ class Engine:
         """One pass of mini-batch training of the clustering net (target: E-step of the current
         parameters) and, when planned, the subclustering nets. Returns summed losses / n_global."""
         cfg = self.cfg.net
-        B = cfg.batch_size
-        steps = max(cfg.min_steps_per_epoch, math.ceil(self.n_global / (B * 1.0)))
+        # one pass over the rows, in at least min_steps_per_epoch steps (smaller batches on small data)
+        B = max(1, min(cfg.batch_size, math.ceil(self.n_global / cfg.min_steps_per_epoch)))
+        steps = math.ceil(self.n_global / B)
         perm = torch.randperm(self.n_global, generator=self.batch_gen).to(self.device)
         g = WhitenedGaussians(self.params.means, self.params.chol, torch.float32)
         logw = self.params.log_weights.float()
@@ -552,7 +560,7 @@ class Engine:
         """Exact MAP assignment argmax_k log pi_k + log N(x; mu_k, Sigma_k) of local rows
         (or of centred rows x). Returns (cluster (n,) int64, log_prob (n,) float64)."""
         x = self.x if x is None else x
-        lj = log_joint(x, self.params, self.dtype, self.cfg.chunk_size)
+        lj = log_joint(x, self.params, STAT_DTYPE, self.cfg.chunk_size)
         best, cluster = lj.max(-1)
         return cluster.cpu().numpy(), best.double().cpu().numpy()
 
@@ -578,6 +586,7 @@ class Engine:
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "frozen_until": self.frozen_until,
+            "convergence": self.convergence.state(),
             "prior_psi": self.prior.psi.cpu(),  # data-dependent in psi_mode "pooled"
             "prior_nu": self.prior.nu,  # data-dependent in nu_mode "evidence"
             "data_var": self.data_var.cpu(),  # psi is rescaled when loaded onto other data
@@ -599,6 +608,9 @@ class Engine:
             raise ValueError(f"checkpoint schema {state.get('schema_version')} != {SCHEMA_VERSION}")
         self.epoch = int(state["epoch"])
         self.frozen_until = int(state["frozen_until"])
+        self.convergence = Convergence.from_state(
+            self.cfg.schedule, self.n_global, self.n_features, state.get("convergence")
+        )
         if "prior_psi" in state or self.prior is None:
             psi = state["prior_psi"].to(self.device, STAT_DTYPE)
             old_var = state.get("data_var")

@@ -7,13 +7,13 @@ one-process sequencing of them (and what the distributed path is tested against)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from cluster_service.config import FitConfig
-from cluster_service.core.schedule import build_plan
+from cluster_service.core.schedule import EpochPlan, build_plan
 from cluster_service.io.checks import check_features
 from cluster_service.serve.model import FittedModel
 from cluster_service.train.engine import Engine, EpochRecord
@@ -60,12 +60,21 @@ def fit(
 def run_schedule(
     engine: Engine, callbacks: Sequence[EpochCallback] = (), stop_after: int | None = None
 ) -> list[EpochRecord]:
-    """Run the planned epochs from engine.epoch on (a resumed engine continues where it was)."""
+    """Run the planned epochs from engine.epoch on (a resumed engine continues where it was)
+    until the plan ends or the fit converges (engine.convergence, ScheduleConfig.stop_rounds).
+    The last record's `stopped` says why the fit ended."""
     history = []
-    for row in build_plan(engine.cfg.schedule)[engine.epoch :]:
-        if stop_after is not None and row.epoch >= stop_after:
+    plan = build_plan(engine.cfg.schedule)
+    for planned in plan[engine.epoch :]:
+        if stop_after is not None and planned.epoch >= stop_after:
+            break
+        row = engine.convergence.allows(planned)
+        if row is None:
             break
         rec = engine.run_epoch(row)
+        engine.convergence.observe(row, rec)
+        if engine.convergence.allows(EpochPlan(rec.epoch + 1, True, True, None)) is None or rec.epoch + 1 == len(plan):
+            rec = replace(rec, stopped=engine.convergence.why_stopped(rec.epoch, len(plan)))
         history.append(rec)
         for cb in callbacks:
             cb(rec, engine)
