@@ -215,3 +215,21 @@ def test_fit_stops_early_with_the_k_and_partition_of_the_full_calendar():
     assert full.history[-1].stopped.startswith("epoch cap")
     assert early.n_clusters == full.n_clusters == 6
     assert score(y, early.clusters).nmi >= score(y, full.clusters).nmi - 0.005
+
+
+def test_statistics_paths_agree_beyond_the_dense_subcluster_limit(monkeypatch):
+    """Above DENSE_SUBCLUSTER_MAX clusters the subcluster statistics are summed after the pass,
+    grouped by bin; they equal the one-matmul path's (float32 products, float64 sums)."""
+    import cluster_service.train.engine as engine_mod
+
+    x, _ = make_mixture(3000, 6, 5, seed=12)
+    eng = Engine(FitConfig(init="kmeans", k_init=5, seed=0), torch.from_numpy(x.astype(np.float64)))
+    eng.initialize()
+    dense_stats, dense_sub = eng.accumulate(use_estep=False)
+    monkeypatch.setattr(engine_mod, "DENSE_SUBCLUSTER_MAX", 0)
+    stats, sub = eng.accumulate(use_estep=False)
+    for a, b in ((stats, dense_stats), (sub, dense_sub)):
+        torch.testing.assert_close(a.count, b.count, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(a.sum, b.sum, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(a.scatter, b.scatter, rtol=1e-5, atol=1e-2)
+    assert sub.count.shape == (5, 2) and float(sub.count.sum()) == pytest.approx(3000, rel=1e-6)

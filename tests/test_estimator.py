@@ -56,7 +56,8 @@ def test_fit_infers_k_and_exposes_sklearn_attributes(fitted, mixture):
     k, d = fitted.n_clusters_, x.shape[1]
     assert fitted.means_.shape == (k, d) and fitted.covariances_.shape == (k, d, d)
     assert fitted.weights_.sum() == pytest.approx(1.0) and fitted.n_features_in_ == d
-    assert len(fitted.history_) == 120 and {"epoch", "n_clusters"} <= set(fitted.history_[0])
+    assert len(fitted.history_) <= 120 and {"epoch", "n_clusters", "stopped"} <= set(fitted.history_[0])
+    assert fitted.history_[-1]["stopped"] and not fitted.history_[0]["stopped"]  # why the fit ended, once
     np.testing.assert_array_equal(fitted.predict(x), fitted.labels_)
     proba = fitted.predict_proba(x)
     np.testing.assert_allclose(proba.sum(1), 1.0)

@@ -133,3 +133,26 @@ def test_tree_split_of_one_gaussian_scores_below_zero():
     prior = prior_from(x, cells)
     prop = mv.tree_split_proposals(prior, 10.0, SuffStats(cells.count[None], cells.sum[None], cells.scatter[None]))
     assert prop.log_ratios[0] < 0
+
+
+def test_bordering_pairs_keep_small_clusters_with_the_cluster_they_touch():
+    """Two tight large clusters far apart, each with a small cluster of rows on its edge. By merge
+    ratio alone the two small clusters merge with each other first (a broad Gaussian over 60
+    scattered rows is cheaper than 30 rows in a tight cluster's tail), so the cut at 2 puts the
+    small ones together; with the bordering pairs (runner-up adjacency) each joins its neighbour."""
+    g = torch.Generator().manual_seed(4)
+    parts = [((0.0, 0.0), 0.3, 3000), ((40.0, 0.0), 0.3, 3000), ((0.0, 2.5), 0.1, 30), ((40.0, 2.5), 0.1, 30)]
+    stats = []
+    for (cx, cy), sd, n in parts:
+        x = torch.randn(n, 2, generator=g, dtype=D) * sd + torch.tensor([cx, cy], dtype=D)
+        stats.append(stats_from_points(x, torch.ones(n, 1, dtype=D)))
+    stats = SuffStats.concat(stats)
+    prior = make_prior(torch.zeros(2, dtype=D), torch.ones(2, dtype=D) * 100, 1e-4, 2.0, "data_diag", 0.001)
+    plain = merge_tree(prior, 10.0, stats)
+    assert set(plain.linkage[0, :2].tolist()) == {2, 3}  # the failure the adjacency fixes: small ones first
+    assert cut_tree(plain, 2)[2] == cut_tree(plain, 2)[3]
+    touching = np.zeros((4, 4), dtype=bool)
+    touching[0, 2] = touching[2, 0] = touching[1, 3] = touching[3, 1] = True
+    tree = merge_tree(prior, 10.0, stats, adjacency=touching)
+    np.testing.assert_array_equal(cut_tree(tree, 2), [0, 1, 0, 1])
+    assert tree.n_merges == 3 and is_valid_linkage(tree.linkage)  # the separate components still join at the top

@@ -228,7 +228,8 @@ def test_epoch_metrics_cover_every_record_field():
                       merges_accepted=0, pruned=0, frozen=True, time_total=1.0, time_train=0.5,
                       time_stats=0.2, time_reduce=0.1, time_mstep=0.1, time_moves=0.1)
     m = tracking.epoch_metrics(rec)
-    assert len(m) == len(rec.as_dict()) - 1 and "epoch" not in m
+    assert len(m) == len(rec.as_dict()) - 2 and "epoch" not in m  # all but the epoch and the `stopped` text
+    assert "stopped" not in m and tracking.epoch_metrics({**rec.as_dict(), "stopped": "converged"}) == m
     assert m["n_clusters"] == 3 and m["frozen"] == 1.0 and m["moves/splits_accepted"] == 1
 
 

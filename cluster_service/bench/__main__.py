@@ -6,6 +6,9 @@ Sections (each a function returning markdown):
   assign    rows/s of exact vs shortlist assignment (cluster_service.bench.assign.bench_assign)
   epochs    epoch time with 1 and 2 CPU workers, all_reduce share (cluster_service.runtime.trainer)
   methods   kl vs ajs, with and without the autoencoder (cluster_service.train.autoencoder)
+  speed     time to K with the defaults vs sklearn BGM, median of 3 (cluster_service.bench.speed)
+  scale     (opt-in: --sections scale) one epoch at 1.28M x 128, K 1000 and a full fit at 1M x 32,
+            K 100 on this CPU, with peak RSS
   krecovery K found on real embeddings and hard mixtures vs BGM / GMM / k-means (bench.krecovery)
   pipeline  the smoke ImageNet pipeline's stage times (cluster_service.bench.pipeline)
   gpu       (--gpu) one epoch at N=1.28M, d=128, K=1000 vs the flop-count limit
@@ -126,7 +129,7 @@ def optional_section(title: str, module: str, func: str, **kwargs) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    ap.add_argument("--sections", default="quality,krecovery,scaling,assign,epochs,methods,pipeline,features",
+    ap.add_argument("--sections", default="speed,quality,krecovery,scaling,assign,epochs,methods,pipeline,features",
                     help="comma-separated")
     ap.add_argument("--gpu", action="store_true", help="run the GPU sections (needs CUDA)")
     ap.add_argument("--append", action="store_true", help="append the sections to the existing file")
@@ -140,6 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if args.gpu:
         parts.append(optional_section("GPU epoch at ImageNet scale", "cluster_service.bench.perf", "bench_gpu_epoch"))
+    if "speed" in sections:
+        parts.append(optional_section("Time to K: defaults vs sklearn BGM (CPU, median of 3)",
+                                      "cluster_service.bench.speed", "bench_speed"))
+    if "scale" in sections:
+        parts.append(optional_section("Scale on this CPU (each row its own process)",
+                                      "cluster_service.bench.speed", "bench_scale"))
     if "quality" in sections:
         parts.append(quality_section())
     if "assign" in sections:

@@ -27,7 +27,7 @@ def synthetic_engine(n: int, d: int, k: int, device: str, seed: int = 0) -> Engi
     means = torch.randn(k, d, generator=g) * 4
     z = torch.randint(0, k, (n,), generator=g)
     x = means[z] + torch.randn(n, d, generator=g)
-    cfg = FitConfig(k_init=k, seed=seed, device=device).replace(**{"moves.prune_below": 0.0})
+    cfg = FitConfig(init="kmeans", k_init=k, seed=seed, device=device).replace(**{"moves.prune_below": 0.0})
     eng = Engine(cfg, x)
     eng.initialize()
     return eng

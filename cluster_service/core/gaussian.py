@@ -147,8 +147,9 @@ def add_hard_stats_(out: SuffStats, x: torch.Tensor, index: torch.Tensor, weight
     n, d = xc.shape
     order = torch.argsort(index, stable=True)
     bins, sizes = torch.unique_consecutive(index[order], return_counts=True)
-    if n * d * d < _SEGMENT_MIN_ELEMENTS * bins.numel():
-        out.scatter.index_add_(0, index, wx[:, :, None] * xc[:, None, :])
+    if n * d * d < _SEGMENT_MIN_ELEMENTS * bins.numel() or xc.is_cuda:  # GPU: one kernel beats 2K launches
+        for sl in iter_chunks(n, chunk_rows(2 * d * d, n)):  # (rows, d, d) float64 within the element budget
+            out.scatter.index_add_(0, index[sl], wx[sl, :, None] * xc[sl, None, :])
         return
     xs, wxs = xc[order], wx[order]
     start = 0

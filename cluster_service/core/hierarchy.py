@@ -60,7 +60,8 @@ def _log_score(prior: NIWPrior, stats: SuffStats) -> torch.Tensor:
 
 
 def merge_tree(
-    prior: NIWPrior, alpha: float, stats: SuffStats, stop_below: float | None = None
+    prior: NIWPrior, alpha: float, stats: SuffStats, stop_below: float | None = None,
+    adjacency: torch.Tensor | np.ndarray | None = None,
 ) -> MergeTree:
     """Greedy agglomeration: merge the pair with the highest log H_m until one cluster is left,
     or, with `stop_below`, until the best log H_m is below it.
@@ -68,6 +69,16 @@ def merge_tree(
     stats: batch shape (K,) with counts > 0. log H_m(i, j) = lgamma(N_ij) + log f(X_ij)
     - lgamma(N_i) - log f(X_i) - lgamma(N_j) - log f(X_j) - log alpha. Cost: K^2 / 2 union
     marginal likelihoods up front, then K per merge.
+
+    adjacency: optional (K, K) bool, which clusters border each other (Engine.cluster_tree: some
+    row of one has the other as its runner-up cluster). Only bordering pairs merge; a merged
+    node borders what either part bordered; when no bordering pair is left (separate
+    components), any pair may merge. Why: without it, small clusters far apart merge with
+    each other first (a broad Gaussian over a few hundred scattered rows costs less than
+    putting them in the tail of a tight large cluster): on MNIST UMAP (K 16: ten classes, a
+    second blob of one class, five clusters of 27-128 boundary rows) the cut at 10 grouped the
+    five small ones with the blob and then merged two classes, ACC .873; with bordering pairs
+    only each small cluster joins a class it touches, ACC .979 (Fashion UMAP unchanged, .619).
     """
     K = int(stats.count.shape[0])
     dev = stats.count.device
@@ -79,12 +90,21 @@ def merge_tree(
         union = _log_score(prior, SuffStats(c[iu[0]] + c[iu[1]], s[iu[0]] + s[iu[1]], S[iu[0]] + S[iu[1]]))
         ratio[iu[0], iu[1]] = union - single[iu[0]] - single[iu[1]] - math.log(alpha)
         ratio[iu[1], iu[0]] = ratio[iu[0], iu[1]]
+    adj = None
+    if adjacency is not None:
+        adj = torch.as_tensor(np.asarray(adjacency, dtype=bool), device=dev).clone()
+        adj.fill_diagonal_(False)
     node = list(range(K))  # scipy id of the node currently held in slot i
     leaves = [1] * K
     active = torch.ones(K, dtype=torch.bool, device=dev)
     rows, logs = [], []
     for step in range(K - 1):
-        best = int(torch.argmax(ratio))
+        allowed = ratio
+        if adj is not None:
+            allowed = torch.where(adj, ratio, torch.full_like(ratio, -math.inf))
+            if not bool(torch.isfinite(allowed).any()):  # separate components: any pair
+                allowed = ratio
+        best = int(torch.argmax(allowed))
         i, j = divmod(best, K)
         r = float(ratio[i, j])
         if not math.isfinite(r) or (stop_below is not None and r < stop_below):
@@ -94,6 +114,12 @@ def merge_tree(
         active[j] = False
         ratio[j, :] = -math.inf
         ratio[:, j] = -math.inf
+        if adj is not None:
+            adj[i] |= adj[j]
+            adj[:, i] |= adj[:, j]
+            adj[i, i] = False
+            adj[j, :] = False
+            adj[:, j] = False
         leaves[i] += leaves[j]
         rows.append((node[i], node[j], leaves[i]))
         logs.append(r)

@@ -213,8 +213,8 @@ def write_outputs(engine: Engine, rows: LocalRows, out_dir: Path, history: list[
     from cluster_service.io.runs import write_run
     from cluster_service.train.export import model_from_engine
 
-    clusters, log_prob = engine.assign()
-    tree = engine.cluster_tree(clusters)  # a collective: every rank takes part
+    clusters, log_prob, runner_up = engine.assign_top2()
+    tree = engine.cluster_tree(clusters, runner_up)  # a collective: every rank takes part
     model = model_from_engine(engine, rows.manifest_hash, feature_space=rows.feature_space, tree=tree)
     margin = model.margin(rows.x, clusters)
     parts = engine.comm.gather_object((rows.global_index, rows.ids, clusters, log_prob, margin))

@@ -357,7 +357,9 @@ class Engine:
         Up to DENSE_SUBCLUSTER_MAX clusters, both come from ONE matmul [r | w~]^T (x ⊗ x) with
         the subcluster weights as a dense (n, 2K) matrix: the outer products are formed once
         and the scatter-add (memory-bound, the top cost in the CPU profile) disappears. Beyond
-        that the extra 2K columns would cost more flops than the scatter-add saves.
+        that the extra 2K columns would cost more flops than they save: the subclusters' hard
+        statistics are then summed after the pass, in large chunks grouped by bin (z and the
+        subnet weights of every local row are kept: 16 bytes per row).
         """
         K, d = self.n_clusters, self.n_features
         dense = K <= DENSE_SUBCLUSTER_MAX
@@ -366,6 +368,8 @@ class Engine:
         else:
             stats = SuffStats.zeros((K,), d, device=self.device)
             sub = SuffStats.zeros((2 * K,), d, device=self.device)
+            z_all = torch.empty(self.x.shape[0], dtype=torch.int64, device=self.device)
+            r_all = torch.empty(self.x.shape[0], 2, dtype=self.dtype, device=self.device)
         subnets = unwrap(self.subnets)  # no DDP collectives in inference (see log_responsibilities)
         subnets.eval()
         for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(d, 3 * K if dense else K, self.cfg.chunk_size)):
@@ -379,10 +383,13 @@ class Engine:
                 add_weighted_stats_(both, xc, torch.cat([log_r.exp(), w_sub], 1))
             else:
                 add_weighted_stats_(stats, xc, log_r.exp())
-                for j in (0, 1):
-                    add_hard_stats_(sub, xc, 2 * z + j, r_sub[:, j])
+                z_all[sl], r_all[sl] = z, r_sub
         if dense:
             stats, sub = both[:K], both[K:]
+        else:
+            for sl in iter_chunks(self.x.shape[0], chunk_rows(8 * d, self.x.shape[0])):
+                for j in (0, 1):
+                    add_hard_stats_(sub, self.x[sl], 2 * z_all[sl] + j, r_all[sl, j])
         sub = SuffStats(sub.count.reshape(K, 2), sub.sum.reshape(K, 2, d), sub.scatter.reshape(K, 2, d, d))
         return stats, sub
 
@@ -559,18 +566,36 @@ class Engine:
     def assign(self, x: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Exact MAP assignment argmax_k log pi_k + log N(x; mu_k, Sigma_k) of local rows
         (or of centred rows x). Returns (cluster (n,) int64, log_prob (n,) float64)."""
-        x = self.x if x is None else x
-        lj = log_joint(x, self.params, STAT_DTYPE, self.cfg.chunk_size)
-        best, cluster = lj.max(-1)
-        return cluster.cpu().numpy(), best.double().cpu().numpy()
+        cluster, best, _ = self.assign_top2(x)
+        return cluster, best
 
     @torch.no_grad()
-    def cluster_tree(self, clusters: np.ndarray) -> MergeTree:
+    def assign_top2(self, x: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`assign` plus each row's runner-up cluster (n,) int64 (itself when K = 1), from the
+        same pass: which clusters border each other (cluster_tree)."""
+        x = self.x if x is None else x
+        lj = log_joint(x, self.params, STAT_DTYPE, self.cfg.chunk_size)
+        top = lj.topk(min(2, lj.shape[1]), dim=-1)
+        second = top.indices[:, -1]
+        return top.indices[:, 0].cpu().numpy(), top.values[:, 0].double().cpu().numpy(), second.cpu().numpy()
+
+    @torch.no_grad()
+    def cluster_tree(self, clusters: np.ndarray, runner_up: np.ndarray | None = None) -> MergeTree:
         """Merge hierarchy over the fitted clusters: hard statistics of the local rows' clusters
         (n_local,) (all-reduced, so every rank calls this), merged greedily by log H_m down to
-        one cluster (hierarchy.merge_tree)."""
+        one cluster (hierarchy.merge_tree). With the rows' runner-up clusters (assign_top2), only
+        clusters that border each other (some row of one has the other as runner-up, counted
+        over all ranks) merge while any such pair is left."""
+        K = self.n_clusters
         z = torch.from_numpy(np.asarray(clusters, dtype=np.int64)).to(self.device)
-        return merge_tree(self.prior, self.cfg.prior.alpha, self.hard_stats(z, self.n_clusters))
+        adjacency = None
+        if runner_up is not None:
+            second = torch.from_numpy(np.asarray(runner_up, dtype=np.int64)).to(self.device)
+            counts = torch.zeros(K * K, dtype=STAT_DTYPE, device=self.device)
+            counts.index_add_(0, z * K + second, torch.ones(z.shape[0], dtype=STAT_DTYPE, device=self.device))
+            counts = self.comm.all_reduce_sum(counts).reshape(K, K)
+            adjacency = (counts + counts.T) > 0
+        return merge_tree(self.prior, self.cfg.prior.alpha, self.hard_stats(z, K), adjacency=adjacency)
 
     def export_params(self) -> GaussianParams:
         """Mixture parameters in the original (uncentred) coordinates."""

@@ -51,8 +51,9 @@ def fit(
         engine = Engine(cfg, torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float64)))
         engine.initialize()
         history = run_schedule(engine, callbacks)
-    clusters, log_prob = engine.assign()
-    model = model_from_engine(engine, manifest_hash, feature_space=feature_space, tree=engine.cluster_tree(clusters))
+    clusters, log_prob, runner_up = engine.assign_top2()
+    tree = engine.cluster_tree(clusters, runner_up)
+    model = model_from_engine(engine, manifest_hash, feature_space=feature_space, tree=tree)
     model.calibrate_novelty(clusters, log_prob)
     return FitResult(model, history, clusters, log_prob, engine)
 

@@ -54,9 +54,9 @@ def update(model: FittedModel, x: np.ndarray, cfg: FitConfig | None = None, call
         engine = Engine(cfg, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)))
         engine.initialize_from(model.means, model.chol, np.asarray(model.prior["psi"]), float(model.prior["nu"]))
         history = run_schedule(engine, callbacks)
-    clusters, log_prob = engine.assign()
+    clusters, log_prob, runner_up = engine.assign_top2()
     new = model_from_engine(engine, model.manifest_hash, feature_space=model.feature_space,
-                            tree=engine.cluster_tree(clusters))
+                            tree=engine.cluster_tree(clusters, runner_up))
     order, lineage = stable_order(model, new, match_radius)
     new = permute_clusters(new, order)
     rank = np.empty_like(order)
