@@ -159,7 +159,8 @@ def train_loop_per_worker(job: TrainJob) -> None:
     rows = local_rows(job.data_path, rank, world)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        x = torch.from_numpy(np.ascontiguousarray(rows.x, dtype=np.float64))
+        x = torch.from_numpy(np.ascontiguousarray(rows.x, dtype=rows.x.dtype if rows.x.dtype == np.float32
+                                                  else np.float64))  # float32 rows kept as they are
         comm = TorchDistComm(device)
         engine = Engine(cfg, x, torch.from_numpy(rows.global_index), rows.n_global, comm, device)
         del x

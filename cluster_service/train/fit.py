@@ -48,7 +48,9 @@ def fit(
     check_features(x_np, "features", min_rows=max(2, cfg.k_init))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        engine = Engine(cfg, torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float64)))
+        # float32 or float64 rows as given (no float64 copy of float32 data); the engine centres in float64
+        dtype = x_np.dtype if x_np.dtype in (np.float32, np.float64) else np.float64
+        engine = Engine(cfg, torch.from_numpy(np.ascontiguousarray(x_np, dtype=dtype)))
         engine.initialize()
         history = run_schedule(engine, callbacks)
     clusters, log_prob, runner_up = engine.assign_top2()
