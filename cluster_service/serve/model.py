@@ -113,11 +113,21 @@ class FittedModel:
             raise ModelError("this model has no merge hierarchy (fitted before hierarchies were stored)")
         return cut_tree(MergeTree(self.tree_linkage, self.tree_log_ratios, self.n_clusters), n_clusters)
 
+    def _row_blocks(self, n: int):
+        """Row slices whose (rows, K) float64 log-joint stays ~32 MB: predict and margin never hold
+        the whole (n, K) matrix (10 GB at 1.28M rows and K 1000)."""
+        step = max(1, (1 << 22) // max(1, self.n_clusters))
+        return (slice(s, min(n, s + step)) for s in range(0, n, step))
+
     def predict(self, x) -> tuple[np.ndarray, np.ndarray]:
         """Exact MAP cluster and its log pi_k + log N: ((n,) int64, (n,) float64)."""
-        lj = self.log_joint(x)
-        cluster = lj.argmax(1)
-        return cluster, lj[np.arange(lj.shape[0]), cluster]
+        x = np.asarray(x)
+        cluster, best = np.empty(x.shape[0], dtype=np.int64), np.empty(x.shape[0], dtype=np.float64)
+        for sl in self._row_blocks(x.shape[0]):
+            lj = self.log_joint(x[sl])
+            cluster[sl] = lj.argmax(1)
+            best[sl] = lj[np.arange(lj.shape[0]), cluster[sl]]
+        return cluster, best
 
     def calibrate_novelty(self, clusters: np.ndarray, log_prob: np.ndarray) -> None:
         """Store the novelty calibration: clusters (n,) and log_prob (n,) = log pi_k + log N(x; mu_k,
@@ -141,11 +151,17 @@ class FittedModel:
     def margin(self, x, clusters: np.ndarray) -> np.ndarray:
         """(n,) log-joint of the given cluster minus the best other cluster's (+inf when K = 1):
         how clearly each row belongs where it was put."""
-        lj = self.log_joint(x)
-        rows = np.arange(lj.shape[0])
-        chosen = lj[rows, clusters].copy()
-        lj[rows, clusters] = -np.inf
-        return chosen - lj.max(1) if lj.shape[1] > 1 else np.full(lj.shape[0], np.inf)
+        x, clusters = np.asarray(x), np.asarray(clusters)
+        if self.n_clusters == 1:
+            return np.full(x.shape[0], np.inf)
+        out = np.empty(x.shape[0], dtype=np.float64)
+        for sl in self._row_blocks(x.shape[0]):
+            lj = self.log_joint(x[sl])
+            rows = np.arange(lj.shape[0])
+            chosen = lj[rows, clusters[sl]].copy()
+            lj[rows, clusters[sl]] = -np.inf
+            out[sl] = chosen - lj.max(1)
+        return out
 
     @torch.no_grad()
     def net_logits(self, x) -> np.ndarray:

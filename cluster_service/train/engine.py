@@ -583,10 +583,15 @@ class Engine:
         """`assign` plus each row's runner-up cluster (n,) int64 (itself when K = 1), from the
         same pass: which clusters border each other (cluster_tree)."""
         x = self.x if x is None else x
-        lj = log_joint(x, self.params, STAT_DTYPE, self.cfg.chunk_size)
-        top = lj.topk(min(2, lj.shape[1]), dim=-1)
-        second = top.indices[:, -1]
-        return top.indices[:, 0].cpu().numpy(), top.values[:, 0].double().cpu().numpy(), second.cpu().numpy()
+        n, K = x.shape[0], self.n_clusters
+        cluster = torch.empty(n, dtype=torch.int64, device=self.device)
+        second = torch.empty(n, dtype=torch.int64, device=self.device)
+        best = torch.empty(n, dtype=STAT_DTYPE, device=self.device)
+        # chunk by chunk: never the whole (n, K) float64 matrix (10 GB at 1.28M rows and K 1000)
+        for sl in iter_chunks(n, chunk_rows(K * self.n_features, self.cfg.chunk_size)):
+            top = log_joint(x[sl], self.params, STAT_DTYPE, self.cfg.chunk_size).topk(min(2, K), dim=-1)
+            cluster[sl], best[sl], second[sl] = top.indices[:, 0], top.values[:, 0], top.indices[:, -1]
+        return cluster.cpu().numpy(), best.cpu().numpy(), second.cpu().numpy()
 
     @torch.no_grad()
     def cluster_tree(self, clusters: np.ndarray, runner_up: np.ndarray | None = None) -> MergeTree:
