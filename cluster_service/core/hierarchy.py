@@ -99,12 +99,7 @@ def merge_tree(
     active = torch.ones(K, dtype=torch.bool, device=dev)
     rows, logs = [], []
     for step in range(K - 1):
-        allowed = ratio
-        if adj is not None:
-            allowed = torch.where(adj, ratio, torch.full_like(ratio, -math.inf))
-            if not bool(torch.isfinite(allowed).any()):  # separate components: any pair
-                allowed = ratio
-        best = int(torch.argmax(allowed))
+        best = int(torch.argmax(_bordering(ratio, adj)))
         i, j = divmod(best, K)
         r = float(ratio[i, j])
         if not math.isfinite(r) or (stop_below is not None and r < stop_below):
@@ -115,11 +110,7 @@ def merge_tree(
         ratio[j, :] = -math.inf
         ratio[:, j] = -math.inf
         if adj is not None:
-            adj[i] |= adj[j]
-            adj[:, i] |= adj[:, j]
-            adj[i, i] = False
-            adj[j, :] = False
-            adj[:, j] = False
+            _merge_borders_(adj, i, j)
         leaves[i] += leaves[j]
         rows.append((node[i], node[j], leaves[i]))
         logs.append(r)
@@ -139,6 +130,24 @@ def merge_tree(
     for n, (a, b, size) in enumerate(rows):
         linkage[n] = (a, b, heights[n], size)
     return MergeTree(linkage, log_ratios, K)
+
+
+def _bordering(ratio: torch.Tensor, adj: torch.Tensor | None) -> torch.Tensor:
+    """The merge ratios (K, K) of bordering pairs only (-inf elsewhere); all of them when no
+    bordering pair is left (separate components) or there is no adjacency."""
+    if adj is None:
+        return ratio
+    allowed = torch.where(adj, ratio, torch.full_like(ratio, -math.inf))
+    return allowed if bool(torch.isfinite(allowed).any()) else ratio
+
+
+def _merge_borders_(adj: torch.Tensor, i: int, j: int) -> None:
+    """In place: node i (now i + j) borders what either part bordered; slot j is gone."""
+    adj[i] |= adj[j]
+    adj[:, i] |= adj[:, j]
+    adj[i, i] = False
+    adj[j, :] = False
+    adj[:, j] = False
 
 
 def cut_tree(tree: MergeTree, n_clusters: int) -> np.ndarray:
