@@ -127,9 +127,13 @@ class Convergence:
             return None
         return EpochPlan(plan.epoch, plan.m_step, plan.train_subnets, None)
 
+    def done_after(self, epoch: int) -> bool:
+        """True when `epoch` is the last one the early stop lets run."""
+        return self.stop_at is not None and epoch + 1 >= self.stop_at
+
     def why_stopped(self, last_epoch: int, n_epochs: int) -> str:
         """Why the fit ended after `last_epoch` (of a plan of n_epochs)."""
-        if self.stop_at is not None and last_epoch + 1 >= self.stop_at:
+        if self.done_after(last_epoch):
             return self.reason
         if last_epoch + 1 >= n_epochs:
             tail = ""

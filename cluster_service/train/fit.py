@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cluster_service.config import FitConfig
-from cluster_service.core.schedule import EpochPlan, build_plan
+from cluster_service.core.schedule import build_plan
 from cluster_service.io.checks import check_features
 from cluster_service.serve.model import FittedModel
 from cluster_service.train.engine import Engine, EpochRecord
@@ -76,7 +76,7 @@ def run_schedule(
             break
         rec = engine.run_epoch(row)
         engine.convergence.observe(row, rec)
-        if engine.convergence.allows(EpochPlan(rec.epoch + 1, True, True, None)) is None or rec.epoch + 1 == len(plan):
+        if engine.convergence.done_after(rec.epoch) or rec.epoch + 1 == len(plan):
             rec = replace(rec, stopped=engine.convergence.why_stopped(rec.epoch, len(plan)))
         history.append(rec)
         for cb in callbacks:
