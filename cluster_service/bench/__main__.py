@@ -126,6 +126,27 @@ def optional_section(title: str, module: str, func: str, **kwargs) -> str:
     return "\n".join(lines) + "\n"
 
 
+# section key -> (title, module, function) of each table it writes, in the file's order
+SECTIONS: list[tuple[str, list[tuple[str, str, str]]]] = [
+    ("speed", [("Time to K: defaults vs sklearn BGM (CPU, median of 3)", "cluster_service.bench.speed",
+                "bench_speed")]),
+    ("scale", [("Scale on this CPU (each row its own process)", "cluster_service.bench.speed", "bench_scale")]),
+    ("quality", []),  # quality_section, in this module
+    ("assign", [("Assignment throughput (d=128, K=1000)", "cluster_service.bench.assign", "bench_assign")]),
+    ("epochs", [("Distributed epoch time (CPU workers)", "cluster_service.bench.distributed",
+                 "bench_epoch_distributed")]),
+    ("methods", [("Methods: kl vs ajs, with/without autoencoder", "cluster_service.bench.methods", "bench_methods")]),
+    ("scaling", [("Epoch time vs N, K, d (CPU), with fitted exponents", "cluster_service.bench.perf", "bench_scaling"),
+                 ("Top ops of one epoch (torch.profiler, N=20k d=32 K=32, CPU)", "cluster_service.bench.perf",
+                  "profile_epoch_md")]),
+    ("krecovery", [("K recovery: defaults vs peers given the true K", "cluster_service.bench.krecovery",
+                    "bench_k_recovery")]),
+    ("pipeline", [("Smoke ImageNet pipeline: stage times (CPU, 2 workers)", "cluster_service.bench.pipeline",
+                   "bench_pipeline")]),
+    ("features", [("Feature extraction and shard reading", "feature_extraction.bench", "bench_features")]),
+]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
@@ -143,45 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if args.gpu:
         parts.append(optional_section("GPU epoch at ImageNet scale", "cluster_service.bench.perf", "bench_gpu_epoch"))
-    if "speed" in sections:
-        parts.append(optional_section("Time to K: defaults vs sklearn BGM (CPU, median of 3)",
-                                      "cluster_service.bench.speed", "bench_speed"))
-    if "scale" in sections:
-        parts.append(optional_section("Scale on this CPU (each row its own process)",
-                                      "cluster_service.bench.speed", "bench_scale"))
-    if "quality" in sections:
-        parts.append(quality_section())
-    if "assign" in sections:
-        parts.append(
-            optional_section("Assignment throughput (d=128, K=1000)", "cluster_service.bench.assign", "bench_assign")
-        )
-    if "epochs" in sections:
-        parts.append(
-            optional_section(
-                "Distributed epoch time (CPU workers)", "cluster_service.bench.distributed", "bench_epoch_distributed"
-            )
-        )
-    if "methods" in sections:
-        parts.append(
-            optional_section(
-                "Methods: kl vs ajs, with/without autoencoder", "cluster_service.bench.methods", "bench_methods"
-            )
-        )
-    if "scaling" in sections:
-        parts.append(optional_section("Epoch time vs N, K, d (CPU), with fitted exponents",
-                                      "cluster_service.bench.perf", "bench_scaling"))
-        parts.append(optional_section("Top ops of one epoch (torch.profiler, N=20k d=32 K=32, CPU)",
-                                      "cluster_service.bench.perf", "profile_epoch_md"))
-    if "krecovery" in sections:
-        parts.append(optional_section("K recovery: defaults vs peers given the true K",
-                                      "cluster_service.bench.krecovery", "bench_k_recovery"))
-    if "pipeline" in sections:
-        parts.append(optional_section("Smoke ImageNet pipeline: stage times (CPU, 2 workers)",
-                                      "cluster_service.bench.pipeline", "bench_pipeline"))
-    if "features" in sections:
-        parts.append(
-            optional_section("Feature extraction and shard reading", "feature_extraction.bench", "bench_features")
-        )
+    for key, entries in SECTIONS:
+        if key not in sections:
+            continue
+        if key == "quality":
+            parts.append(quality_section())
+        for title, module, func in entries:
+            parts.append(optional_section(title, module, func))
     text = "\n".join(parts) + "\n"
     if args.append and args.out.exists():
         text = args.out.read_text() + "\n" + "\n".join(parts[2:]) + "\n"

@@ -367,8 +367,8 @@ def update(
     x = np.concatenate([f.x for f in parts])
     ids = np.concatenate([f.ids for f in parts])
     if len(parts) > 1 and len(set(ids.tolist())) < len(ids):  # row numbers of two array files collide
-        ids = np.array([f"{tag}:{i}" for tag, f in zip(("old", "new"), parts, strict=True) for i in f.ids.tolist()],
-                       dtype=object)
+        ids = np.concatenate([np.char.add(f"{tag}:", f.ids.astype(str))
+                              for tag, f in zip(("old", "new"), parts, strict=True)]).astype(object)
     labels = None if any(f.labels is None for f in parts) else np.concatenate([f.labels for f in parts])
     cfg = load_config(None, set_, base=fitted.config, **{"schedule.epochs": epochs})
     tracker = Tracker(cfg, tracking_uri, None, run_name=f"update {out_dir.name}", enabled=not no_tracking,

@@ -83,7 +83,7 @@ def stable_order(old: FittedModel, new: FittedModel, radius: float) -> tuple[np.
     for i, j in persisting.items():
         if i < k_new:
             slot[i] = j
-    free = [j for j in range(k_new) if j not in set(slot.tolist())]
+    free = np.setdiff1d(np.arange(k_new), slot)  # ascending, as before; the set was rebuilt per j
     slot[slot < 0] = free
     return slot, {"persisting": persisting, "parent_of_new": parent, "old_to_new": old_to_new}
 
