@@ -9,7 +9,10 @@ Sections (each a function returning markdown):
   speed     time to K with the defaults vs sklearn BGM, median of 3 (cluster_service.bench.speed)
   scale     (opt-in: --sections scale) one epoch at 1.28M x 128, K 1000 and a full fit at 1M x 32,
             K 100 on this CPU, with peak RSS
-  krecovery K found on real embeddings and hard mixtures vs BGM / GMM / k-means (bench.krecovery)
+  krecovery K found on real embeddings and hard mixtures vs BGM / GMM / k-means (bench.krecovery),
+            3 seeds, mean (min-max)
+  krecovery_large  (opt-in: --sections krecovery_large) the same for the 200k x 64, K 200 mixture:
+            about an hour on 2 cores
   pipeline  the smoke ImageNet pipeline's stage times (cluster_service.bench.pipeline)
   gpu       (--gpu) one epoch at N=1.28M, d=128, K=1000 vs the flop-count limit
 """
@@ -141,6 +144,8 @@ SECTIONS: list[tuple[str, list[tuple[str, str, str]]]] = [
                   "profile_epoch_md")]),
     ("krecovery", [("K recovery: defaults vs peers given the true K", "cluster_service.bench.krecovery",
                     "bench_k_recovery")]),
+    ("krecovery_large", [("K recovery: the 200-component mixture (one seed)", "cluster_service.bench.krecovery",
+                          "bench_k_recovery_large")]),
     ("pipeline", [("Smoke ImageNet pipeline: stage times (CPU, 2 workers)", "cluster_service.bench.pipeline",
                    "bench_pipeline")]),
     ("features", [("Feature extraction and shard reading", "feature_extraction.bench", "bench_features")]),
