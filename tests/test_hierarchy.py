@@ -69,6 +69,29 @@ def test_full_tree_is_a_valid_scipy_linkage_and_cuts_match_fcluster():
             assert len(set(zip(ours.tolist(), theirs.tolist(), strict=True))) == k
 
 
+def test_dendrogram_draws_every_cluster_and_marks_the_first_rejected_merge():
+    from cluster_service.report.plots import plot_merge_tree
+
+    x, cells, blob = blobs_in_cells(1)
+    tree = merge_tree(prior_from(x, cells), 10.0, cells)
+    sizes = cells.count.numpy().round().astype(int)
+    fig = plot_merge_tree(tree.linkage, tree.log_ratios, sizes)
+    ax = fig.axes[0]
+    leaves = [t.get_text() for t in ax.get_xticklabels()]
+    assert sorted(leaves) == sorted(f"{c} ({sizes[c]})" for c in range(12))
+    # cells of one blob sit side by side under the tree: the leaf order groups the blobs
+    order = [blob[int(t.split()[0])] for t in leaves]
+    assert sum(a != b for a, b in zip(order, order[1:], strict=False)) == 2
+    # the 9 merges inside blobs are accepted (log H_m > 0), the 10th is rejected: K 3 there
+    first_rejected = int(np.flatnonzero(tree.log_ratios < 0)[0])
+    assert first_rejected == 9
+    line = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert len(line) == 1 and line[0].get_ydata()[0] == pytest.approx(tree.linkage[9, 2])
+    assert "K 3" in ax.get_legend().get_texts()[0].get_text()
+    many = plot_merge_tree(tree.linkage, tree.log_ratios, sizes, max_leaves=4)
+    assert len(many.axes[0].get_xticklabels()) == 4  # truncated to the last merges
+
+
 def test_cut_beyond_a_stopped_tree_is_refused():
     x, cells, _ = blobs_in_cells()
     tree = merge_tree(prior_from(x, cells), 10.0, cells, stop_below=0.0)

@@ -32,7 +32,7 @@ SMALL = {"schedule.epochs": EPOCHS, "schedule.warmup_epochs": 2, "schedule.subcl
          "schedule.first_split": 6, "schedule.move_period": 6, "schedule.freeze_epochs": 2,
          "schedule.final_epochs": 4, "net.min_steps_per_epoch": 5, "net.cluster_hidden": 32,
          "net.sub_hidden": 16}
-PLOTS = {"k_over_epochs.png", "cluster_sizes.png", "projection.png", "confusion_matrix.png"}
+PLOTS = {"k_over_epochs.png", "cluster_sizes.png", "projection.png", "confusion_matrix.png", "merge_tree.png"}
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,8 @@ def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | No
         "K over epochs": plots.plot_k_history(history),
         "cluster sizes": plots.plot_cluster_sizes(clusters, k),
     }
+    if model.tree_linkage is not None and len(model.tree_linkage):
+        figures["merge tree"] = plots.plot_merge_tree(model.tree_linkage, model.tree_log_ratios, sizes)
     neighbours = nearest_clusters(model.means, model.covariances, 3)
     panels = [_panel(c, sizes, log_prob[members[c]], neighbours.get(c, []),
                      picks[c] if paths is not None else None, thumbs) for c in order]

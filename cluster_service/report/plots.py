@@ -8,6 +8,7 @@ tracking module saves them as PNGs and logs them to MLflow.
     plot_cluster_sizes(clusters)       cluster sizes, largest first
     plot_projection(x, clusters, y)    2-D PCA of a sample, coloured by cluster (and by label)
     plot_confusion(labels, clusters)   labels x clusters, clusters ordered by best match
+    plot_merge_tree(linkage, ...)      the model's merge hierarchy as a dendrogram (scipy)
     plot_sweep(trials, metric, params) a Tune sweep: the criterion against each swept parameter
 """
 
@@ -140,6 +141,36 @@ def plot_cluster_sizes(clusters: np.ndarray, n_clusters: int | None = None) -> F
         ax.legend(fontsize=8)
     ax.set_ylabel("points")
     ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def plot_merge_tree(linkage: np.ndarray, log_ratios: np.ndarray, sizes: np.ndarray | None = None,
+                    max_leaves: int = 60) -> Figure:
+    """The stored merge hierarchy (scipy linkage rows [a, b, height, size], `core.hierarchy`) as a
+    dendrogram: leaves are the fitted clusters ("id (rows)"), heights the running max of -log H_m;
+    the dashed line is the first merge the model rejects (log H_m < 0), so everything above it is
+    a coarser level than the model supports. Above `max_leaves` clusters only the last merges are
+    drawn (scipy's truncate_mode "lastp"). scipy draws it: the tree is already in its format."""
+    from scipy.cluster.hierarchy import dendrogram
+
+    linkage = np.asarray(linkage, dtype=np.float64)
+    k = linkage.shape[0] + 1
+    fig = new_figure(max(7.0, min(16.0, 0.28 * min(k, max_leaves) + 3)), 4.6)
+    ax = fig.subplots()
+    labels = [f"{c} ({int(sizes[c])})" if sizes is not None else str(c) for c in range(k)]
+    truncate = {"truncate_mode": "lastp", "p": max_leaves} if k > max_leaves else {}
+    dendrogram(linkage, ax=ax, labels=labels, leaf_rotation=90, leaf_font_size=7 if k > 30 else 8,
+               color_threshold=0, above_threshold_color="#1f77b4", **truncate)
+    rejected = np.flatnonzero(np.asarray(log_ratios) < 0)
+    if rejected.size:
+        h = linkage[rejected[0], 2]
+        ax.axhline(h, color=REJECT_COLOR, ls="--", lw=1,
+                   label=f"first rejected merge (log H_m {log_ratios[rejected[0]]:.0f}): K {k - rejected[0]}")
+        ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(f"merge tree of the {k} clusters (bordering pairs, highest log H_m first)")
+    ax.set_yscale("symlog", linthresh=1.0)  # heights span 1e0-1e6 nats: the first merges stay visible
+    ax.set_ylabel("height: running max of -log H_m (symlog)")
+    ax.set_xlabel("cluster id (rows)" + (f"; last {max_leaves} merges shown" if truncate else ""))
     return fig
 
 

@@ -399,6 +399,10 @@ class Tracker:
         }
         if labels is not None:
             figs["confusion_matrix"] = plots.plot_confusion(labels, result.clusters)
+        if result.model.tree_linkage is not None and len(result.model.tree_linkage):
+            figs["merge_tree"] = plots.plot_merge_tree(
+                result.model.tree_linkage, result.model.tree_log_ratios,
+                np.bincount(result.clusters, minlength=result.n_clusters))
         for name, fig in figs.items():
             plots.save_figure(fig, out / f"{name}.png")
 
