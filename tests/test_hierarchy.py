@@ -179,3 +179,22 @@ def test_bordering_pairs_keep_small_clusters_with_the_cluster_they_touch():
     tree = merge_tree(prior, 10.0, stats, adjacency=touching)
     np.testing.assert_array_equal(cut_tree(tree, 2), [0, 1, 0, 1])
     assert tree.n_merges == 3 and is_valid_linkage(tree.linkage)  # the separate components still join at the top
+
+
+def test_multivariate_t_em_matches_scipy_and_recovers_nu():
+    from scipy.stats import multivariate_t
+
+    from cluster_service.bench.tails import fit_t, tail_merge_bic
+
+    rng = np.random.default_rng(0)
+    shape = np.array([[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 0.8]])
+    x = multivariate_t(loc=[1.0, -2.0, 0.5], shape=shape, df=4.0).rvs(6000, random_state=rng)
+    ll, mu, scale, nu = fit_t(x)
+    assert ll == pytest.approx(multivariate_t(loc=mu, shape=scale, df=nu).logpdf(x).sum(), rel=1e-9)
+    assert 3.2 < nu < 5.0 and np.allclose(mu, [1.0, -2.0, 0.5], atol=0.05)
+    # a heavy-tailed blob cut in two along its tail: one t explains both parts (merge);
+    # two separated Gaussians: kept apart
+    far = np.linalg.norm(x - mu, axis=1) > 3.0
+    assert tail_merge_bic(x[~far], x[far])[0] > 0
+    g = rng.normal(size=(3000, 3))
+    assert tail_merge_bic(g, rng.normal(size=(300, 3)) + [6.0, 0, 0])[0] < 0
