@@ -108,6 +108,49 @@ def test_fit_run_has_a_report_with_one_gallery_panel_per_cluster(job_run):
     assert len(list((fit_dir / "thumbs").glob("*.jpg"))) >= k  # cached for the next build
 
 
+def test_gallery_writes_one_montage_png_per_cluster(job_run, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cluster_service.ops.cli import app
+
+    root, _ = job_run
+    fit_dir = root / "work" / "fit"
+    k = json.loads((fit_dir / "summary.json").read_text())["k_found"]
+    res = CliRunner().invoke(app, ["gallery", str(fit_dir), "--per-cluster", "8", "--montages", str(tmp_path / "m"),
+                                   "--out", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    files = sorted((tmp_path / "m").glob("cluster_*.png"))
+    assert len(files) == k and f"montages: {k} PNG(s)" in res.output
+    for f in files:  # thumbnails drawn: far from a blank white sheet
+        pixels = np.asarray(Image.open(f).convert("L"), dtype=np.float64)
+        assert pixels.shape[0] > 96 and (pixels < 200).mean() > 0.2
+
+
+def test_montage_places_each_thumbnail_in_its_strip(tmp_path):
+    from PIL import Image
+
+    from cluster_service.report.html import THUMB_PX, write_montage
+
+    colours = {0: (255, 0, 0), 1: (0, 0, 255), 2: (0, 160, 0)}
+    thumbs = {}
+    for i, rgb in colours.items():
+        thumbs[i] = str(tmp_path / f"{i}.jpg")
+        Image.new("RGB", (THUMB_PX, THUMB_PX), rgb).save(thumbs[i])
+    picks = {"typical": np.array([0, 1]), "least certain": np.array([2]), "random": np.array([7])}  # 7: unreadable
+    out = write_montage(tmp_path / "m" / "c.png", 3, np.array([5, 5, 5, 85]), picks, thumbs)
+    sheet = np.asarray(Image.open(out).convert("RGB"), dtype=np.int64)
+    cell, left, top = THUMB_PX + 2, 110, 24
+
+    def centre(row, col):
+        return sheet[top + row * cell + THUMB_PX // 2, left + col * cell + THUMB_PX // 2]
+
+    assert np.abs(centre(0, 0) - colours[0]).max() < 40 and np.abs(centre(0, 1) - colours[1]).max() < 40
+    assert np.abs(centre(1, 0) - colours[2]).max() < 40
+    assert np.abs(centre(2, 0) - (200, 200, 200)).max() < 5  # the unreadable image's grey cell
+    assert sheet.shape[:2] == (top + 3 * cell, left + 2 * cell)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (.ci/run installs Debian's chromium)")
 def test_report_renders_in_headless_chromium(job_run, tmp_path):
     """The report as a person opens it: a real headless Chromium loads the file, logs no console

@@ -442,9 +442,11 @@ def gallery(
     per_cluster: Annotated[int, typer.Option(help="thumbnails per cluster")] = 12,
     clusters: Annotated[str, typer.Option(help="all | largest:N")] = "largest:200",
     out_file: Annotated[Path | None, typer.Option("--out", help="HTML file (default RUN_DIR/report.html)")] = None,
+    montages: Annotated[Path | None, typer.Option(help="also write one montage PNG per cluster here")] = None,
 ) -> None:
     """(Re)build the run report: summary, plots and one panel per cluster with image galleries (most
-    typical, least certain, random members) when the data's shards carry image paths."""
+    typical, least certain, random members) when the data's shards carry image paths; with
+    --montages DIR the same galleries as one PNG per cluster (DIR/cluster_00000.png, ...)."""
     from cluster_service.report.html import build_report
 
     if clusters == "all":
@@ -455,8 +457,13 @@ def gallery(
         raise ValueError(f"--clusters must be 'all' or 'largest:N', got {clusters!r}")
     if per_cluster < 1:
         raise ValueError(f"--per-cluster must be >= 1, got {per_cluster}")
-    path = build_report(run_dir, images, per_cluster=per_cluster, max_clusters=limit, out=out_file)
+    path = build_report(run_dir, images, per_cluster=per_cluster, max_clusters=limit, out=out_file,
+                        montage_dir=montages)
     out.print(f"report: {path}", soft_wrap=True)
+    if montages is not None:
+        n = len(list(Path(montages).glob("cluster_*.png")))
+        out.print(f"montages: {n} PNG(s) in {montages}" if n else
+                  "montages: none (the data's shards carry no image paths)", soft_wrap=True)
 
 
 shards_app = typer.Typer(no_args_is_help=True, help="Feature-shard directories (Parquet + _manifest.json).")

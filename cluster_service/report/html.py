@@ -33,9 +33,11 @@ THUMB_PX = 96
 
 
 def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | None = None,
-                 per_cluster: int = 12, max_clusters: int = 200, out: str | os.PathLike | None = None) -> Path:
+                 per_cluster: int = 12, max_clusters: int = 200, out: str | os.PathLike | None = None,
+                 montage_dir: str | os.PathLike | None = None) -> Path:
     """Write RUN_DIR/report.html (or `out`); returns its path. `images_root` resolves relative image
-    paths of the shards (default: as written by extraction, absolute)."""
+    paths of the shards (default: as written by extraction, absolute). With `montage_dir` (and image
+    paths in the shards) also one PNG per cluster there, the same strips as its gallery panel."""
     import pyarrow.parquet as pq
 
     from cluster_service.io.atomic import write_text_atomic
@@ -74,6 +76,9 @@ def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | No
     neighbours = nearest_clusters(model.means, model.covariances, 3)
     panels = [_panel(c, sizes, log_prob[members[c]], neighbours.get(c, []),
                      picks[c] if paths is not None else None, thumbs) for c in order]
+    if montage_dir is not None and paths is not None:
+        for c in order:
+            write_montage(Path(montage_dir) / f"cluster_{int(c):05d}.png", int(c), sizes, picks[c], thumbs)
     page = _page(run_dir, summary, figures, panels, order, sizes, missing)
     out = Path(out) if out else run_dir / REPORT
     write_text_atomic(page, out)
@@ -185,6 +190,37 @@ def make_thumbnails(paths: list[str], cache_dir: Path, workers: int | None = Non
     done.update({src: cache for src, cache in results if cache})
     missing = sorted(src for src, cache in results if cache is None) + [p for p in paths if not p]
     return done, missing
+
+
+def write_montage(path: Path, c: int, sizes: np.ndarray, picks: dict[str, np.ndarray], thumbs: dict) -> Path:
+    """One PNG for cluster c: a caption (id, size, share) and a strip per group of `picks` (typical,
+    least certain, random), each thumbnail in a THUMB_PX square cell; unreadable images leave a
+    grey cell. Written atomically; returns the path."""
+    from PIL import Image, ImageDraw
+
+    label_w, caption_h, pad = 110, 24, 2
+    cols = max([len(rows) for rows in picks.values()] + [1])
+    cell = THUMB_PX + pad
+    sheet = Image.new("RGB", (label_w + cols * cell, caption_h + len(picks) * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+    share = sizes[c] / max(int(sizes.sum()), 1)
+    draw.text((4, 5), f"cluster {c}: {int(sizes[c])} rows ({share:.1%})", fill="black")
+    for r, (name, rows) in enumerate(picks.items()):
+        top = caption_h + r * cell
+        draw.text((4, top + THUMB_PX // 2 - 6), name, fill="black")
+        for j, i in enumerate(rows):
+            left = label_w + j * cell
+            thumb = thumbs.get(int(i))
+            if thumb is None:
+                draw.rectangle((left, top, left + THUMB_PX - 1, top + THUMB_PX - 1), fill=(200, 200, 200))
+                continue
+            with Image.open(thumb) as im:
+                im = im.convert("RGB")
+                sheet.paste(im, (left + (THUMB_PX - im.width) // 2, top + (THUMB_PX - im.height) // 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, "PNG")
+    return path
 
 
 # ---- HTML -----------------------------------------------------------------------------------------
