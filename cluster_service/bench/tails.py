@@ -65,7 +65,8 @@ def tail_merge_bic(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def bordering_pairs(model, x: np.ndarray) -> list[tuple[int, int]]:
-    """Pairs (i, j), i < j, where some row has one as its MAP cluster and the other as runner-up."""
+    """Pairs (i, j), i < j, where some row of x (n, d) has one as its MAP cluster and the other as
+    its runner-up (what Engine.cluster_tree counts as bordering)."""
     import torch
 
     xs = torch.as_tensor(x, dtype=torch.float64)
@@ -75,6 +76,7 @@ def bordering_pairs(model, x: np.ndarray) -> list[tuple[int, int]]:
 
 
 def model_logpdf(model, xs, k: int):
+    """log pi_k + log N(x; mu_k, Sigma_k) of the rows xs (n, d) float64 tensor -> (n,)."""
     import torch
 
     chol = torch.as_tensor(model.chol[k])
