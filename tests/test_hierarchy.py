@@ -198,3 +198,17 @@ def test_multivariate_t_em_matches_scipy_and_recovers_nu():
     assert tail_merge_bic(x[~far], x[far])[0] > 0
     g = rng.normal(size=(3000, 3))
     assert tail_merge_bic(g, rng.normal(size=(300, 3)) + [6.0, 0, 0])[0] < 0
+
+
+def test_modal_em_finds_one_mode_below_two_sigma_and_two_above():
+    """Two equal-weight unit Gaussians in 1-d are unimodal iff their means are < 2 sigma apart; in
+    3-d the same along the line joining them. A third component far away is its own mode."""
+    from cluster_service.bench.tails import mixture_modes
+
+    chol = np.stack([np.eye(3)] * 3)
+    lw = np.log(np.full(3, 1 / 3))
+    for gap, n_modes in ((1.8, 2), (2.2, 3)):
+        means = np.array([[0.0, 0, 0], [gap, 0, 0], [0, 20, 0]])
+        labels = mixture_modes(means, chol, lw)
+        assert labels.max() + 1 == n_modes, (gap, labels)
+        assert labels[2] not in labels[:2]

@@ -6,7 +6,8 @@ both exceed d + 1, compare by BIC
   merged:   both parts as one multivariate t (nu fitted)
 with the fitted model's hard assignment. dBIC > 0 favours the merge: the small cluster is then
 just the heavy tail of the large one. Multivariate t by EM (Liu and Rubin 1995: weights
-u = (nu + d) / (nu + delta), nu by its one-dimensional fixed-point equation).
+u = (nu + d) / (nu + delta), nu by its one-dimensional fixed-point equation). Also the modes of
+the fitted mixture (modal EM from every mean): do the small clusters make modes of their own?
 
     python -m cluster_service.bench.tails RUN_DIR DATA.npz   (X: the fit's rows)
 """
@@ -64,6 +65,38 @@ def tail_merge_bic(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return merged - separate + 0.5 * extra * math.log(n), nu
 
 
+def mixture_modes(means: np.ndarray, chol: np.ndarray, log_weights: np.ndarray, iters: int = 500,
+                  tol: float = 1e-9) -> np.ndarray:
+    """Modal EM (Li, Ray and Lindsay 2007) from every component mean of a Gaussian mixture:
+    x <- (sum_k p_k(x) P_k)^-1 sum_k p_k(x) P_k mu_k, p_k(x) the posterior, P_k = Sigma_k^-1,
+    a hill climb of the mixture density. means (K, d), chol (K, d, d) Cholesky factors of the
+    covariances, log_weights (K,) -> labels (K,): components whose climbs end at the same mode
+    (within 1e-3 of the smallest component scale) share a label."""
+    import torch
+
+    mu, L = torch.as_tensor(means, dtype=torch.float64), torch.as_tensor(chol, dtype=torch.float64)
+    lw = torch.as_tensor(log_weights, dtype=torch.float64)
+    prec = torch.cholesky_inverse(L)  # (K, d, d)
+    prec_mu = (prec @ mu[:, :, None])[..., 0]
+    x = mu.clone()
+    for _ in range(iters):
+        z = torch.linalg.solve_triangular(L[None], (x[:, None, :] - mu[None])[..., None], upper=False)[..., 0]
+        log_p = lw - 0.5 * z.square().sum(-1) - torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+        post = torch.softmax(log_p, 1)  # (S, K)
+        new = torch.linalg.solve(torch.einsum("sk,kij->sij", post, prec), post @ prec_mu)
+        step = float((new - x).norm(dim=1).max())
+        x = new
+        if step < tol:
+            break
+    scale = float(torch.diagonal(L, dim1=-2, dim2=-1).min())
+    dist = torch.cdist(x, x)
+    labels = np.full(len(x), -1)
+    for i in range(len(x)):
+        if labels[i] < 0:
+            labels[(dist[i] < 1e-3 * scale).numpy() & (labels < 0)] = labels.max() + 1
+    return labels
+
+
 def bordering_pairs(model, x: np.ndarray) -> list[tuple[int, int]]:
     """Pairs (i, j), i < j, where some row of x (n, d) has one as its MAP cluster and the other as
     its runner-up (what Engine.cluster_tree counts as bordering)."""
@@ -98,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     x = z["X"].astype(np.float64)
     clusters, _ = model.predict(x)
     y = z["y"] if "y" in z.files else None
+    modes = mixture_modes(model.means, model.chol, model.log_weights)
+    print(f"{model.n_clusters} clusters, {modes.max() + 1} modes of the fitted mixture (modal EM from every mean)")
     print("pair  rows  majority label  dBIC (> 0: merge)  nu of the merged t")
     for i, j in bordering_pairs(model, x):
         a, b = x[clusters == i], x[clusters == j]
