@@ -100,21 +100,8 @@ def mixture_modes(means: np.ndarray, chol: np.ndarray, log_weights: np.ndarray, 
 def bordering_pairs(model, x: np.ndarray) -> list[tuple[int, int]]:
     """Pairs (i, j), i < j, where some row of x (n, d) has one as its MAP cluster and the other as
     its runner-up (what Engine.cluster_tree counts as bordering)."""
-    import torch
-
-    xs = torch.as_tensor(x, dtype=torch.float64)
-    ll = torch.stack([model_logpdf(model, xs, k) for k in range(model.n_clusters)], 1)
-    top = ll.topk(2, 1).indices.numpy()
-    return sorted({(int(min(a, b)), int(max(a, b))) for a, b in top})
-
-
-def model_logpdf(model, xs, k: int):
-    """log pi_k + log N(x; mu_k, Sigma_k) of the rows xs (n, d) float64 tensor -> (n,)."""
-    import torch
-
-    chol = torch.as_tensor(model.chol[k])
-    z = torch.linalg.solve_triangular(chol, (xs - torch.as_tensor(model.means[k])).T, upper=False)
-    return (float(model.log_weights[k]) - 0.5 * z.square().sum(0) - torch.log(torch.diagonal(chol)).sum())
+    top = np.argsort(-model.log_joint(x), axis=1)[:, :2]
+    return sorted({(int(min(a, b)), int(max(a, b))) for a, b in np.unique(top, axis=0)})
 
 
 def main(argv: list[str] | None = None) -> None:

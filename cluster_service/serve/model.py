@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster_service.core.gaussian import WhitenedGaussians, chunk_rows
+from cluster_service.core.gaussian import WhitenedGaussians, chunk_rows, iter_chunks
 from cluster_service.core.nets import mlp_forward
 from cluster_service.io.atomic import atomic_dir
 
@@ -89,6 +89,15 @@ class FittedModel:
     def log_joint(self, x, chunk_size: int = 65536, device: str | torch.device = "cpu") -> np.ndarray:
         """log pi_k + log N(x_i; mu_k, Sigma_k): (n, K) float64 numpy."""
         x = np.asarray(x)
+        out = np.empty((x.shape[0], self.n_clusters), dtype=np.float64)
+        for sl, lj in self._log_joint_blocks(x, chunk_size, device):
+            out[sl] = lj
+        return out
+
+    def _log_joint_blocks(self, x: np.ndarray, chunk_size: int = 65536, device: str | torch.device = "cpu"):
+        """(row slice, (rows, K) float64 log-joint) block by block: x (n, d) is checked and the
+        Gaussians whitened once; predict and margin never hold the whole (n, K) matrix (10 GB at
+        1.28M rows and K 1000)."""
         self.check_features(x)
         dev = torch.device(device)
         g = WhitenedGaussians(
@@ -97,12 +106,9 @@ class FittedModel:
             torch.float64,
         )
         log_w = torch.from_numpy(self.log_weights).to(dev, torch.float64)
-        rows = chunk_rows(g.n_clusters * g.n_features, chunk_size)
-        out = np.empty((x.shape[0], g.n_clusters), dtype=np.float64)
-        for s in range(0, x.shape[0], rows):
-            xb = torch.from_numpy(np.ascontiguousarray(x[s : s + rows])).to(dev, torch.float64)
-            out[s : s + rows] = (g.log_prob(xb) + log_w).cpu().numpy()
-        return out
+        for sl in iter_chunks(x.shape[0], chunk_rows(g.n_clusters * g.n_features, chunk_size)):
+            xb = torch.from_numpy(np.ascontiguousarray(x[sl])).to(dev, torch.float64)
+            yield sl, (g.log_prob(xb) + log_w).cpu().numpy()
 
     def cut(self, n_clusters: int) -> np.ndarray:
         """Coarser level of the merge hierarchy: (K,) int64 group in 0..n_clusters-1 of every
@@ -113,18 +119,11 @@ class FittedModel:
             raise ModelError("this model has no merge hierarchy (fitted before hierarchies were stored)")
         return cut_tree(MergeTree(self.tree_linkage, self.tree_log_ratios, self.n_clusters), n_clusters)
 
-    def _row_blocks(self, n: int):
-        """Row slices whose (rows, K) float64 log-joint stays ~32 MB: predict and margin never hold
-        the whole (n, K) matrix (10 GB at 1.28M rows and K 1000)."""
-        step = max(1, (1 << 22) // max(1, self.n_clusters))
-        return (slice(s, min(n, s + step)) for s in range(0, n, step))
-
     def predict(self, x) -> tuple[np.ndarray, np.ndarray]:
         """Exact MAP cluster and its log pi_k + log N: ((n,) int64, (n,) float64)."""
         x = np.asarray(x)
         cluster, best = np.empty(x.shape[0], dtype=np.int64), np.empty(x.shape[0], dtype=np.float64)
-        for sl in self._row_blocks(x.shape[0]):
-            lj = self.log_joint(x[sl])
+        for sl, lj in self._log_joint_blocks(x):
             cluster[sl] = lj.argmax(1)
             best[sl] = lj[np.arange(lj.shape[0]), cluster[sl]]
         return cluster, best
@@ -155,8 +154,7 @@ class FittedModel:
         if self.n_clusters == 1:
             return np.full(x.shape[0], np.inf)
         out = np.empty(x.shape[0], dtype=np.float64)
-        for sl in self._row_blocks(x.shape[0]):
-            lj = self.log_joint(x[sl])
+        for sl, lj in self._log_joint_blocks(x):
             rows = np.arange(lj.shape[0])
             chosen = lj[rows, clusters[sl]].copy()
             lj[rows, clusters[sl]] = -np.inf

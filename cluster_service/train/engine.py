@@ -201,9 +201,9 @@ class Engine:
         only when the start's cells are under-determined (fewer than 2 (d + 2) points each on
         average, e.g. ~50 MoCo points per cell in 128-d): their pooled scatter then overstates
         the clusters' spread. Well-determined cells (digits, UMAP, the mixtures) keep scale 1.
-        A scale multiplies the whole psi, its isotropic floor included: with the floor fixed,
-        ImageNet-50's psi was the floor at every scale below 1/16 (0.005 x data variance,
-        3x the scaled pooled part), K 36-42; scaled, the evidence picks 1/256: K 53-59."""
+        A scale multiplies the whole psi, its isotropic floor included (_make_prior): with the floor
+        fixed, ImageNet-50's psi at s = 1/256 was 70 % floor (0.005 x data variance) and the fits
+        ended at K 36-42; scaled, the evidence still picks 1/256: K 53-59."""
         d, n_cells = self.n_features, max(1, int(cells.count.shape[0]))
         few = self.n_global / n_cells < 2 * (d + 2)
         return [s for s in self.cfg.prior.pooled_evidence_scales if s >= 1.0 or few] or [1.0]
