@@ -18,14 +18,13 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LARGE = "overlap mixture 200k x 64, K 200"
 
 
-def datasets(include_large: bool = False, only_large: bool = False) -> dict[str, tuple]:
+def datasets(large: bool = False) -> dict[str, tuple]:
     """name -> (loader, true K or None = the labels' count). Loaders return (X float32 (n, d), y (n,)).
-    The 200-component mixture (a full fit takes about an hour on 2 cores) only when asked."""
+    large: only the 200-component mixture (a full fit takes about an hour on 2 cores); else the rest."""
     from cluster_service.datasets import load_digits_pca, make_overlap_mixture
 
-    large = {LARGE: (lambda: make_overlap_mixture(200_000, 64, 200, seed=102), 200)}
-    if only_large:
-        return large
+    if large:
+        return {LARGE: (lambda: make_overlap_mixture(200_000, 64, 200, seed=102), 200)}
     out = {
         "overlap mixture 60k x 32, K 37": (lambda: make_overlap_mixture(60_000, 32, 37, seed=101), 37),
         "sklearn digits PCA-16": (lambda: load_digits_pca(16, seed=0), 10),
@@ -37,7 +36,7 @@ def datasets(include_large: bool = False, only_large: bool = False) -> dict[str,
                 z = np.load(f)
                 return z["X"].astype(np.float32), z["y"].astype(np.int64)
             out[name] = (load, None)
-    return out | (large if include_large else {})
+    return out
 
 
 def _peers(x, y, k_true: int, seed: int, bgm: bool = True) -> list[tuple[str, np.ndarray, float]]:
@@ -112,15 +111,5 @@ def bench_k_recovery(seeds: Sequence[int] = (0, 1, 2)) -> str:
 def bench_k_recovery_large(seeds: Sequence[int] = (0,)) -> str:
     """The 200-component mixture (200k x 64): defaults, k-means and a GMM given K = 200 (sklearn's BGM
     with 400 components is left out: hours on 2 cores)."""
-    return summary_table(k_recovery_rows(seeds, datasets(only_large=True), bgm=False))
+    return summary_table(k_recovery_rows(seeds, datasets(large=True), bgm=False))
 
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--large", action="store_true", help="the 200-component mixture instead of the other sets")
-    ap.add_argument("--seeds", default="0,1,2")
-    args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    print(bench_k_recovery_large(seeds) if args.large else bench_k_recovery(seeds))
