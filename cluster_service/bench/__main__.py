@@ -20,6 +20,7 @@ Sections (each a function returning markdown):
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import time
 import traceback
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpu", action="store_true", help="run the GPU sections (needs CUDA)")
     ap.add_argument("--append", action="store_true", help="append the sections to the existing file")
     args = ap.parse_args(argv)
+    # progress of the long sections (krecovery logs each fit's epochs) goes to stderr
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     sections = args.sections.split(",")
     parts = [
         "# Benchmarks",

@@ -7,6 +7,7 @@ range over seeds of K found, NMI / ARI / ACC, and the mean wall seconds, all fro
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import numpy as np
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LARGE = "overlap mixture 200k x 64, K 200"
+log = logging.getLogger(__name__)
 
 
 def datasets(large: bool = False) -> dict[str, tuple]:
@@ -70,10 +72,16 @@ def k_recovery_rows(seeds: Sequence[int], sets: dict[str, tuple], bgm: bool = Tr
         k_true = k_true or int(np.unique(y).size)
         for seed in seeds:
             t = time.perf_counter()
-            res = fit(x, FitConfig(seed=seed))
+
+            def progress(rec, _engine, name=name, seed=seed, t=t):
+                log.info("%s seed %d: epoch %d K %d (%.0f s)", name, seed, rec.epoch, rec.n_clusters,
+                         time.perf_counter() - t)
+
+            res = fit(x, FitConfig(seed=seed), callbacks=[progress])
             runs = [("cluster_service (defaults)", res.clusters, time.perf_counter() - t)]
             if res.model.tree_linkage is not None and res.n_clusters > k_true:
                 runs.append(("cluster_service, tree cut at true K", res.model.cut(k_true)[res.clusters], 0.0))
+            log.info("%s seed %d: K %d after %.0f s; peers next", name, seed, res.n_clusters, runs[0][2])
             runs += _peers(x, y, k_true, seed, bgm)
             for method, labels, seconds in runs:
                 s = score(y, np.asarray(labels))
