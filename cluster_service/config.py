@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 SCHEMA_VERSION = 1
@@ -372,7 +375,7 @@ class FitConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None = None) -> FitConfig:
         """Build and validate from a nested mapping; dotted keys ("prior.alpha") are accepted."""
-        return _build(cls, _nest(data or {}), "").validate()
+        return build_typed(cls, _nest(data or {})).validate()
 
     def replace(self, **overrides: Any) -> FitConfig:
         """A copy with overrides given as dotted keys, e.g. replace(**{"schedule.epochs": 50})."""
@@ -404,39 +407,82 @@ def _deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_CASTS = {"int": int, "float": float, "str": str, "bool": bool}
+def has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def build_typed(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking each value against its annotation: unknown
+    keys, missing required keys and values of the wrong type raise ConfigError naming the key
+    (`prefix` + name). Fields whose type is a dataclass take a mapping and are built the same
+    way. The one builder of every config: FitConfig here, the job sections in ops.jobconfig."""
+    hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
-            f"allowed under {prefix or 'top level'}: {', '.join(sorted(known))}"
-        )
-    kwargs: dict[str, Any] = {}
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + str(u) for u in unknown)}; "
+                          f"allowed under {prefix.rstrip('.') or 'top level'}: {', '.join(sorted(known))}")
+    missing = [n for n, f in known.items() if not has_default(f) and n not in data]
+    if missing:
+        raise ConfigError(f"missing key(s) {', '.join(prefix + m for m in missing)}")
+    kwargs = {}
     for name, value in data.items():
-        f = known[name]
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+        if dataclasses.is_dataclass(hints[name]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name} must be a mapping, got {value!r}")
-            kwargs[name] = _build(f.default_factory, value, f"{prefix}{name}.")
-            continue
-        type_name = str(f.type).split("[")[0]
-        cast = _CASTS.get(type_name)
-        if cast is not None and value is not None:
-            try:
-                if cast is int and isinstance(value, float) and not value.is_integer():
-                    raise ValueError
-                if cast is bool and not isinstance(value, bool):
-                    raise ValueError
-                if cast in (int, float) and isinstance(value, bool):  # True is not a number here
-                    raise ValueError
-                value = cast(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{prefix}{name} must be {type_name}, got {value!r}") from None
-            if cast is float and not math.isfinite(value):
-                raise ConfigError(f"{prefix}{name} must be a finite number, got {value!r}")
-        kwargs[name] = value
+            kwargs[name] = build_typed(hints[name], value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(prefix + name, value, hints[name])
     return cls(**kwargs)
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """`value` checked (and, where lossless, converted: int -> float, 40.0 -> 40, list -> tuple)
+    against the annotation `tp`: int, float, str, bool, Path, Literal, X | None, tuple[X, ...], dict."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _check_value(key, value, opt)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] + (" or null" if type(None) in options else ""))
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+    if origin is tuple:
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:  # a whole float (a search space's 40.0) is an integer; True is not
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str or tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+        return tp(value)
+    raise ConfigError(f"{key}: unsupported config type {tp}")  # a programming error, named

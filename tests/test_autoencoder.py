@@ -233,7 +233,7 @@ def test_cli_rejects_bad_autoencoder_config(tmp_path, monkeypatch, capsys, mixtu
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 2
-    assert "net.loss must be 'kl' or 'ajs'" in capsys.readouterr().err
+    assert "net.loss must be one of 'kl', 'ajs'" in capsys.readouterr().err
 
 
 # ---- distribution: the same driver under TorchDistComm (2 gloo processes, no Ray) -------------

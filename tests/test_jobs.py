@@ -64,7 +64,7 @@ ASSIGN = {"model": "m", "shards": "s", "out": "o"}
     ("fit", {"train": {"data": "d"}}, "train.out is required"),
     ("fit", {"fit": {}}, "missing section 'train'"),
     ("fit", {"train": TRAIN, "fit": {"prior": {"alpha": -1}}}, "fit: prior.alpha must be > 0"),
-    ("fit", {"train": TRAIN, "fit": {"k_int": 3}}, "unknown config key(s) k_int"),
+    ("fit", {"train": TRAIN, "fit": {"k_int": 3}}, "unknown key(s) k_int"),
     ("fit", {"train": TRAIN, "extract": {}}, "unknown section(s) extract for the fit job"),
     ("assign", {"assign": {**ASSIGN, "method": "fast"}}, "assign.method must be"),
     ("assign", {"assign": {**ASSIGN, "use_ray": True}}, "assign.use_ray"),
@@ -276,7 +276,7 @@ def test_entry_point_rejects_bad_config_on_the_cluster(ray_head, shards, tmp_pat
     logs = client.get_job_logs(job_id)
     assert info.status.value == "FAILED", logs
     assert "exit code 2" in (info.message or "") or "code 2" in (info.message or ""), info.message
-    assert "error: invalid fit job config" in logs and "schedule.epochs must be int" in logs
+    assert "error: invalid fit job config" in logs and "schedule.epochs must be an integer" in logs
     assert not run_dir.exists()
 
 

@@ -21,15 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from cluster_service.config import CHECKPOINT_EVERY, EXPERIMENT, NOVELTY_FPR, TOP_M, ConfigError, FitConfig
+from cluster_service.config import (
+    CHECKPOINT_EVERY,
+    EXPERIMENT,
+    NOVELTY_FPR,
+    TOP_M,
+    ConfigError,
+    FitConfig,
+    build_typed,
+    has_default,
+)
 
 BASE_DIR_ENV = "CLUSTER_SERVICE_BASE_DIR"
 JOB_NAMES = ("extract", "fit", "assign", "imagenet")
@@ -181,7 +188,7 @@ def parse_job_config(job: str, data: Any) -> JobConfig:
                           f"allowed: {', '.join(known)}")
     sections: dict[str, Any] = {}
     for name, f in known.items():
-        if name not in data and not _has_default(f):
+        if name not in data and not has_default(f):
             raise ConfigError(f"missing section {name!r} for the {job} job")
         raw = data.get(name) or {}  # an absent or empty section takes its defaults
         if not isinstance(raw, dict):
@@ -206,10 +213,6 @@ def resolve_path(p: str | None, base: str | os.PathLike | None = None) -> str | 
 
 
 # ---- parsing ------------------------------------------------------------------------------------
-
-
-def _has_default(f: dataclasses.Field) -> bool:
-    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
 
 
 def _section(name: str, raw: dict[str, Any]) -> Any:
@@ -250,65 +253,6 @@ def parse_extract_section(raw: dict[str, Any]) -> ExtractSection:
         raise ConfigError(f"extract.resize_size ({opts.resize_size}) must be >= "
                           f"extract.image_size ({opts.image_size})")
     return dataclasses.replace(section, options=options)
-
-
-def build_typed(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    """Build dataclass `cls` from `data`: unknown keys, missing required keys and values of the wrong
-    type (int, float, str, bool, None, Literal, Path) raise ConfigError naming the key."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + str(u) for u in unknown)}; "
-                          f"allowed under {prefix.rstrip('.')}: {', '.join(sorted(known))}")
-    missing = [n for n, f in known.items() if not _has_default(f) and n not in data]
-    if missing:
-        raise ConfigError(f"missing key(s) {', '.join(prefix + m for m in missing)}")
-    kwargs = {name: _check_value(prefix + name, value, hints[name]) for name, value in data.items()}
-    return cls(**kwargs)
-
-
-def _check_value(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (types.UnionType, typing.Union):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for opt in options:
-            if opt is type(None):
-                continue
-            try:
-                return _check_value(key, value, opt)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] + (" or null" if type(None) in options else ""))
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str or tp is Path:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
-        return tp(value)
-    raise ConfigError(f"{key}: unsupported config type {tp}")  # a programming error, named
 
 
 def _check_paths(job: str, cfg: Any) -> None:
