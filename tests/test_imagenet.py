@@ -92,6 +92,51 @@ def test_imagenet_job_rerun_reuses_features_and_fit(job_run, capfd):
     assert again["val"] == first["val"] and again["mlflow_run"] != first["mlflow_run"]
 
 
+def test_imagenet_job_fits_the_first_classes_then_updates_with_the_rest(job_run, imagenet_tree, capfd):
+    """imagenet.initial_classes: 2 (new data over time): the first fit sees the train rows of classes
+    0 and 1 only, `update` continues that model on the whole train split into fit/, and the val split
+    is assigned by the updated model; a re-run reuses the first fit and the update."""
+    from jobs.imagenet import main
+
+    root, _ = job_run
+    work = root / "work-update"
+    shutil.copytree(root / "work" / "features", work / "features")  # the same images: extraction reused
+    config = imagenet_job_config(imagenet_tree, work)
+    config["imagenet"]["initial_classes"] = 2
+    cfg = root / "imagenet-update.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    main([str(cfg)])
+    scores = json.loads((work / "scores.json").read_text())
+    assert {"fit", "update", "assign"} <= set(scores["seconds"])
+
+    # the first fit: exactly the train rows of the first two classes
+    first_two = {i for i, c in imagenet_tree["train_ids"].items() if c < 2}
+    subset = pq.read_table(sorted((work / "features" / "train_first_2").glob("*.parquet")), columns=["id", "label"])
+    assert set(subset.column("id").to_pylist()) == first_two and set(subset.column("label").to_pylist()) == {0, 1}
+    first_ids = pq.read_table(work / "fit_first_2" / "assignments.parquet").column("id").to_pylist()
+    assert sorted(first_ids) == sorted(first_two)
+
+    # the update: every train row, lineage back to the first model, K and scores of the updated model
+    first_meta = json.loads((work / "fit_first_2" / "model" / "model.json").read_text())
+    meta = json.loads((work / "fit" / "model" / "model.json").read_text())
+    lineage = json.loads((work / "fit" / "lineage.json").read_text())
+    assert lineage["previous_version"] == first_meta["version"] != meta["version"] == lineage["version"]
+    assert lineage["updated_from"] == str(work / "fit_first_2")
+    assert {int(i) for i in lineage["old_to_new"]} == set(range(first_meta["n_clusters"]))
+    updated = pq.read_table(work / "fit" / "assignments.parquet").column("id").to_pylist()
+    assert sorted(updated) == sorted(imagenet_tree["train_ids"])
+    assert scores["train"]["k_found"] == meta["n_clusters"]
+    val = pq.read_table(sorted((work / "val_assignments").glob("*.parquet")))
+    assert set(val.column("model_version").to_pylist()) == {meta["version"]}
+    assert sorted(val.column("id").to_pylist()) == sorted(imagenet_tree["val_ids"])
+
+    capfd.readouterr()
+    main([str(cfg)])
+    out = capfd.readouterr().out
+    assert "already holds this fit" in out and "already holds the update of this fit" in out
+    assert json.loads((work / "fit" / "lineage.json").read_text()) == lineage
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

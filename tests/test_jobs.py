@@ -76,6 +76,8 @@ ASSIGN = {"model": "m", "shards": "s", "out": "o"}
                   "extract": {"checkpoint": "c", "pca_dim": 64}}, "extract.pca_dim is not supported"),
     ("imagenet", {"imagenet": {"train": "t", "val": "v"}, "extract": {"checkpoint": "c"}},
      "imagenet.work_dir is required"),
+    ("imagenet", {"imagenet": {"train": "t", "val": "v", "work_dir": "w", "initial_classes": 0},
+                  "extract": {"checkpoint": "c"}}, "imagenet.initial_classes must be >= 1 or null"),
     ("nope", {}, "unknown job 'nope'"),
 ])
 def test_bad_job_configs_name_the_key(job, data, message):

@@ -353,51 +353,23 @@ def update(
 ) -> None:
     """Continue a fitted model on new data: splits add clusters for what is new, merges join, ids of
     clusters that persist stay; writes RUN_DIR like `fit` plus lineage.json (old -> new ids)."""
-    from cluster_service.io.atomic import write_json_atomic
-    from cluster_service.io.features import load_features
-    from cluster_service.io.runs import write_run, write_summary
+    from cluster_service.ops.pipeline import read_update_rows, update_step
     from cluster_service.runtime.assign_job import open_model
     from cluster_service.runtime.tracking import Tracker, resolve_tracking_uri
-    from cluster_service.train.update import update as run_update
 
     uri = resolve_tracking_uri(tracking_uri) if ":/" in model else None
     fitted = open_model(model, tracking_uri=uri)
-    feats = load_features(new_data)
-    parts = [feats] if old_data is None else [load_features(old_data), feats]
-    x = np.concatenate([f.x for f in parts])
-    ids = np.concatenate([f.ids for f in parts])
-    if len(parts) > 1 and len(set(ids.tolist())) < len(ids):  # row numbers of two array files collide
-        ids = np.concatenate([np.char.add(f"{tag}:", f.ids.astype(str))
-                              for tag, f in zip(("old", "new"), parts, strict=True)]).astype(object)
-    labels = None if any(f.labels is None for f in parts) else np.concatenate([f.labels for f in parts])
+    x, ids, labels = read_update_rows(new_data, old_data)
     cfg = load_config(None, set_, base=fitted.config, **{"schedule.epochs": epochs})
     tracker = Tracker(cfg, tracking_uri, None, run_name=f"update {out_dir.name}", enabled=not no_tracking,
                       labels=labels, tags={"data.path": str(new_data), "job": "update", "updated_from": model})
     tracker.start(fitted.manifest_hash, {"data.n_samples": len(x), "data.n_features": x.shape[1]})
     with tracker:
-        t0 = time.perf_counter()
         with FitProgress(cfg.schedule.epochs, quiet) as progress:
-            res = run_update(fitted, x, cfg, callbacks=[tracker, progress])
-        elapsed = time.perf_counter() - t0
-        margin = res.model.margin(x, res.clusters)
-        write_run(out_dir, res.model, ids, res.clusters, res.log_prob, margin, cfg.to_dict(),
-                  [r.as_dict() for r in res.history])
-        lineage = {"updated_from": str(model), "previous_version": fitted.version, "version": res.model.version,
-                   **res.lineage}
-        write_json_atomic(lineage, out_dir / "lineage.json")
-        write_json_atomic(lineage, out_dir / "model" / "lineage.json")
-        tracker.log_result(res, x, labels, out_dir / "model", {"fit_seconds": elapsed})
-        tracker.log_texts({"lineage.json": json.dumps(lineage, indent=2)})
-        summary = {"n_samples": len(x), "n_features": int(x.shape[1]), "k_before": fitted.n_clusters,
-                   "k_found": res.n_clusters, "kept_ids": len(res.lineage["persisting"]),
-                   "seconds": round(elapsed, 2), "out": str(out_dir)}
-        if labels is not None:
-            from cluster_service.report.evaluate import score
-
-            summary.update(score(labels, res.clusters).as_dict())
-        write_summary(out_dir, summary)
+            summary = update_step(fitted, model, x, ids, labels, cfg, out_dir, tracker, [progress])
     print_summary(summary, f"update {model}")
-    out.print(f"model: {out_dir / 'model'} (version {res.model.version})\nlineage: {out_dir / 'lineage.json'}")
+    lineage = json.loads((out_dir / "lineage.json").read_text())
+    out.print(f"model: {out_dir / 'model'} (version {lineage['version']})\nlineage: {out_dir / 'lineage.json'}")
 
 
 @app.command()

@@ -109,6 +109,11 @@ class ImagenetSection:
     work_dir: str | None = None  # features/{train,val}, fit/, val_assignments/, scores.json
     # Reuse shards already extracted in work_dir (a re-run after a failed fit skips extraction).
     reuse_features: bool = True
+    # New data over time: fit on the train rows of the first N classes only (class folders sorted
+    # by name; features/train_first_N), then `update` that model with the whole train split (one
+    # process, cluster_service.train.update: splits add clusters for the classes it never saw, the
+    # ids of clusters that persist stay, fit/lineage.json maps old -> new). null: one fit on all.
+    initial_classes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -264,6 +269,9 @@ def _check_paths(job: str, cfg: Any) -> None:
             if getattr(getattr(cfg, section), key) is not None:
                 raise ConfigError(f"{section}.{key} is set by the imagenet job (under imagenet.work_dir); "
                                   "remove it from the config")
+        n = cfg.imagenet.initial_classes
+        if n is not None and n < 1:
+            raise ConfigError(f"imagenet.initial_classes must be >= 1 or null, got {n}")
         if cfg.extract.options.get("pca_dim") is not None:
             raise ConfigError("extract.pca_dim is not supported by the imagenet job: the train and val "
                               "splits would be projected by different PCAs; use head: proj (128-d)")

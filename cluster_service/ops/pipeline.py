@@ -274,6 +274,54 @@ def fit_job(train: TrainSection, cfg: FitConfig, tracking: TrackingSection, prog
     return summary
 
 
+def read_update_rows(new_data: str | os.PathLike, old_data: str | os.PathLike | None = None):
+    """The rows an update fits: the new rows, or old + new (ids of two array files that collide,
+    e.g. both numbered from 0, get "old:" / "new:" prefixes). -> (x (n, d), ids (n,), labels (n,) or None)."""
+    from cluster_service.io.features import load_features
+
+    parts = [load_features(new_data)] if old_data is None else [load_features(old_data), load_features(new_data)]
+    x = np.concatenate([f.x for f in parts])
+    ids = np.concatenate([f.ids for f in parts])
+    if len(parts) > 1 and len(set(ids.tolist())) < len(ids):
+        ids = np.concatenate([np.char.add(f"{tag}:", f.ids.astype(str))
+                              for tag, f in zip(("old", "new"), parts, strict=True)]).astype(object)
+    labels = None if any(f.labels is None for f in parts) else np.concatenate([f.labels for f in parts])
+    return x, ids, labels
+
+
+def update_step(fitted, model_ref: str, x: np.ndarray, ids: np.ndarray, labels: np.ndarray | None,
+                cfg: FitConfig, out_dir: str | os.PathLike, tracker=None, callbacks=()) -> dict:
+    """Continue the fitted model `fitted` (loaded from `model_ref`) on rows x (n, d) in this process
+    (cluster_service.train.update: splits add clusters for what is new, ids of clusters that persist
+    stay) and write `out_dir` like a fit plus lineage.json (old -> new ids); the result goes to
+    `tracker` when it is active. Returns the summary (also out_dir/summary.json, written last)."""
+    from cluster_service.io.runs import write_run, write_summary
+    from cluster_service.train.update import update
+
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    res = update(fitted, x, cfg, callbacks=[*([tracker] if tracker is not None else []), *callbacks])
+    elapsed = time.perf_counter() - t0
+    write_run(out_dir, res.model, ids, res.clusters, res.log_prob, res.model.margin(x, res.clusters),
+              cfg.to_dict(), [r.as_dict() for r in res.history])
+    lineage = {"updated_from": str(model_ref), "previous_version": fitted.version, "version": res.model.version,
+               **res.lineage}
+    write_json_atomic(lineage, out_dir / "lineage.json")
+    write_json_atomic(lineage, out_dir / "model" / "lineage.json")
+    if tracker is not None and tracker.active:
+        tracker.log_result(res, x, labels, out_dir / "model", {"fit_seconds": elapsed})
+        tracker.log_texts({"lineage.json": json.dumps(lineage, indent=2)})
+    summary = {"n_samples": len(x), "n_features": int(x.shape[1]), "k_before": fitted.n_clusters,
+               "k_found": res.n_clusters, "kept_ids": len(res.lineage["persisting"]),
+               "seconds": round(elapsed, 2), "out": str(out_dir)}
+    if labels is not None:
+        from cluster_service.report.evaluate import score
+
+        summary.update(score(labels, res.clusters).as_dict())
+    write_summary(out_dir, summary)
+    return summary
+
+
 def assign_step(section: AssignSection, tracking: TrackingSection, model: str | None = None,
                 shards: str | None = None, out: str | None = None):
     """Assign `shards` to `model`'s clusters into `out` (defaults: the section's). Returns the
@@ -347,18 +395,79 @@ def stage_timer(seconds: dict[str, float], name: str):
     print(f"imagenet: stage {name} took {seconds[name]} s", flush=True)
 
 
-def imagenet_paths(work_dir: str) -> dict[str, str]:
+def imagenet_paths(work_dir: str, initial_classes: int | None = None) -> dict[str, str]:
     w = Path(resolve_path(work_dir))
-    return {"train_features": str(w / "features" / "train"), "val_features": str(w / "features" / "val"),
-            "fit": str(w / "fit"), "val_assignments": str(w / "val_assignments"),
-            "scores": str(w / "scores.json")}
+    paths = {"train_features": str(w / "features" / "train"), "val_features": str(w / "features" / "val"),
+             "fit": str(w / "fit"), "val_assignments": str(w / "val_assignments"),
+             "scores": str(w / "scores.json")}
+    if initial_classes is not None:  # fit on the first classes, then update into fit/
+        paths["initial_features"] = str(w / "features" / f"train_first_{initial_classes}")
+        paths["initial_fit"] = str(w / f"fit_first_{initial_classes}")
+    return paths
+
+
+def class_subset(shard_dir: str | os.PathLike, out_dir: str | os.PathLike, n_classes: int, workers: int = 1,
+                 reuse: bool = True) -> int:
+    """The rows of `shard_dir` whose label is below `n_classes`, written as shards into `out_dir`
+    (same extractor block, so the same feature space for `assign`; shards no larger than the
+    source's and at least one per worker). Returns the row count; an existing complete `out_dir`
+    is reused when `reuse`."""
+    from cluster_service.io.shards import load_manifest, manifest_path, read_feature_table, write_shards
+
+    if reuse and manifest_path(out_dir).is_file():
+        return int(load_manifest(out_dir)[0]["rows"])
+    table = read_feature_table(shard_dir)
+    if table.labels is None:
+        raise ValueError(f"{shard_dir}: no label column; imagenet.initial_classes needs the class of each row")
+    keep = (table.labels >= 0) & (table.labels < n_classes)
+    if not keep.any():
+        raise ValueError(f"{shard_dir}: no row of the first {n_classes} classes")
+    if Path(out_dir).exists():
+        import shutil
+
+        shutil.rmtree(out_dir)  # an interrupted earlier attempt (no manifest): start over
+    rows = int(keep.sum())
+    per_shard = min(max(e["rows"] for e in table.manifest["shards"]), -(-rows // workers))
+    write_shards(out_dir, table.ids[keep], table.features[keep], table.labels[keep], rows_per_shard=per_shard,
+                 extractor=table.manifest.get("extractor"))
+    return rows
+
+
+def initial_fit_then_update(job: ImagenetJob, paths: dict[str, str], tracker, seconds: dict[str, float]) -> dict:
+    """imagenet.initial_classes: fit on the first classes' train rows (untracked, its own run dir),
+    then update that model with the whole train split into fit/ (tracked: the job's MLflow run holds
+    the final model). A re-run reuses a finished update of the same first fit."""
+    from cluster_service.serve.model import load_model
+
+    n = job.imagenet.initial_classes
+    rows = class_subset(paths["train_features"], paths["initial_features"], n, job.train.workers,
+                        job.imagenet.reuse_features)
+    print(f"imagenet: first fit on {rows} train rows of the first {n} classes", flush=True)
+    train = dataclasses.replace(job.train, data=paths["initial_features"], out=paths["initial_fit"])
+    with stage_timer(seconds, "fit"):
+        first = fit_step(train, job.fit, None)
+    fitted = load_model(Path(paths["initial_fit"]) / "model")
+    lineage_file, summary_file = Path(paths["fit"]) / "lineage.json", Path(paths["fit"]) / "summary.json"
+    if (first.get("reused") and summary_file.is_file() and lineage_file.is_file()
+            and json.loads(lineage_file.read_text()).get("previous_version") == fitted.version):
+        print(f"update: {paths['fit']} already holds the update of this fit; reusing it", flush=True)
+        return {**json.loads(summary_file.read_text()), "reused": True}
+    x, ids, labels = read_update_rows(paths["train_features"])
+    with stage_timer(seconds, "update"):
+        summary = update_step(fitted, paths["initial_fit"], x, ids, labels, job.fit, paths["fit"], tracker,
+                              [lambda rec, _engine: epoch_printer(job.fit.schedule.epochs)(rec.as_dict())])
+    print(f"update: K {summary['k_before']} -> {summary['k_found']} ({summary['kept_ids']} ids kept) "
+          f"in {summary['seconds']} s; model {paths['fit']}/model", flush=True)
+    if job.train.report:
+        publish_report(paths["fit"], tracker)
+    return summary
 
 
 def run_imagenet(job: ImagenetJob) -> dict:
     """ImageFolder train split -> 128-d MoCo features -> distributed fit -> assign the val split ->
     NMI/ARI/ACC against the val labels; one MLflow run holds the fit and the val scores.
     Writes WORK_DIR/scores.json and returns it."""
-    paths = imagenet_paths(job.imagenet.work_dir)
+    paths = imagenet_paths(job.imagenet.work_dir, job.imagenet.initial_classes)
     reuse = job.imagenet.reuse_features
     print(f"imagenet: work dir {Path(paths['fit']).parent}", flush=True)
     seconds: dict[str, float] = {}
@@ -372,8 +481,11 @@ def run_imagenet(job: ImagenetJob) -> dict:
     tags = {"data.path": job.imagenet.train, "job": "imagenet"}
     tracker = start_tracker(job.fit, job.tracking, "imagenet", tags, params, manifest_hash)
     with tracker:
-        with stage_timer(seconds, "fit"):
-            summary = fit_step(train, job.fit, tracker)
+        if job.imagenet.initial_classes is None:
+            with stage_timer(seconds, "fit"):
+                summary = fit_step(train, job.fit, tracker)
+        else:
+            summary = initial_fit_then_update(job, paths, tracker, seconds)
         with stage_timer(seconds, "assign"):
             report = assign_step(job.assign, job.tracking, model=paths["fit"], shards=paths["val_features"],
                                  out=paths["val_assignments"])
