@@ -239,11 +239,8 @@ def fit_autoencoder(
     device = device or resolve_device(cfg.device)
     x_np = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     check_features(x_np, "features", min_rows=1 if n_global else max(2, cfg.k_init))
-    n_local = x_np.shape[0]
-    n_global = int(n_global if n_global is not None else n_local)
-    gi = torch.arange(n_local) if global_index is None else torch.as_tensor(global_index, dtype=torch.long)
-    g2l = torch.full((n_global,), -1, dtype=torch.long)
-    g2l[gi] = torch.arange(n_local)
+    n_global = int(n_global if n_global is not None else x_np.shape[0])
+    gi, g2l = _row_index(x_np.shape[0], global_index, n_global)
     xt = torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float64)).to(device)
     round_cfg = cfg.replace(**{"schedule.epochs": a.round_epochs})
 
@@ -281,16 +278,28 @@ def fit_autoencoder(
             engine = rebase_engine(engine, trainer.encode(), round_cfg, gi, n_global)
             run_round(engine)
     clusters, log_prob = engine.assign()
-    enc = unwrap(trainer.ae).encoder
-    linears = [m for m in enc if isinstance(m, nn.Linear)]
-    model = AEModel(
-        encoder=[(m.weight.detach().cpu().numpy(), m.bias.detach().cpu().numpy()) for m in linears],
-        input_shift=trainer.shift.cpu().numpy(),
-        input_scale=trainer.scale,
-        mixture=model_from_engine(engine, manifest_hash, feature_space=feature_space),
-    )
+    model = _export(trainer, engine, manifest_hash, feature_space)
     model.mixture.calibrate_novelty(clusters, log_prob)  # this process's rows (all of them in one process)
     codes = (engine.x.double() + engine.shift).cpu().numpy()
     return AEFitResult(
         model, history, round_starts, ae_history, k_per_round, codes, clusters, log_prob, engine
+    )
+
+
+def _row_index(n_local: int, global_index: torch.Tensor | None, n_global: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global row of each local row (n_local,), local row of each global row (n_global,), -1 elsewhere)."""
+    gi = torch.arange(n_local) if global_index is None else torch.as_tensor(global_index, dtype=torch.long)
+    g2l = torch.full((n_global,), -1, dtype=torch.long)
+    g2l[gi] = torch.arange(n_local)
+    return gi, g2l
+
+
+def _export(trainer: _AETrainer, engine: Engine, manifest_hash: str | None, feature_space: dict | None) -> AEModel:
+    """The encoder's linear layers, the input standardisation and the latent mixture as an AEModel."""
+    linears = [m for m in unwrap(trainer.ae).encoder if isinstance(m, nn.Linear)]
+    return AEModel(
+        encoder=[(m.weight.detach().cpu().numpy(), m.bias.detach().cpu().numpy()) for m in linears],
+        input_shift=trainer.shift.cpu().numpy(),
+        input_scale=trainer.scale,
+        mixture=model_from_engine(engine, manifest_hash, feature_space=feature_space),
     )
