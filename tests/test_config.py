@@ -30,6 +30,7 @@ INVALID = [
     ({"net.ajs_alpha": 1.0}, ["net.ajs_alpha", "(0, 1)"]),
     ({"net.lr": 0.0}, ["net.lr", "> 0"]),
     ({"net.lr": "fast"}, ["net.lr", "must be a number"]),
+    ({"net.lr": float("inf")}, ["net.lr", "must be a finite number"]),
     ({"net.batch_size": 0}, ["net.batch_size", ">= 1"]),
     ({"moves.min_cluster_size": 1}, ["moves.min_cluster_size", ">= 2"]),
     ({"moves.max_clusters": 0}, ["moves.max_clusters", ">= 1"]),

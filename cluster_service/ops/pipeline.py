@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -423,8 +424,6 @@ def class_subset(shard_dir: str | os.PathLike, out_dir: str | os.PathLike, n_cla
     if not keep.any():
         raise ValueError(f"{shard_dir}: no row of the first {n_classes} classes")
     if Path(out_dir).exists():
-        import shutil
-
         shutil.rmtree(out_dir)  # an interrupted earlier attempt (no manifest): start over
     rows = int(keep.sum())
     per_shard = min(max(e["rows"] for e in table.manifest["shards"]), -(-rows // workers))
@@ -453,9 +452,10 @@ def initial_fit_then_update(job: ImagenetJob, paths: dict[str, str], tracker, se
         print(f"update: {paths['fit']} already holds the update of this fit; reusing it", flush=True)
         return {**json.loads(summary_file.read_text()), "reused": True}
     x, ids, labels = read_update_rows(paths["train_features"])
+    show = epoch_printer(job.fit.schedule.epochs)
     with stage_timer(seconds, "update"):
         summary = update_step(fitted, paths["initial_fit"], x, ids, labels, job.fit, paths["fit"], tracker,
-                              [lambda rec, _engine: epoch_printer(job.fit.schedule.epochs)(rec.as_dict())])
+                              [lambda rec, _engine: show(rec.as_dict())])
     print(f"update: K {summary['k_before']} -> {summary['k_found']} ({summary['kept_ids']} ids kept) "
           f"in {summary['seconds']} s; model {paths['fit']}/model", flush=True)
     if job.train.report:
