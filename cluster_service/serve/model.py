@@ -130,11 +130,17 @@ class FittedModel:
 
     def calibrate_novelty(self, clusters: np.ndarray, log_prob: np.ndarray) -> None:
         """Store the novelty calibration: clusters (n,) and log_prob (n,) = log pi_k + log N(x; mu_k,
-        Sigma_k) of the training rows' assigned clusters."""
-        from cluster_service.serve.novelty import novelty_table
+        Sigma_k) of the training rows' assigned clusters, each row scored as held out
+        (serve.novelty.leave_one_out_log_density)."""
+        from cluster_service.serve.novelty import leave_one_out_log_density, novelty_table
 
         clusters = np.asarray(clusters)
-        self.novelty = novelty_table(clusters, np.asarray(log_prob) - self.log_weights[clusters], self.n_clusters)
+        counts = np.bincount(clusters, minlength=self.n_clusters)
+        logdet = 2.0 * np.log(np.diagonal(self.chol, axis1=-2, axis2=-1)).sum(-1)  # (K,)
+        held_out = leave_one_out_log_density(np.asarray(log_prob) - self.log_weights[clusters], counts[clusters],
+                                             logdet[clusters], float(self.prior["kappa"]),
+                                             float(self.prior["nu"]), self.n_features)
+        self.novelty = novelty_table(clusters, held_out, self.n_clusters)
 
     def novelty_of(self, clusters: np.ndarray, log_prob: np.ndarray, fpr: float) -> tuple[np.ndarray, np.ndarray]:
         """(novelty (n,) in [0, 1], novel (n,) bool) of rows with these assignments (see serve.novelty);
