@@ -283,6 +283,8 @@ def read_update_rows(new_data: str | os.PathLike, old_data: str | os.PathLike | 
     parts = [load_features(new_data)] if old_data is None else [load_features(old_data), load_features(new_data)]
     x = np.concatenate([f.x for f in parts])
     ids = np.concatenate([f.ids for f in parts])
+    # row numbers of two array files collide (a set, not shards.first_duplicate: ids of an array file
+    # and of a shard directory may be ints and strings side by side, which np.unique cannot sort)
     if len(parts) > 1 and len(set(ids.tolist())) < len(ids):
         ids = np.concatenate([np.char.add(f"{tag}:", f.ids.astype(str))
                               for tag, f in zip(("old", "new"), parts, strict=True)]).astype(object)

@@ -24,6 +24,7 @@ import torch
 
 from cluster_service.core.gaussian import WhitenedGaussians, chunk_rows, iter_chunks
 from cluster_service.core.nets import mlp_forward
+from cluster_service.core.niw import logdet_from_cholesky
 from cluster_service.io.atomic import atomic_dir
 
 MODEL_SCHEMA_VERSION = 1
@@ -136,7 +137,7 @@ class FittedModel:
 
         clusters = np.asarray(clusters)
         counts = np.bincount(clusters, minlength=self.n_clusters)
-        logdet = 2.0 * np.log(np.diagonal(self.chol, axis1=-2, axis2=-1)).sum(-1)  # (K,)
+        logdet = logdet_from_cholesky(torch.from_numpy(self.chol)).numpy()  # (K,) log |Sigma_k|
         held_out = leave_one_out_log_density(np.asarray(log_prob) - self.log_weights[clusters], counts[clusters],
                                              logdet[clusters], float(self.prior["kappa"]),
                                              float(self.prior["nu"]), self.n_features)
