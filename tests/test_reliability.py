@@ -184,6 +184,7 @@ NPZ_CASES = {
     "not_numeric": (lambda p: np.savez(p, X=np.array([["a", "b"]] * 40)), ["expected numeric features"]),
     "too_few_rows": (lambda p: np.savez(p, X=np.ones((1, 3))), ["1 rows", "at least 2"]),
     "corrupt_file": (lambda p: Path(p).write_bytes(b"PK\x03\x04 not a zip"), ["not a readable .npz"]),
+    "empty_file": (lambda p: Path(p).write_bytes(b""), ["empty file (0 bytes)"]),  # numpy: a bare EOFError
 }
 
 

@@ -38,18 +38,20 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
 
         t = read_feature_table(p)
         return FeatureSet(t.ids, t.features, t.labels, t.manifest_hash, str(p), t.feature_space)
+    if p.stat().st_size == 0:  # numpy raises a bare EOFError, which click takes for Ctrl-D ("Aborted.")
+        raise DataError(f"{p}: empty file (0 bytes); expected a .npy, .npz, .parquet or .csv file")
     if p.suffix in (".parquet", ".csv"):
         return _load_table(p)
     if p.suffix == ".npy":
         try:
             x = np.load(p, allow_pickle=False)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, EOFError) as e:
             raise DataError(f"{p}: not a readable .npy array ({e})") from e
         labels = None
     elif p.suffix == ".npz":
         try:
             z = np.load(p, allow_pickle=False)
-        except (ValueError, OSError, zipfile.BadZipFile) as e:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise DataError(f"{p}: not a readable .npz archive ({e})") from e
         key = next((k for k in ("X", "x", "features") if k in z.files), None)
         if key is None:
