@@ -182,3 +182,16 @@ def test_update_adds_the_new_clusters_and_keeps_the_old_ids(thirty_of_forty, tmp
     table = pq.read_table(tmp_path / "run" / "assignments.parquet")
     assert set(table.column("model_version").to_pylist()) == {new.version} and new.version
     assert score(y, table.column("cluster").to_numpy()).nmi > 0.95
+
+
+def test_a_directory_with_no_readable_shard_reports_no_share_drift(seen_and_unseen, tmp_path):
+    """Shares of zero assigned rows are not a distribution: the drift is null, not a number."""
+    model, x, y, fresh, _ = seen_and_unseen
+    assert share_drift(np.zeros(3, np.int64), np.array([1, 1, 0])) is None
+    write_shards(tmp_path / "new", fresh, x[fresh], y[fresh], rows_per_shard=len(fresh))
+    (only,) = (tmp_path / "new").glob("part-*.parquet")
+    only.write_bytes(b"PAR1 not a parquet file PAR1")
+    report = assign_shards(model, tmp_path / "new", tmp_path / "out", method="exact", use_ray=False)
+    on_disk = json.loads((tmp_path / "out" / REPORT).read_text())
+    assert on_disk["failed"] == 1 and on_disk["rows"] == 0
+    assert on_disk["share_drift_tv"] is None and report.as_dict()["share_drift_tv"] is None

@@ -120,13 +120,14 @@ class AssignReport:
         by = {s: [o for o in self.outcomes if o.status == s] for s in ("done", "skipped", "failed")}
         rows_done = sum(o.rows for o in by["done"])
         sizes = self.cluster_sizes()
+        drift = None if self.train_counts is None else share_drift(sizes, self.train_counts)
         return {
             "shards": len(self.outcomes), "done": len(by["done"]), "skipped": len(by["skipped"]),
             "failed": len(by["failed"]), "rows": int(sizes.sum()), "rows_assigned_now": rows_done,
             "clusters_used": int((sizes > 0).sum()), "n_clusters": self.n_clusters,
             "seconds": round(self.seconds, 2), "rows_per_s": round(rows_done / max(self.seconds, 1e-9), 1),
             "novel": int(sum(o.novel for o in self.outcomes)), "novelty_fpr": self.novelty_fpr,
-            "share_drift_tv": None if self.train_counts is None else round(share_drift(sizes, self.train_counts), 4),
+            "share_drift_tv": None if drift is None else round(drift, 4),
         }
 
     def report(self) -> dict:

@@ -80,8 +80,9 @@ def tail_probability(table: dict[str, np.ndarray], clusters: np.ndarray, log_den
     return np.where(x < q[:, 0], 0.0, np.where(x >= q[:, -1], 1.0, tail))
 
 
-def share_drift(counts: np.ndarray, train_counts: np.ndarray) -> float:
-    """Total variation distance between the clusters' shares of `counts` and of the training rows."""
-    p = counts / max(counts.sum(), 1)
-    t = train_counts / max(train_counts.sum(), 1)
-    return float(0.5 * np.abs(p - t).sum())
+def share_drift(counts: np.ndarray, train_counts: np.ndarray) -> float | None:
+    """Total variation distance between the clusters' shares of `counts` (K,) and of the training
+    rows (K,); None when either has no rows (shares of nothing are not a distribution)."""
+    if counts.sum() == 0 or train_counts.sum() == 0:
+        return None
+    return float(0.5 * np.abs(counts / counts.sum() - train_counts / train_counts.sum()).sum())
