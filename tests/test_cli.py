@@ -86,6 +86,20 @@ def test_missing_file_and_bad_config_are_rejected(tmp_path, capsys, monkeypatch)
     assert r.returncode != 0 and "prior.alpha must be > 0" in r.stderr
 
 
+def test_cut_of_a_model_without_a_merge_tree_names_the_model_and_what_to_do(tmp_path, capsys, monkeypatch):
+    from cluster_service.serve.model import FittedModel
+
+    model = FittedModel(log_weights=np.log([0.5, 0.5]), means=np.zeros((2, 2)), chol=np.tile(np.eye(2), (2, 1, 1)),
+                        prior={"alpha": 1.0, "kappa": 1.0, "nu": 4.0, "mean": np.zeros(2), "psi": np.eye(2)})
+    model.save(tmp_path / "run" / "model")  # no tree_linkage, as older --autoencoder fits wrote them
+    for level in (["--k", "1"], ["--threshold", "0"]):
+        r = run_inprocess(capsys, monkeypatch, "cut", tmp_path / "run", "--out", tmp_path / "g.parquet", *level)
+        err = r.stderr.replace("\n", "")
+        assert r.returncode == 2 and str(tmp_path / "run" / "model") in err, err
+        assert "holds no tree_linkage" in err and "refit" in err
+    assert not (tmp_path / "g.parquet").exists()
+
+
 def test_plan_prints_the_schedule(capsys, monkeypatch):
     r = run_inprocess(capsys, monkeypatch, "plan", "--epochs", "60")
     assert r.returncode == 0, r.stderr

@@ -386,14 +386,14 @@ def cut(
     import pyarrow.parquet as pq
 
     from cluster_service.io.atomic import write_parquet_atomic
-    from cluster_service.serve.model import load_model
+    from cluster_service.serve.model import NO_HIERARCHY, load_model
 
     if (k is None) == (threshold is None):
         raise ValueError("give exactly one of --k and --threshold")
     model = load_model(run_dir / "model")
+    if model.tree_log_ratios is None:
+        raise ValueError(f"{run_dir / 'model'}: {NO_HIERARCHY}")
     if threshold is not None:
-        if model.tree_log_ratios is None:
-            raise ValueError(f"{run_dir / 'model'}: this model has no merge hierarchy")
         below = np.flatnonzero(np.asarray(model.tree_log_ratios) <= threshold)  # merges run in tree order
         k = model.n_clusters - (int(below[0]) if below.size else len(model.tree_log_ratios))
     if not 1 <= k <= model.n_clusters:

@@ -28,6 +28,9 @@ from cluster_service.core.niw import logdet_from_cholesky
 from cluster_service.io.atomic import atomic_dir
 
 MODEL_SCHEMA_VERSION = 1
+# Why `cut` cannot run; the CLI prefixes the model directory.
+NO_HIERARCHY = ("this model has no merge hierarchy: its arrays.npz holds no tree_linkage (older --autoencoder "
+                "fits did not store one); refit it with this version to get one")
 NET_KEYS = ("body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias", "head.weight", "head.bias")
 
 
@@ -117,7 +120,7 @@ class FittedModel:
         from cluster_service.core.hierarchy import MergeTree, cut_tree
 
         if self.tree_linkage is None:
-            raise ModelError("this model has no merge hierarchy (fitted before hierarchies were stored)")
+            raise ModelError(NO_HIERARCHY)
         return cut_tree(MergeTree(self.tree_linkage, self.tree_log_ratios, self.n_clusters), n_clusters)
 
     def predict(self, x) -> tuple[np.ndarray, np.ndarray]:
