@@ -219,6 +219,21 @@ def test_failures_mid_run_are_reported_then_tracking_stops(in_tmp, mixture_file,
     assert any("disabled" in r.message for r in caplog.records)
 
 
+def test_label_scores_are_logged_at_the_end_of_an_early_stopped_fit(in_tmp):
+    """The last record of a fit (its `stopped` set) is scored, also when the fit stops before the cap."""
+    from cluster_service.train.fit import fit
+
+    x, y = make_mixture(600, 4, 3, seed=0)
+    cfg = FitConfig().replace(**{**SMALL, "schedule.epochs": 200})
+    with tracking.Tracker(cfg, experiment="early-stop", labels=y, eval_every=1000) as t:
+        result = fit(x, cfg, callbacks=[t])
+    last = result.history[-1]
+    assert last.stopped.startswith("converged") and last.epoch + 1 < cfg.schedule.epochs
+    assert sorted(t.scores) == [0, last.epoch]
+    steps = [step for step, _ in tracking.metric_history(tracking.client_for(), t.run_id, "eval/nmi")]
+    assert steps == [0, last.epoch]
+
+
 # ---- pure pieces ------------------------------------------------------------------------------
 
 

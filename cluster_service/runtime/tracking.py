@@ -313,7 +313,7 @@ class Tracker:
             self._device_tagged = True
             self.set_tags({**device_tags(engine.device), "world_size": engine.comm.world_size})
         metrics = epoch_metrics(record)
-        last = record.epoch + 1 == self.cfg.schedule.epochs
+        last = bool(record.stopped)  # the last record of every fit, early-stopped or at the cap
         if self.labels is not None and self.eval_every > 0 and (record.epoch % self.eval_every == 0 or last):
             metrics.update(self._label_scores(record.epoch, engine))
         self.log_metrics(metrics, step=record.epoch)
