@@ -3,6 +3,8 @@ fit -> evaluate path, in-process `main()` (same exit codes, no interpreter start
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +61,20 @@ def test_fit_writes_model_and_assignments_and_evaluate_reads_them(npz, tmp_path)
     r = run("evaluate", out, "--labels", npz)
     assert r.returncode == 0, r.stderr
     assert "nmi" in r.stdout and "k_found" in r.stdout
+
+    # the report: scores as a person reads them (summary.json keeps the full float), and each
+    # cluster's label composition, the first thing a user checks
+    page = (out / "report.html").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"<td>nmi</td><td>{round(summary['nmi'], 3)}</td>" in page
+    assert not re.search(r"<td>-?\d+\.\d{4,}</td>", page)  # no score printed with 4+ decimals
+    panels = dict(re.findall(r'<section class="cluster" id="c(\d+)">(.*?)</section>', page, re.S))
+    assert len(panels) == summary["k_found"]
+    y = np.load(npz)["y"]
+    for c, body in panels.items():
+        counts = np.bincount(y[clusters == int(c)])
+        expect = f"majority label {counts.argmax()}, purity {counts.max() / counts.sum():.1%}"
+        assert expect in body, (expect, body)
 
 
 @pytest.mark.parametrize(

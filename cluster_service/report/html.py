@@ -3,8 +3,9 @@
     build_report(run_dir)   RUN_DIR/report.html from the run directory (cluster_service.io.runs):
                             summary, K over epochs, cluster sizes, then one panel per cluster:
                             size, share, mean log-density, nearest clusters and their overlap
-                            (Bhattacharyya coefficient), and, when the data's shards carry image
-                            paths, a gallery: the most typical members (highest log-density), the
+                            (Bhattacharyya coefficient), its label composition (majority label
+                            and purity) when the data has labels, and, when the data's shards
+                            carry image paths, a gallery: the most typical members (highest log-density), the
                             least certain (lowest margin) and a few at random.
 
 Thumbnails are made in a process pool and cached under RUN_DIR/thumbs/ (a rebuild reuses them);
@@ -59,7 +60,8 @@ def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | No
     by_row = np.argsort(clusters, kind="stable")  # rows grouped by cluster once
     bounds = np.searchsorted(clusters[by_row], np.arange(k + 1))
     members = {c: by_row[bounds[c] : bounds[c + 1]] for c in order}
-    paths = image_paths(summary.get("data"), ids)
+    paths = data_column(summary.get("data"), ids, "path")
+    labels = data_column(summary.get("data"), ids, "label")
     thumbs, missing = {}, []
     if paths is not None:
         picks = {c: gallery_rows(members[c], log_prob, margin, c, per_cluster) for c in order}
@@ -75,7 +77,8 @@ def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | No
         figures["merge tree"] = plots.plot_merge_tree(model.tree_linkage, model.tree_log_ratios, sizes)
     neighbours = nearest_clusters(model.means, model.covariances, 3)
     panels = [_panel(c, sizes, log_prob[members[c]], neighbours.get(c, []),
-                     picks[c] if paths is not None else None, thumbs) for c in order]
+                     picks[c] if paths is not None else None, thumbs,
+                     None if labels is None else label_composition(labels[members[c]])) for c in order]
     if montage_dir is not None and paths is not None:
         for c in order:
             write_montage(Path(montage_dir) / f"cluster_{int(c):05d}.png", int(c), sizes, picks[c], thumbs)
@@ -88,29 +91,50 @@ def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | No
 # ---- data ---------------------------------------------------------------------------------------
 
 
-def image_paths(data: str | None, ids: np.ndarray) -> np.ndarray | None:
-    """Image path (n,) object ("" where unknown) of every assignment row, joined by id with the
-    shards' `path` column; None when the shards have none."""
+def data_column(data: str | None, ids: np.ndarray, column: str) -> np.ndarray | None:
+    """The data's `path` (object, "" where unknown) or `label` (int64, -1 where unknown) of every
+    assignment row (n,), joined by id; None when the data has no such column. Paths come from shard
+    directories only; labels also from array files and tables (io.features.load_features)."""
     import pyarrow.parquet as pq
 
-    if not data or not Path(data).is_dir():
+    missing = "" if column == "path" else -1
+    if not data or not Path(data).exists():
         return None
-    from cluster_service.io.shards import list_shards
+    if Path(data).is_dir():
+        from cluster_service.io.shards import list_shards
 
-    got_ids, got_paths = [], []
-    for p in list_shards(data):
-        if "path" not in pq.read_schema(p).names:
+        got_ids, got = [], []
+        for p in list_shards(data):
+            if column not in pq.read_schema(p).names:
+                return None
+            t = pq.read_table(p, columns=["id", column])
+            got_ids.append(t.column("id").to_numpy(zero_copy_only=False))
+            got.append(t.column(column).fill_null(missing).to_numpy(zero_copy_only=False))
+        all_ids, values = np.concatenate(got_ids), np.concatenate(got)
+    elif column == "label":
+        from cluster_service.io.features import load_features
+
+        feats = load_features(data)
+        if feats.labels is None:
             return None
-        t = pq.read_table(p, columns=["id", "path"])
-        got_ids.append(t.column("id").to_numpy(zero_copy_only=False))
-        got_paths.append(t.column("path").fill_null("").to_numpy(zero_copy_only=False))
-    all_ids, all_paths = np.concatenate(got_ids), np.concatenate(got_paths).astype(object)
+        all_ids, values = feats.ids, feats.labels
+    else:
+        return None
+    values = values.astype(object if column == "path" else np.int64)
     order = np.argsort(all_ids, kind="stable")
     pos = np.clip(np.searchsorted(all_ids[order], ids), 0, all_ids.size - 1)
-    found = all_ids[order][pos] == ids
-    out = all_paths[order][pos]
-    out[~found] = ""
+    out = values[order][pos]
+    out[all_ids[order][pos] != ids] = missing
     return out
+
+
+def label_composition(labels: np.ndarray, top: int = 3) -> tuple[int, list[tuple[int, int]]]:
+    """One cluster's rows' labels (n,) int64 (-1: unknown) -> (rows with a known label, [(label,
+    rows)] of the `top` most frequent, most frequent first): the first is the majority label, its
+    share of the known rows the cluster's purity."""
+    values, counts = np.unique(labels[labels >= 0], return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:top]
+    return int(counts.sum()), [(int(values[i]), int(counts[i])) for i in order]
 
 
 def _resolve(path: str, root: str | os.PathLike | None) -> str:
@@ -236,11 +260,16 @@ def _jpeg(path: str | None) -> str | None:
     return None if path is None else "data:image/jpeg;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def _panel(c, sizes, dens, neighbours, picks, thumbs) -> str:
+def _panel(c, sizes, dens, neighbours, picks, thumbs, composition=None) -> str:
     share = sizes[c] / max(sizes.sum(), 1)
     near = ", ".join(f'<a href="#c{b}">{b}</a> ({o:.2f})' for b, o in neighbours) or "none"
     stats = (f"<p>size {int(sizes[c])} ({share:.1%}), mean log-density "
              f"{(dens.mean() if dens.size else float('nan')):.2f}; nearest clusters (overlap): {near}</p>")
+    if composition is not None:
+        n_known, top = composition
+        shares = ", ".join(f"{label}: {rows / n_known:.1%}" for label, rows in top)
+        stats += (f'<p class="labels">majority label {top[0][0]}, purity {top[0][1] / n_known:.1%} ({shares} of '
+                  f'{n_known} labelled rows)</p>' if n_known else '<p class="labels">labels: none known</p>')
     gallery = ""
     if picks is not None:
         for name, rows in picks.items():
@@ -250,8 +279,13 @@ def _panel(c, sizes, dens, neighbours, picks, thumbs) -> str:
     return f'<section class="cluster" id="c{c}"><h3>cluster {c}</h3>{stats}{gallery}</section>'
 
 
+def _readable(value):
+    """A summary value as a person reads it: floats to 3 decimals (summary.json keeps them whole)."""
+    return round(value, 3) if isinstance(value, float) else value
+
+
 def _page(run_dir, summary, figures, panels, order, sizes, missing) -> str:
-    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(_readable(v)))}</td></tr>"
                    for k, v in summary.items())
     figs = "".join(f'<figure><img src="{_png(f)}" alt="{html.escape(n)}"><figcaption>{html.escape(n)}'
                    "</figcaption></figure>" for n, f in figures.items())
