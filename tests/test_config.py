@@ -84,8 +84,12 @@ def test_validate_catches_directly_built_configs():
 
 
 def test_the_default_and_valid_edges_are_accepted():
-    FitConfig().validate()
-    FitConfig.from_dict({"prior.nu_offset": -0.5, "k_init": 1, "net.loss": "ajs", "schedule.epochs": 26})
+    """Values just inside what is allowed are accepted and kept as given (not clamped or dropped)."""
+    assert FitConfig().validate() == FitConfig()
+    edges = {"prior.alpha": 1e-9, "prior.nu_offset": -0.999, "k_init": 1, "net.loss": "ajs", "schedule.epochs": 26}
+    cfg = FitConfig.from_dict(edges)
+    assert {k: cfg.flat()[k] for k in edges} == edges
+    assert FitConfig.from_dict(cfg.to_dict()) == cfg != FitConfig()
 
 
 def test_a_schedule_with_no_room_for_a_split_warns_what_it_needs():

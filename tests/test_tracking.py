@@ -272,7 +272,8 @@ def test_pca_2d_matches_sklearn():
 
 
 def test_plots_render_for_many_clusters(tmp_path):
-    """The large-K code paths (log-scale sizes, unannotated confusion, >20 colours) render too."""
+    """The large-K code paths draw what they say: log-scale sizes, an unannotated confusion matrix,
+    more than 20 distinct colours."""
     rng = np.random.default_rng(2)
     clusters = rng.integers(0, 80, 4000)
     labels = clusters % 50
@@ -280,9 +281,21 @@ def test_plots_render_for_many_clusters(tmp_path):
     history = [{"epoch": e, "n_clusters": 1 + e, "log_marginal": -1000.0 + e, "splits_accepted": e % 2,
                 "splits_proposed": 1, "merges_accepted": 0, "merges_proposed": 0, "pruned": 0,
                 "frozen": False} for e in range(50)]
-    for name, fig in {"k": plots.plot_k_history(history, {0: {"nmi": 0.1, "acc": 0.2}}),
-                      "sizes": plots.plot_cluster_sizes(clusters, 90),
-                      "proj": plots.plot_projection(x, clusters, labels, rng.normal(size=(80, 6))),
-                      "conf": plots.plot_confusion(labels, clusters)}.items():
+    figs = {"k": plots.plot_k_history(history, {0: {"nmi": 0.1, "acc": 0.2}}),
+            "sizes": plots.plot_cluster_sizes(clusters, 90),
+            "proj": plots.plot_projection(x, clusters, labels, rng.normal(size=(80, 6))),
+            "conf": plots.plot_confusion(labels, clusters)}
+    k_line = figs["k"].axes[0].lines[0]
+    assert k_line.get_ydata().tolist() == list(range(1, 51))  # K per epoch, as recorded
+    sizes_ax = figs["sizes"].axes[0]
+    assert sizes_ax.get_yscale() == "log" and "K=90" in sizes_ax.get_title()
+    curve = sizes_ax.lines[0].get_ydata()  # 90 ranks, largest first; the 10 empty clusters drawn at 0.8
+    assert len(curve) == 90 and (np.diff(curve) <= 0).all() and curve[0] == np.bincount(clusters).max()
+    assert (curve[-10:] == 0.8).all()
+    by_cluster = figs["proj"].axes[0].collections[0]
+    assert len(np.unique(by_cluster.to_rgba(by_cluster.get_array()), axis=0)) == 80  # one colour per cluster
+    conf_ax = figs["conf"].axes[0]
+    assert not conf_ax.texts and conf_ax.images[0].get_array().shape == (50, 80)  # 80 columns: no counts
+    for name, fig in figs.items():
         path = plots.save_figure(fig, tmp_path / f"{name}.png")
         assert path.stat().st_size > 10_000, name
