@@ -5,7 +5,7 @@
     .map_batches(decode_batch)       CPU tasks: PIL decode, resize 256, center crop 224 → uint8
     .map_batches(EncodeActor)        actor pool: one actor per GPU (autocast), or CPU actors;
                                      normalisation happens on the device, the encoder runs there
-    driver: iter_batches → ShardWriter (shards + manifest.json), failures → extract_report.json
+    driver: iter_batches → ShardWriter (shards + _manifest.json), failures → extract_report.json
     optional: apply_pca (fit on a sample of the written shards, applied to all of them)
 
 An unreadable image never stops the job: its row comes back with an error string and no feature,
@@ -273,7 +273,7 @@ def extract(
     cfg: ExtractConfig,
     progress: Callable[[int, int], None] | None = None,
 ) -> ExtractReport:
-    """Run the extraction job; write shards + manifest.json + extract_report.json into ``out_dir``.
+    """Run the extraction job; write shards + _manifest.json + extract_report.json into ``out_dir``.
 
     Uses the running Ray instance, or starts a local one. ``progress(done, total)`` is called after
     every batch the driver receives."""

@@ -47,7 +47,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 
 def _relist(shard_dir: Path, name: str) -> None:
-    """Make manifest.json agree with a rewritten shard (rows, sha256), so only the content is bad."""
+    """Make _manifest.json agree with a rewritten shard (rows, sha256), so only the content is bad."""
     m = json.loads((shard_dir / MANIFEST).read_text())
     path = shard_dir / name
     for s in m["shards"]:

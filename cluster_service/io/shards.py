@@ -1,7 +1,7 @@
-"""The feature-shard contract (DESIGN §3): Parquet shards plus manifest.json, one writer, one reader,
+"""The feature-shard contract (DESIGN §3): Parquet shards plus _manifest.json, one writer, one reader,
 one validator.
 
-A shard directory holds ``part-00000.parquet, part-00001.parquet, ...`` and ``manifest.json``.
+A shard directory holds ``part-00000.parquet, part-00001.parquet, ...`` and ``_manifest.json``.
 Each shard has the columns
 
     id       int64 or string           unique across the whole directory
@@ -10,7 +10,7 @@ Each shard has the columns
     path     string, nullable (optional)   source image
 
 and is written zstd-compressed with one row group per <= 65,536 rows, under a temporary name that is
-renamed into place; manifest.json is written last, the same way, so a directory with a manifest is
+renamed into place; _manifest.json is written last, the same way, so a directory with a manifest is
 complete. The manifest records ``schema_version, d, shards [{name, rows, sha256}], extractor,
 created``.
 
@@ -165,7 +165,7 @@ def _labels_to_numpy(col: pa.ChunkedArray | pa.Array | None) -> np.ndarray | Non
 
 
 class ShardWriter:
-    """Stream rows into shards of ``rows_per_shard`` rows; `close` writes manifest.json.
+    """Stream rows into shards of ``rows_per_shard`` rows; `close` writes _manifest.json.
 
     Use as a context manager; on an exception the manifest is not written, so the directory is not
     mistaken for a complete one. Refuses a directory that already holds shards or a manifest."""
@@ -254,7 +254,7 @@ class ShardWriter:
         self.shards.append({"name": name, "rows": int(rows), "sha256": digest})
 
     def close(self) -> dict:
-        """Write the last partial shard and manifest.json; return the manifest."""
+        """Write the last partial shard and _manifest.json; return the manifest."""
         if self._pending_rows:
             self._flush(self._pending_rows)
         self.manifest = {
@@ -301,7 +301,7 @@ def write_shards(
     rows_per_shard: int = MAX_ROW_GROUP,
     extractor: dict | None = None,
 ) -> dict:
-    """Write in-memory rows as shards + manifest.json into an empty ``out_dir``; return the manifest.
+    """Write in-memory rows as shards + _manifest.json into an empty ``out_dir``; return the manifest.
 
     ids (n,) int or str, unique; features (n, d) float; labels (n,) int or None; paths (n,) or None."""
     features = np.asarray(features)
@@ -379,7 +379,7 @@ def _short(value, limit: int = 80) -> str:
 
 
 def load_manifest(shard_dir: str | os.PathLike) -> tuple[dict, str]:
-    """Parse and structurally check manifest.json; return (manifest, its feature_space_hash).
+    """Parse and structurally check _manifest.json; return (manifest, its feature_space_hash).
 
     The hash identifies the feature space (d + extractor), not the file's bytes: it is what a
     fitted model records and what `assign` compares with new shards."""

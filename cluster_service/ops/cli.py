@@ -491,7 +491,7 @@ def extract(
     num_actors: Annotated[int | None, typer.Option(help="encoder actors (default: 1 per GPU)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
-    """Encode images with a MoCo ResNet-50 on Ray Data; write Parquet feature shards + manifest.json.
+    """Encode images with a MoCo ResNet-50 on Ray Data; write Parquet feature shards + _manifest.json.
     Options are validated as the extract job's `extract` section is (defaults: ExtractConfig)."""
     from cluster_service.ops.jobconfig import parse_extract_section
     from feature_extraction.extract import REPORT

@@ -159,7 +159,7 @@ def follow_progress(path: str | os.PathLike, on_record, poll_s: float = 0.5):
 def extract_step(section: ExtractSection, images: str | None = None, out: str | None = None,
                  reuse: bool = False) -> dict:
     """Extract features of `images` (default section.images) into `out`; with `reuse`, a complete
-    shard directory already there (manifest.json present) is kept. Returns the report as a dict."""
+    shard directory already there (_manifest.json present) is kept. Returns the report as a dict."""
     from feature_extraction.extract import extract
 
     images, out = resolve_path(images or section.images), resolve_path(out or section.out)

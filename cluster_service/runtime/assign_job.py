@@ -55,7 +55,7 @@ def open_model(
 
 @dataclass(frozen=True)
 class ShardTask:
-    index: int  # position in manifest.json
+    index: int  # position in _manifest.json
     name: str
     rows: int
     sha256: str
@@ -205,7 +205,7 @@ def assign_shards(
     progress: Callable[[ShardOutcome], None] | None = None,
     novelty_fpr: float = DEFAULT_FPR,
 ) -> AssignReport:
-    """Assign every shard listed in SHARD_DIR/manifest.json; one output Parquet per shard in out_dir.
+    """Assign every shard listed in SHARD_DIR/_manifest.json; one output Parquet per shard in out_dir.
 
     Outputs stamped by the same model, method and input bytes are skipped; anything else (missing,
     partial, stale) is redone. A shard that cannot be read is reported in the result (status
