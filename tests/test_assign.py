@@ -3,6 +3,8 @@ dimension mismatch, Ray Data == local) and the MLflow pyfunc model through a rea
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import numpy as np
@@ -15,7 +17,7 @@ from typer.testing import CliRunner
 import cluster_service.runtime.assign_job as assign_mod
 from cluster_service.bench.assign import sample_model, synthetic_model
 from cluster_service.io.shards import write_shards
-from cluster_service.runtime.assign_job import assign_shards
+from cluster_service.runtime.assign_job import REPORT, assign_shards
 from cluster_service.serve.assign import (
     ExactAssigner,
     NetAssigner,
@@ -288,17 +290,40 @@ def test_cli_reports_bad_shard_and_exits_nonzero(job):
     assert "800" in res.output  # rows assigned, in the summary table
 
 
+def test_shard_outcomes_cross_the_ray_boundary_whole():
+    """Every ShardOutcome field survives the Ray Data batch and row (the job's report counts `novel`)."""
+    from cluster_service.runtime.assign_job import ShardOutcome, outcome_columns, outcome_from_row
+
+    outs = [ShardOutcome("a.parquet", "done", 5, np.array([2, 3, 0]), seconds=0.5, novel=2),
+            ShardOutcome("b.parquet", "failed", error="b.parquet row 3: feature contains NaN", seconds=0.1)]
+    columns = outcome_columns(outs, 3)
+    rows = [{k: v[i] for k, v in columns.items()} for i in range(len(outs))]  # numpy scalars, as Ray yields
+    back = [outcome_from_row(r) for r in rows]
+    assert [dataclasses.replace(o, counts=None) for o in back] == [dataclasses.replace(o, counts=None) for o in outs]
+    assert back[0].counts.tolist() == [2, 3, 0] and back[1].counts is None
+    assert type(back[0].novel) is int and json.dumps({o.shard: o.novel for o in back})
+
+
 @pytest.mark.ray
 def test_ray_data_job_matches_local(job, ray_local):
-    tmp, _, _ = job
-    local = assign_shards(tmp / "model", tmp / "shards", tmp / "local", use_ray=False)
+    tmp, model, x = job
+    near = model.means[model.predict(x)[0]]
+    model.calibrate_novelty(*model.predict(near + 0.3 * (x - near)))  # on tighter rows: some rows are novel
+    model.save(tmp / "calibrated")
+    local = assign_shards(tmp / "calibrated", tmp / "shards", tmp / "local", use_ray=False)
     seen = []
-    remote = assign_shards(tmp / "model", tmp / "shards", tmp / "ray", use_ray=True, progress=seen.append)
+    remote = assign_shards(tmp / "calibrated", tmp / "shards", tmp / "ray", use_ray=True, progress=seen.append)
     assert sorted(o.shard for o in seen) == [f"part-{i:05d}.parquet" for i in range(5)]
     assert [o.status for o in remote.outcomes] == ["done"] * 5
     np.testing.assert_array_equal(remote.cluster_sizes(), local.cluster_sizes())
     want, got = read_outputs(tmp / "local"), read_outputs(tmp / "ray")
     assert got.keys() == want.keys() and all(got[k].equals(want[k]) for k in want)
+    # The reports too (every outcome field crosses the Ray boundary), apart from the timings.
+    timing = {"seconds", "rows_per_s"}
+    want_report, got_report = (json.loads((tmp / d / REPORT).read_text()) for d in ("local", "ray"))
+    assert {k: v for k, v in got_report.items() if k not in timing} == {
+        k: v for k, v in want_report.items() if k not in timing}
+    assert got_report["novel"] == sum(int(t.column("novel").to_numpy().sum()) for t in got.values()) > 0
 
 
 def test_pyfunc_round_trip_through_mlflow_registry(tmp_path, job):

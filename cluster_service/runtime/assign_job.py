@@ -280,15 +280,24 @@ class _RayShardWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = [self.worker.run(ShardTask(int(i), str(n), int(r), str(h))) for i, n, r, h in
                 zip(batch["index"], batch["name"], batch["rows"], batch["sha256"], strict=True)]
-        zeros = np.zeros(self.n_clusters, np.int64)
-        return {
-            "shard": np.array([o.shard for o in outs]),
-            "status": np.array([o.status for o in outs]),
-            "rows": np.array([o.rows for o in outs], np.int64),
-            "counts": np.stack([zeros if o.counts is None else o.counts for o in outs]),
-            "error": np.array([o.error for o in outs]),
-            "seconds": np.array([o.seconds for o in outs]),
-        }
+        return outcome_columns(outs, self.n_clusters)
+
+
+def outcome_columns(outcomes: list[ShardOutcome], n_clusters: int) -> dict[str, np.ndarray]:
+    """ShardOutcomes as a Ray Data batch, one column per field: every field, so none is lost on the
+    way back (`outcome_from_row` reverses it). A failed shard's counts travel as zeros."""
+    zeros = np.zeros(n_clusters, np.int64)
+    rows = [dataclasses.asdict(dataclasses.replace(o, counts=zeros if o.counts is None else o.counts))
+            for o in outcomes]
+    return {f.name: np.array([r[f.name] for r in rows]) for f in dataclasses.fields(ShardOutcome)}
+
+
+def outcome_from_row(row: dict) -> ShardOutcome:
+    """One row of `outcome_columns` (numpy scalars, as Ray Data yields them) as a ShardOutcome."""
+    values = {f.name: row[f.name] for f in dataclasses.fields(ShardOutcome)}
+    values = {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}
+    values["counts"] = np.asarray(values["counts"], np.int64) if values["status"] == "done" else None
+    return ShardOutcome(**values)
 
 
 def _run_with_ray(model: FittedModel, spec: JobSpec, tasks: list[ShardTask]) -> Iterator[ShardOutcome]:
@@ -317,6 +326,4 @@ def _run_with_ray(model: FittedModel, spec: JobSpec, tasks: list[ShardTask]) -> 
         num_cpus=0 if use_gpu else threads,
     )
     for row in ds.iter_rows():  # RAY: streamed as actors finish shards
-        counts = np.asarray(row["counts"], np.int64) if row["status"] == "done" else None
-        yield ShardOutcome(str(row["shard"]), str(row["status"]), int(row["rows"]), counts,
-                           str(row["error"]), float(row["seconds"]))
+        yield outcome_from_row(row)
