@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -213,6 +214,31 @@ def test_cli_fit_autoencoder_ajs(tmp_path, monkeypatch, mixture_small):
     run_info = client.get_run(summary["mlflow_run"])
     assert run_info.data.params["net.loss"] == "ajs" and run_info.data.metrics["nmi"] > 0.8
     assert len(tracking.metric_history(client, summary["mlflow_run"], "n_clusters")) == 40 + 30
+
+
+@pytest.mark.filterwarnings("ignore::cluster_service.config.ScheduleWarning")  # a few epochs: no moves, fine here
+def test_cli_cut_works_on_an_autoencoder_run(tmp_path, monkeypatch, mixture_small):
+    """An AE fit ends like every other fit (train.export.finish_fit): its model has a merge tree."""
+    from typer.testing import CliRunner
+
+    from cluster_service.ops.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    x, y = mixture_small
+    np.savez(tmp_path / "data.npz", X=x[:600], y=y[:600])
+    args = ["fit", "data.npz", "--out", "run", "--autoencoder", "--quiet", "--no-tracking", "--epochs", "6",
+            "--k-init", "4", "--set", "schedule.warmup_epochs=2", "--set", "net.min_steps_per_epoch=2",
+            "--set", "autoencoder.hidden=[16]", "--set", "autoencoder.latent_dim=4",
+            "--set", "autoencoder.pretrain_epochs=2", "--set", "autoencoder.rounds=0"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    model = load_ae_model(tmp_path / "run" / "model")
+    k = model.n_clusters
+    assert k >= 2 and len(model.mixture.tree_log_ratios) == k - 1
+    res = CliRunner().invoke(app, ["cut", "run", "--out", "groups.parquet", "--k", "1"])
+    assert res.exit_code == 0, res.output
+    groups = pq.read_table(tmp_path / "groups.parquet")
+    assert groups.num_rows == 600 and set(groups.column("cluster").to_numpy()) == {0}
 
 
 def test_cli_rejects_bad_autoencoder_config(tmp_path, monkeypatch, capsys, mixture_small):

@@ -184,6 +184,26 @@ def test_update_adds_the_new_clusters_and_keeps_the_old_ids(thirty_of_forty, tmp
     assert score(y, table.column("cluster").to_numpy()).nmi > 0.95
 
 
+def test_renumbering_a_calibrated_model_renumbers_its_calibration():
+    """update calibrates at the end of the fit (train.export.finish_fit), then gives the clusters their
+    stable ids: the same calibration as for the renumbered model."""
+    from dataclasses import replace
+
+    from cluster_service.bench.assign import sample_model, synthetic_model
+    from cluster_service.train.update import permute_clusters
+
+    model = synthetic_model(6, 3, seed=0)
+    x, _ = sample_model(model, 2000, seed=1)
+    model.calibrate_novelty(*model.predict(x))
+    order = np.array([3, 0, 5, 1, 4, 2])
+    renumbered = permute_clusters(replace(model, novelty=None), order)
+    renumbered.calibrate_novelty(*renumbered.predict(x))
+    permuted = permute_clusters(model, order).novelty
+    assert permuted.keys() == renumbered.novelty.keys()
+    for key, table in renumbered.novelty.items():
+        np.testing.assert_allclose(permuted[key], table, rtol=1e-12)
+
+
 def test_a_directory_with_no_readable_shard_reports_no_share_drift(seen_and_unseen, tmp_path):
     """Shares of zero assigned rows are not a distribution: the drift is null, not a number."""
     model, x, y, fresh, _ = seen_and_unseen

@@ -212,18 +212,15 @@ def write_outputs(engine: Engine, rows: LocalRows, out_dir: Path, history: list[
     """Exact MAP assignment on every rank; rank 0 gathers ids, clusters, log-probabilities and margins
     (never features) and writes the run directory (cluster_service.io.runs) in global row order."""
     from cluster_service.io.runs import write_run
-    from cluster_service.train.export import model_from_engine
+    from cluster_service.train.export import finish_fit
 
-    clusters, log_prob, runner_up = engine.assign_top2()
-    tree = engine.cluster_tree(clusters, runner_up)  # a collective: every rank takes part
-    model = model_from_engine(engine, rows.manifest_hash, feature_space=rows.feature_space, tree=tree)
+    model, clusters, log_prob = finish_fit(engine, rows.manifest_hash, rows.feature_space)  # every rank
     margin = model.margin(rows.x, clusters)
     parts = engine.comm.gather_object((rows.global_index, rows.ids, clusters, log_prob, margin))
     if parts is None:  # not rank 0
         return
     gidx, ids, clusters, log_prob, margin = (np.concatenate([p[i] for p in parts]) for i in range(5))
     order = np.argsort(gidx, kind="stable")
-    model.calibrate_novelty(clusters, log_prob)  # all rows, gathered
     write_run(out_dir, model, ids[order], clusters[order], log_prob[order], margin[order],
               engine.cfg.to_dict(), history)
 

@@ -35,9 +35,10 @@ from cluster_service.core.gaussian import WhitenedGaussians
 from cluster_service.core.nets import ajs_loss, kl_loss
 from cluster_service.io.checks import check_features
 from cluster_service.serve.ae_model import AEModel
+from cluster_service.serve.model import FittedModel
 from cluster_service.train.comm import LocalComm, unwrap
 from cluster_service.train.engine import Engine, EpochRecord
-from cluster_service.train.export import model_from_engine
+from cluster_service.train.export import finish_fit
 from cluster_service.train.fit import EpochCallback, FitResult, run_schedule
 
 
@@ -277,9 +278,8 @@ def fit_autoencoder(
                 ae_history.append(trainer.epoch(engine, "finetune", rnd, e))
             engine = rebase_engine(engine, trainer.encode(), round_cfg, gi, n_global)
             run_round(engine)
-    clusters, log_prob = engine.assign()
-    model = _export(trainer, engine, manifest_hash, feature_space)
-    model.mixture.calibrate_novelty(clusters, log_prob)  # this process's rows (all of them in one process)
+    mixture, clusters, log_prob = finish_fit(engine, manifest_hash, feature_space)  # as every fit ends
+    model = _export(trainer, mixture)
     codes = (engine.x.double() + engine.shift).cpu().numpy()
     return AEFitResult(
         model, history, round_starts, ae_history, k_per_round, codes, clusters, log_prob, engine
@@ -294,12 +294,12 @@ def _row_index(n_local: int, global_index: torch.Tensor | None, n_global: int) -
     return gi, g2l
 
 
-def _export(trainer: _AETrainer, engine: Engine, manifest_hash: str | None, feature_space: dict | None) -> AEModel:
+def _export(trainer: _AETrainer, mixture: FittedModel) -> AEModel:
     """The encoder's linear layers, the input standardisation and the latent mixture as an AEModel."""
     linears = [m for m in unwrap(trainer.ae).encoder if isinstance(m, nn.Linear)]
     return AEModel(
         encoder=[(m.weight.detach().cpu().numpy(), m.bias.detach().cpu().numpy()) for m in linears],
         input_shift=trainer.shift.cpu().numpy(),
         input_scale=trainer.scale,
-        mixture=model_from_engine(engine, manifest_hash, feature_space=feature_space),
+        mixture=mixture,
     )

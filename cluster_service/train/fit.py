@@ -17,7 +17,7 @@ from cluster_service.core.schedule import build_plan
 from cluster_service.io.checks import check_features
 from cluster_service.serve.model import FittedModel
 from cluster_service.train.engine import Engine, EpochRecord
-from cluster_service.train.export import model_from_engine
+from cluster_service.train.export import finish_fit
 
 EpochCallback = Callable[[EpochRecord, Engine], None]
 
@@ -53,10 +53,7 @@ def fit(
         engine = Engine(cfg, torch.from_numpy(np.ascontiguousarray(x_np, dtype=dtype)))
         engine.initialize()
         history = run_schedule(engine, callbacks)
-    clusters, log_prob, runner_up = engine.assign_top2()
-    tree = engine.cluster_tree(clusters, runner_up)
-    model = model_from_engine(engine, manifest_hash, feature_space=feature_space, tree=tree)
-    model.calibrate_novelty(clusters, log_prob)
+    model, clusters, log_prob = finish_fit(engine, manifest_hash, feature_space)
     return FitResult(model, history, clusters, log_prob, engine)
 
 

@@ -25,7 +25,7 @@ from cluster_service.core.gaussian import WhitenedGaussians
 from cluster_service.io.checks import check_features
 from cluster_service.serve.model import FittedModel
 from cluster_service.train.engine import Engine, EpochRecord
-from cluster_service.train.export import model_from_engine
+from cluster_service.train.export import finish_fit
 from cluster_service.train.fit import EpochCallback, run_schedule
 
 
@@ -54,16 +54,12 @@ def update(model: FittedModel, x: np.ndarray, cfg: FitConfig | None = None, call
         engine = Engine(cfg, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)))
         engine.initialize_from(model.means, model.chol, np.asarray(model.prior["psi"]), float(model.prior["nu"]))
         history = run_schedule(engine, callbacks)
-    clusters, log_prob, runner_up = engine.assign_top2()
-    new = model_from_engine(engine, model.manifest_hash, feature_space=model.feature_space,
-                            tree=engine.cluster_tree(clusters, runner_up))
+    new, clusters, log_prob = finish_fit(engine, model.manifest_hash, model.feature_space)
     order, lineage = stable_order(model, new, match_radius)
     new = permute_clusters(new, order)
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
-    clusters = rank[clusters]
-    new.calibrate_novelty(clusters, log_prob)
-    return UpdateResult(new, history, clusters, log_prob, _renumber(lineage, rank))
+    return UpdateResult(new, history, rank[clusters], log_prob, _renumber(lineage, rank))
 
 
 def stable_order(old: FittedModel, new: FittedModel, radius: float) -> tuple[np.ndarray, dict]:
@@ -89,8 +85,8 @@ def stable_order(old: FittedModel, new: FittedModel, radius: float) -> tuple[np.
 
 
 def permute_clusters(model: FittedModel, order: np.ndarray) -> FittedModel:
-    """The same model with cluster `order[p]` at position p (weights, parameters, the net's head and
-    the merge tree's leaves)."""
+    """The same model with cluster `order[p]` at position p (weights, parameters, the net's head, the
+    merge tree's leaves and the novelty calibration's per-cluster rows)."""
     from dataclasses import replace
 
     net = dict(model.net)
@@ -104,8 +100,11 @@ def permute_clusters(model: FittedModel, order: np.ndarray) -> FittedModel:
         linkage = linkage.copy()
         leaf = linkage[:, :2] < order.size
         linkage[:, :2][leaf] = rank[linkage[:, :2][leaf].astype(np.int64)]
+    novelty = model.novelty
+    if novelty is not None:
+        novelty = {**novelty, "quantiles": novelty["quantiles"][order], "train_counts": novelty["train_counts"][order]}
     return replace(model, log_weights=model.log_weights[order], means=model.means[order], chol=model.chol[order],
-                   net=net, tree_linkage=linkage)
+                   net=net, tree_linkage=linkage, novelty=novelty)
 
 
 def _renumber(lineage: dict, rank: np.ndarray) -> dict:
