@@ -1,4 +1,6 @@
-"""Distributed fit on Ray Train: every Ray touch point of the project is in this module.
+"""Distributed fit on Ray Train: every Ray Train call is in this module, marked `# RAY` (Ray Data
+runs in runtime/assign_job.py and feature_extraction/extract.py, Ray Tune in runtime/tune.py, job
+submission in ops/submit.py; all connect through runtime/ray_session.ensure_ray).
 
     driver   fit_distributed(data, out, cfg, num_workers)  -> TorchTrainer(...).fit() -> summary
     worker   train_loop_per_worker(job):
