@@ -1,7 +1,7 @@
-"""The run directory: its one writer (one process and Ray Train alike) and its reader.
+"""The run directory: its layout and its one writer (one process and Ray Train alike).
 
     RUN_DIR/model/               the fitted model (cluster_service.serve.model)
-    RUN_DIR/assignments.parquet  id, cluster, log_prob, model_version (global row order)
+    RUN_DIR/assignments.parquet  `assignments_table` (id, cluster, log_prob, margin, novelty, ...), row order
     RUN_DIR/config.json          the resolved FitConfig
     RUN_DIR/history.json         one record per epoch (EpochRecord.as_dict)
     RUN_DIR/summary.json         written last: its presence marks the run complete
