@@ -65,21 +65,15 @@ class PriorConfig:
     # "pooled" mode: multiple of the pooled within-cluster covariance.
     pooled_scale: float = 1.0
     # "pooled" mode with the evidence start: psi = s * pooled_scale * W (+ floor) for each s
-    # here is tried, and the DP evidence of the starting partition picks one. Measured:
-    # (1/16, 1/4, 1) takes ImageNet-50's test split (50 points per class in 128-d) from K 7,
-    # NMI .58 to K 29, NMI .745, but splits sklearn digits into 20 clusters (15 with (1,)); so
-    # scales below 1 are tried only when the start's cells are under-determined (fewer than
-    # 2 (d + 2) points per cell: ImageNet-50 yes, digits / UMAP / the mixtures no; see
-    # Engine.evidence_scales). No s > 1 (Fashion UMAP picked 4 and started at K 94). The grid
-    # went down to 1/256 later: on ImageNet-50 the evidence keeps rising as s falls (the
-    # isotropic floor below then dominates psi) and picks 1/256: K 36-37 over seeds 0-1,
-    # NMI .746-.769 (with 1/16 as the smallest: K 24-31, NMI .745-.748).
+    # here is tried, and the DP evidence of the starting partition picks one. Scales below 1 are
+    # tried only when the start's cells are under-determined (fewer than 2 (d + 2) points per
+    # cell; Engine.evidence_scales), whose pooled scatter overstates the clusters' spread; none
+    # above 1, where the evidence over-splits. Measured effects: docs/ARCHITECTURE.md, "K inference".
     pooled_evidence_scales: tuple[float, ...] = (0.00390625, 0.015625, 0.0625, 0.25, 1.0)
     # "data_diag" / "fixed" modes: fraction of the data variance (or absolute scale) a single
     # cluster is expected to have a priori. "pooled" mode: an isotropic floor added to psi, as
-    # a fraction of the data variance (k-means cells of tight, curved UMAP blobs are much
-    # smaller than the blobs: their pooled scatter is 0.0015-0.0026 of the data variance on
-    # MNIST/Fashion UMAP, and that prior splits each class into several clusters).
+    # a fraction of the data variance, because the k-means cells of tight, curved blobs (UMAP)
+    # are much smaller than the blobs and a prior of their scatter alone splits each blob.
     psi_scale: float = 0.005
 
     def __post_init__(self) -> None:
@@ -199,9 +193,9 @@ class ScheduleConfig:
     # clusters' log marginal likelihood changed by at most `stop_tol` nats per row and
     # dimension over those rounds. A K that still grows or shrinks changes between round ends,
     # so it is never cut off. stop_rounds 0 = run every planned epoch (the fixed calendar).
-    # Measured (history of full 120-epoch fits, K and NMI at every round end): after K settles
-    # the marginal still creeps up (the net's responsibilities sharpen) by 1e-4-4e-3 per row
-    # and dimension per two rounds while NMI moves < .002 (digits, USPS-size, MNIST, 60k x 32).
+    # stop_tol sits within how far the marginal still creeps once K has settled (the net's
+    # responsibilities sharpen) while the partition no longer changes; measured in
+    # docs/ARCHITECTURE.md, "Early stop".
     stop_rounds: int = 2
     stop_tol: float = 1e-3
 

@@ -75,10 +75,8 @@ def merge_tree(
     node borders what either part bordered; when no bordering pair is left (separate
     components), any pair may merge. Why: without it, small clusters far apart merge with
     each other first (a broad Gaussian over a few hundred scattered rows costs less than
-    putting them in the tail of a tight large cluster): on MNIST UMAP (K 16: ten classes, a
-    second blob of one class, five clusters of 27-128 boundary rows) the cut at 10 grouped the
-    five small ones with the blob and then merged two classes, ACC .873; with bordering pairs
-    only each small cluster joins a class it touches, ACC .979 (Fashion UMAP unchanged, .619).
+    putting them in the tail of a tight large cluster), and a coarse cut then joins two true
+    classes through them (MNIST UMAP, measured in docs/ARCHITECTURE.md, "Merge hierarchy").
     """
     K = int(stats.count.shape[0])
     dev = stats.count.device

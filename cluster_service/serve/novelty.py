@@ -2,10 +2,10 @@
 
 At fit time the model stores, for every cluster k, quantiles of log N(x; mu_k, Sigma_k) over its own
 training rows, each scored as if it had been held out (`leave_one_out_log_density`: the cluster's NIW
-MAP estimate without that row; a covariance fitted on a row flatters it, and with few rows per
-dimension held-out rows of the same class would otherwise look novel: 52 % flagged at the 1 % rate on
-half of ImageNet-50's MoCo features, measured), in `novelty_table`. A new row x assigned to k gets its
-tail probability
+MAP estimate without that row: a covariance fitted on a row flatters it, so with few rows per
+dimension held-out rows of the same class would otherwise look novel; measured in
+docs/ARCHITECTURE.md, "Novelty"), in `novelty_table`. A new row x assigned to k gets its tail
+probability
 
     tail(x) = P_train[ log N(x'; mu_k, Sigma_k) <= log N(x; mu_k, Sigma_k) | x' in cluster k ]
 
