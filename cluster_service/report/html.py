@@ -121,6 +121,8 @@ def data_column(data: str | None, ids: np.ndarray, column: str) -> np.ndarray | 
     else:
         return None
     values = values.astype(object if column == "path" else np.int64)
+    if column == "label" and (values < 0).all():  # a label column that is all null: no labels
+        return None
     order = np.argsort(all_ids, kind="stable")
     pos = np.clip(np.searchsorted(all_ids[order], ids), 0, all_ids.size - 1)
     out = values[order][pos]
