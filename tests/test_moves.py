@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+from stats_helpers import stats_from_points
 
 from cluster_service import index
 from cluster_service.core import moves as mv
 from cluster_service.core.nets import ClusterNet, SubclusterNets, resize_cluster_net, resize_subnets
-from cluster_service.core.niw import GaussianParams, SuffStats, make_prior, map_estimate, stats_from_points
+from cluster_service.core.niw import GaussianParams, SuffStats, make_prior, map_estimate
 
 D = torch.float64
 
@@ -23,14 +25,29 @@ def two_way(x: torch.Tensor, z: torch.Tensor) -> SuffStats:
     return SuffStats(s.count[None], s.sum[None], s.scatter[None])
 
 
+def decide(sub_stats, prior, tree=None, min_size=10, max_clusters=100, seed=1):
+    return mv.decide_splits(prior, 10.0, sub_stats, tree, min_size, max_clusters, torch.Generator().manual_seed(seed))
+
+
+def small_subclusters(K: int, count: float = 1.0, d: int = 2) -> SuffStats:
+    """(K, 2) subcluster statistics of `count` points each, at the origin with unit scatter."""
+    eye = torch.eye(d, dtype=D).expand(K, 2, d, d)
+    return SuffStats(torch.full((K, 2), count, dtype=D), torch.zeros(K, 2, d, dtype=D), count * eye.clone())
+
+
+def tree_proposal(n_parts, log_ratios) -> mv.TreeSplitProposal:
+    """Cell-tree proposals with given parts and ratios (labels are not read by the decision)."""
+    return mv.TreeSplitProposal(tuple(() for _ in n_parts), tuple(n_parts), tuple(float(r) for r in log_ratios))
+
+
 def test_split_of_two_gaussians_is_accepted():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(300, 4, generator=g, dtype=D)
     b = torch.randn(300, 4, generator=g, dtype=D) + torch.tensor([6.0, 0, 0, 0], dtype=D)
     x = torch.cat([a, b])
     z = torch.cat([torch.zeros(300), torch.ones(300)]).long()
-    dec = mv.propose_splits(prior_for(x), 10.0, two_way(x, z), 10, 100, torch.Generator().manual_seed(1))
-    assert dec.accepted == (0,)
+    dec = decide(two_way(x, z), prior_for(x))
+    assert dec.accepted == (0,) and dec.kinds == ("subnets",)
     assert dec.log_ratios[0] > 50
 
 
@@ -41,9 +58,94 @@ def test_split_of_one_gaussian_is_rejected_over_seeds():
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(400, 4, generator=g, dtype=D) @ torch.diag(torch.tensor([3.0, 1, 1, 0.5], dtype=D))
         z = (x[:, 0] > x[:, 0].median()).long()  # the split a subclustering net would find
-        dec = mv.propose_splits(prior_for(x), 10.0, two_way(x, z), 10, 100, torch.Generator().manual_seed(seed))
-        accepted += len(dec.accepted)
+        accepted += len(decide(two_way(x, z), prior_for(x), seed=seed).accepted)
     assert accepted == 0
+
+
+def test_the_better_scoring_proposal_faces_the_test():
+    """Per cluster the subnets' or the tree's split, whichever has the higher log H_s; a tree of
+    one part is no proposal."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(300, 2, generator=g, dtype=D), torch.randn(300, 2, generator=g, dtype=D) + 8])
+    z = torch.cat([torch.zeros(300), torch.ones(300)]).long()
+    subs = SuffStats.concat([two_way(x, z)] * 3)  # three clusters, the same good subnet split
+    prior = prior_for(x)
+    h = decide(subs, prior).log_ratios[0]
+    dec = decide(subs, prior, tree_proposal([3, 2, 1], [h + 5, h - 5, h + 50]))
+    assert dec.proposed == (0, 1, 2)
+    assert dec.kinds == ("tree", "subnets", "subnets")
+    assert dec.log_ratios == pytest.approx((h + 5, h, h))
+    assert dec.kind(0) == "tree" and dec.kind(2) == "subnets"
+
+
+def test_ratios_below_log_u_are_rejected():
+    """Accepted exactly where log u_k < log H_s, with u ~ U(0,1)^K the generator's first K draws."""
+    K = 8
+    u = torch.rand(K, generator=torch.Generator().manual_seed(3), dtype=D)
+    above = torch.tensor([True, False, True, True, False, False, True, False])
+    ratios = torch.log(u) + torch.where(above, 1e-6, -1e-6)
+    dec = decide(small_subclusters(K), prior_for(torch.randn(50, 2, dtype=D)), tree_proposal([2] * K, ratios), seed=3)
+    assert dec.proposed == tuple(range(K)) and set(dec.kinds) == {"tree"}
+    assert dec.accepted == tuple(torch.nonzero(above).flatten().tolist())
+
+
+def test_room_rule_drops_the_largest_splits_first():
+    """max_clusters leaves room for 5 new clusters; the accepted splits would add 2 + 4 + 1 + 4 + 1:
+    the two 5-way splits go (lowest index first among equals), then the rest fit."""
+    K = 5
+    tree = tree_proposal([3, 5, 2, 5, 1], [1e3] * 5)
+    subs = small_subclusters(K)
+    subs = SuffStats(subs.count.clone(), subs.sum.clone(), subs.scatter.clone())
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(300, 2, generator=g, dtype=D), torch.randn(300, 2, generator=g, dtype=D) + 8])
+    good = two_way(x, torch.cat([torch.zeros(300), torch.ones(300)]).long())
+    subs.count[4], subs.sum[4], subs.scatter[4] = good.count[0], good.sum[0], good.scatter[0]  # cluster 4: subnets
+    prior = prior_for(x)
+    dec = decide(subs, prior, tree, max_clusters=K + 5)
+    assert dec.kinds == ("tree", "tree", "tree", "tree", "subnets")
+    assert dec.accepted == (0, 2, 4) and dec.dropped == (1, 3)
+    assert decide(subs, prior, tree, max_clusters=K + 12).dropped == ()  # all fit
+    full = decide(subs, prior, tree, max_clusters=K)  # no room at all
+    assert full.accepted == () and sorted(full.dropped) == [0, 1, 2, 3, 4]
+
+
+def test_ineligible_clusters_are_never_proposed():
+    """Subclusters under min_cluster_size (or a non-finite ratio) and no tree proposal: no proposal,
+    whatever u is; the generator still gives K draws."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(300, 2, generator=g, dtype=D), torch.randn(300, 2, generator=g, dtype=D) + 8])
+    good = two_way(x, torch.cat([torch.zeros(300), torch.ones(300)]).long())
+    subs = SuffStats.concat([good, small_subclusters(1, count=5.0), good])
+    subs.count[2, 1] = 0.0  # an empty subcluster: lgamma(0) = inf
+    subs.sum[2, 1] = 0.0
+    subs.scatter[2, 1] = 0.0
+    prior = prior_for(x)
+    for seed in range(5):
+        dec = decide(subs, prior, seed=seed)
+        assert dec.proposed == (0,) and dec.accepted == (0,)
+    dec = decide(subs, prior, tree_proposal([1, 2, 1], [0.0, 1e3, 0.0]))  # the tree proposes cluster 1
+    assert dec.proposed == (0, 1) and dec.kinds == ("subnets", "tree")
+
+
+def test_decisions_are_reproducible_with_a_seeded_generator():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(60, 2, generator=g, dtype=D)
+    z = (x[:, 0] > 0).long()
+    subs = SuffStats.concat([two_way(x, z)] * 30)
+    prior = prior_for(x)
+    assert decide(subs, prior, min_size=2, seed=9) == decide(subs, prior, min_size=2, seed=9)
+
+
+def test_min_cluster_size_and_max_clusters_guard_splits():
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(8, 2, generator=g, dtype=D)
+    b = torch.randn(8, 2, generator=g, dtype=D) + 30
+    x = torch.cat([a, b])
+    z = torch.cat([torch.zeros(8), torch.ones(8)]).long()
+    prior = prior_for(x)
+    assert decide(two_way(x, z), prior, min_size=10).accepted == ()
+    assert decide(two_way(x, z), prior, min_size=5).accepted == (0,)
+    assert decide(two_way(x, z), prior, min_size=5, max_clusters=1).accepted == ()
 
 
 def test_merge_of_two_halves_of_one_gaussian_is_accepted():
@@ -73,29 +175,6 @@ def test_each_cluster_merges_at_most_once_per_round():
     assert len(dec.accepted) == 1 and len(dec.proposed) == 3
 
 
-def test_decisions_are_reproducible_with_a_seeded_generator():
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(60, 2, generator=g, dtype=D)
-    z = (x[:, 0] > 0).long()
-    subs = SuffStats.concat([two_way(x, z)] * 30)
-    prior = prior_for(x)
-    d1 = mv.propose_splits(prior, 10.0, subs, 2, 100, torch.Generator().manual_seed(9))
-    d2 = mv.propose_splits(prior, 10.0, subs, 2, 100, torch.Generator().manual_seed(9))
-    assert d1 == d2
-
-
-def test_min_cluster_size_and_max_clusters_guard_splits():
-    g = torch.Generator().manual_seed(6)
-    a = torch.randn(8, 2, generator=g, dtype=D)
-    b = torch.randn(8, 2, generator=g, dtype=D) + 30
-    x = torch.cat([a, b])
-    z = torch.cat([torch.zeros(8), torch.ones(8)]).long()
-    prior = prior_for(x)
-    assert mv.propose_splits(prior, 10.0, two_way(x, z), 10, 100, torch.Generator()).accepted == ()
-    assert mv.propose_splits(prior, 10.0, two_way(x, z), 5, 100, torch.Generator()).accepted == (0,)
-    assert mv.propose_splits(prior, 10.0, two_way(x, z), 5, 1, torch.Generator()).accepted == ()
-
-
 def test_merge_then_split_restores_both_clusters():
     g = torch.Generator().manual_seed(7)
     xs = [torch.randn(200, 3, generator=g, dtype=D) + 5 * k for k in range(3)]
@@ -115,8 +194,8 @@ def test_merge_then_split_restores_both_clusters():
         torch.stack([stats.sum[[0, 2]], stats.sum[[1, 1]]]),
         torch.stack([stats.scatter[[0, 2]], stats.scatter[[1, 1]]]),
     )
-    # ... so splitting it again gives back clusters 0 and 2 exactly
-    split = mv.apply_splits(mv.SplitDecision((0,), (0.0,), (0,)), merged.params, merged.sub_params, prior, sub_stats)
+    # ... so splitting it again gives back clusters 0 and 2
+    split = mv.apply_multi_splits({0: sub_stats[0]}, merged.params, merged.sub_params, prior)
     assert split.params.n_clusters == 3
     torch.testing.assert_close(split.params.means[[0, 2]], torch.stack([params.means[0], params.means[2]]))
     torch.testing.assert_close(split.params.chol[2], params.chol[2])

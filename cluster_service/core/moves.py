@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -24,15 +25,24 @@ from cluster_service.core.niw import (
     safe_cholesky,
 )
 
+# The split a cluster is proposed: its subnets' two subclusters, or a level of the merge tree of
+# its k-means cells (TreeSplitProposal, a g-way split).
+SplitKind = Literal["subnets", "tree"]
+
 
 @dataclass(frozen=True)
 class SplitDecision:
-    proposed: tuple[int, ...]  # clusters whose split was evaluated
-    log_ratios: tuple[float, ...]  # log H_s of each proposed cluster
+    """Split decisions of one round. proposed, kinds and log_ratios are aligned."""
+
+    proposed: tuple[int, ...]  # clusters with a split proposal (ascending)
+    kinds: tuple[SplitKind, ...]  # the proposal each of them faced the test with
+    log_ratios: tuple[float, ...]  # its log H_s
     accepted: tuple[int, ...]  # clusters to split (ascending)
-    # which proposal each accepted split uses (engine.split_step: 1 = cell tree, 2 = subnets);
-    # empty = the subnets' for all
-    kinds: tuple[int, ...] = ()
+    dropped: tuple[int, ...] = ()  # passed the test but dropped: no room under max_clusters
+
+    def kind(self, k: int) -> SplitKind:
+        """The proposal cluster k (one of `proposed`) faced the test with."""
+        return self.kinds[self.proposed.index(k)]
 
 
 @dataclass(frozen=True)
@@ -60,36 +70,55 @@ class MoveResult:
 # ---- decisions ------------------------------------------------------------------------------
 
 
-def propose_splits(
+def decide_splits(
     prior: NIWPrior,
     alpha: float,
     sub_stats: SuffStats,
+    tree: TreeSplitProposal | None,
     min_cluster_size: float,
     max_clusters: int,
     generator: torch.Generator,
 ) -> SplitDecision:
-    """Metropolis-Hastings split decisions for every cluster.
+    """Metropolis-Hastings split decisions for every cluster (DeepDPM eq. 9).
 
-    sub_stats: batch shape (K, 2). A cluster is proposed when both subclusters hold at least
-    `min_cluster_size` points; it is accepted with probability min(1, H_s). Accepted splits
-    beyond `max_clusters` are dropped (largest ratios kept).
+    sub_stats: batch shape (K, 2), the subclusters' statistics; tree: the cell-tree proposals
+    (batch (K,)) or None. The subnets' split is proposed when both subclusters hold at least
+    `min_cluster_size` points; the tree's when it has >= 2 parts. Of the two, the one with the
+    higher log H_s faces the test, accepted when log u_k < log H_s with u ~ U(0, 1)^K drawn
+    from `generator` (always K draws). Room rule: accepted splits that would make more than
+    `max_clusters` clusters are dropped, the ones making the most new clusters first (ties: the
+    lowest index first), until the rest fit.
     """
     K = sub_stats.count.shape[0]
-    log_h = log_split_ratio(prior, alpha, sub_stats[:, 0], sub_stats[:, 1])  # (K,)
+    log_h = log_split_ratio(prior, alpha, sub_stats[:, 0], sub_stats[:, 1]).cpu()  # (K,)
+    eligible = (sub_stats.count >= min_cluster_size).all(-1).cpu() & torch.isfinite(log_h)
     u = torch.rand(K, generator=generator, dtype=STAT_DTYPE)
-    eligible = (sub_stats.count >= min_cluster_size).all(-1).cpu() & torch.isfinite(log_h.cpu())
-    accept = eligible & (torch.log(u) < log_h.cpu())
-    accepted = torch.nonzero(accept).flatten()
-    room = max(0, max_clusters - K)
-    if accepted.numel() > room:
-        order = torch.argsort(log_h.cpu()[accepted], descending=True, stable=True)
-        accepted = accepted[order[:room]].sort().values
-    proposed = torch.nonzero(eligible).flatten()
-    return SplitDecision(
-        proposed=tuple(proposed.tolist()),
-        log_ratios=tuple(log_h.cpu()[proposed].tolist()),
-        accepted=tuple(accepted.tolist()),
-    )
+    proposed, kinds, ratios, n_parts = [], [], [], {}
+    for k in range(K):
+        kind, r, g = ("subnets", float(log_h[k]), 2) if bool(eligible[k]) else (None, -math.inf, 0)
+        if tree is not None and tree.n_parts[k] >= 2 and tree.log_ratios[k] > r:
+            kind, r, g = "tree", tree.log_ratios[k], tree.n_parts[k]
+        if kind is not None:
+            proposed.append(k)
+            kinds.append(kind)
+            ratios.append(r)
+            n_parts[k] = g
+    passed = [k for k, r in zip(proposed, ratios, strict=True) if math.log(float(u[k])) < r]
+    accepted, dropped = _fit_room(passed, n_parts, max_clusters - K)
+    return SplitDecision(tuple(proposed), tuple(kinds), tuple(ratios), tuple(accepted), tuple(dropped))
+
+
+def _fit_room(passed: list[int], n_parts: dict[int, int], room: int) -> tuple[list[int], list[int]]:
+    """Drop the splits with the most parts first (stable: lowest index first among equals) until
+    the new clusters (parts - 1 per split) fit in `room`. -> (kept ascending, dropped)."""
+    kept = list(passed)
+    dropped = []
+    for k in sorted(passed, key=lambda k: -n_parts[k]):
+        if sum(n_parts[j] - 1 for j in kept) <= room:
+            break
+        kept.remove(k)
+        dropped.append(k)
+    return kept, dropped
 
 
 def propose_merges(
@@ -267,46 +296,6 @@ def normalize_sub_weights(counts: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 # ---- surgery --------------------------------------------------------------------------------
-
-
-def apply_splits(
-    decision: SplitDecision, params: GaussianParams, sub_params: GaussianParams, prior: NIWPrior, sub_stats: SuffStats
-) -> MoveResult:
-    """Cluster k -> its subclusters: k keeps subcluster 0, a new cluster (appended) takes subcluster 1.
-
-    Weights pi_k * pi~_{k,j}; each new cluster gets fresh principal-axis subclusters computed
-    from its subcluster's statistics.
-    """
-    K = params.n_clusters
-    split = torch.tensor(decision.accepted, dtype=torch.long, device=params.means.device)
-    if split.numel() == 0:
-        empty = torch.empty(0, dtype=torch.long)
-        return MoveResult(params, sub_params, torch.arange(K), empty)
-    source = torch.cat([torch.arange(K, device=split.device), split])
-    log_w = params.log_weights.clone()
-    means = params.means.clone()
-    chol = params.chol.clone()
-    log_w[split] = params.log_weights[split] + sub_params.log_weights[split, 0]
-    means[split] = sub_params.means[split, 0]
-    chol[split] = sub_params.chol[split, 0]
-    new_params = GaussianParams(
-        torch.cat([log_w, params.log_weights[split] + sub_params.log_weights[split, 1]]),
-        torch.cat([means, sub_params.means[split, 1]]),
-        torch.cat([chol, sub_params.chol[split, 1]]),
-    )
-    # fresh subclusters for both halves of every split cluster
-    halves = SuffStats.concat([sub_stats[split, 0], sub_stats[split, 1]])
-    fresh_subs = principal_axis_subclusters(prior, halves)
-    fresh = torch.cat([split, torch.arange(K, K + split.numel(), device=split.device)])
-    new_sub = GaussianParams(
-        torch.cat([sub_params.log_weights, sub_params.log_weights[split]]),
-        torch.cat([sub_params.means, sub_params.means[split]]),
-        torch.cat([sub_params.chol, sub_params.chol[split]]),
-    )
-    new_sub.log_weights[fresh] = fresh_subs.log_weights
-    new_sub.means[fresh] = fresh_subs.means
-    new_sub.chol[fresh] = fresh_subs.chol
-    return MoveResult(new_params, new_sub, source.cpu(), fresh.cpu())
 
 
 def apply_merges(

@@ -49,7 +49,6 @@ from cluster_service.core.niw import (
     dp_log_weights,
     log_marginal_likelihood,
     log_partition_evidence,
-    log_split_ratio,
     make_prior,
     map_estimate,
     pooled_within_covariance,
@@ -473,44 +472,23 @@ class Engine:
 
     def split_step(self, sub_stats: SuffStats, stats: SuffStats) -> tuple[int, int]:
         """Split proposals per cluster: the subnets' two subclusters and, with moves.split_cells,
-        the best level of the merge tree of its k-means cells (a many-way split); the one with
-        the higher log H_s faces the Metropolis-Hastings test (u ~ U(0,1) from move_gen)."""
+        the best level of the merge tree of its k-means cells (a many-way split); rank 0 decides
+        (moves.decide_splits, u from move_gen), every rank applies the decision."""
         m = self.cfg.moves
-        alpha = self.cfg.prior.alpha
-        K = self.n_clusters
-        log_h = log_split_ratio(self.prior, alpha, sub_stats[:, 0], sub_stats[:, 1]).cpu()
-        eligible = (sub_stats.count >= m.min_cluster_size).all(-1).cpu() & torch.isfinite(log_h)
-        parts: dict[int, SuffStats] = {}
-        tree = None
+        cells = tree = None
         if m.split_cells >= 2:
             cells = self.cell_stats(self.cells_per_cluster(stats.count))
-            tree = mv.tree_split_proposals(self.prior, alpha, cells)
+            tree = mv.tree_split_proposals(self.prior, self.cfg.prior.alpha, cells)
         decision = None
         if self.comm.rank == 0:
-            u = torch.rand(K, generator=self.move_gen, dtype=STAT_DTYPE)
-            choice, ratios = [], []
-            for k in range(K):
-                best, r = (2, float(log_h[k])) if bool(eligible[k]) else (0, -math.inf)
-                if tree is not None and tree.n_parts[k] >= 2 and tree.log_ratios[k] > r:
-                    best, r = 1, tree.log_ratios[k]  # 1 = tree proposal, 2 = subnets, 0 = none
-                choice.append(best)
-                ratios.append(r)
-            proposed = [k for k in range(K) if choice[k]]
-            accepted = [k for k in proposed if math.log(float(u[k])) < ratios[k]]
-            decision = mv.SplitDecision(
-                tuple(proposed), tuple(ratios[k] for k in proposed), tuple(accepted), tuple(choice[k] for k in accepted)
+            decision = mv.decide_splits(
+                self.prior, self.cfg.prior.alpha, sub_stats, tree, m.min_cluster_size, m.max_clusters, self.move_gen
             )
         decision = self.comm.broadcast_object(decision)
-        for k, how in zip(decision.accepted, decision.kinds, strict=True):
-            if how == 1:
-                parts[k] = mv.group_cells(cells[k], tree.labels[k], tree.n_parts[k])
-            else:
-                parts[k] = sub_stats[k]
-        room = m.max_clusters - K
-        for k in sorted(parts, key=lambda k: -parts[k].count.shape[0]):  # too many new clusters: drop
-            if sum(p.count.shape[0] - 1 for p in parts.values()) <= room:
-                break
-            del parts[k]
+        parts = {
+            k: mv.group_cells(cells[k], tree.labels[k], tree.n_parts[k]) if decision.kind(k) == "tree" else sub_stats[k]
+            for k in decision.accepted
+        }
         if parts:
             self.rebuild_for_k(mv.apply_multi_splits(parts, self.params, self.sub_params, self.prior))
         return len(decision.proposed), len(parts)
