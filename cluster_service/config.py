@@ -320,6 +320,10 @@ class FitConfig:
     responsibilities: Literal["net", "estep"] = "net"
     # Rows per chunk for E-step and statistics: memory is O(chunk * K + K * d^2).
     chunk_size: int = 8192
+    # The truncated E-step (core/truncated.py): clusters scored exactly per row (its best ones of
+    # the last scoring, its best cluster's neighbours in the cluster graph, one pseudo-random one)
+    # once K exceeds 2 x candidates; below that, scoring all K is cheaper. 0 = always all K.
+    candidates: int = 16
     prior: PriorConfig = field(default_factory=PriorConfig)
     net: NetConfig = field(default_factory=NetConfig)
     moves: MoveConfig = field(default_factory=MoveConfig)
@@ -337,6 +341,8 @@ class FitConfig:
             raise ConfigError(f"overcluster_factor must be > 0, got {self.overcluster_factor}")
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.candidates != 0 and self.candidates < 6:
+            raise ConfigError(f"candidates must be 0 (always score all K) or >= 6, got {self.candidates}")
         if self.responsibilities not in ("net", "estep"):
             raise ConfigError(f"responsibilities must be 'net' or 'estep', got {self.responsibilities!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

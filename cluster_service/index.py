@@ -69,6 +69,12 @@ def nearest_clusters(means, n_neighbors: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def nearest_k(x, centroids, k: int) -> np.ndarray:
+    """Each row's k nearest centroids, nearest first: (n, min(k, K)) int64."""
+    _, idx = flat_index(centroids).search(_as_f32(x), min(k, _as_f32(centroids).shape[0]))
+    return idx.astype(np.int64)
+
+
 def assign_nearest(x, centroids) -> np.ndarray:
     """Index of the nearest centroid for every row of x: (n,) int64."""
     _, idx = flat_index(centroids).search(_as_f32(x), 1)

@@ -21,6 +21,7 @@ import torch
 from cluster_service import index as faiss_index
 from cluster_service.config import SCHEMA_VERSION, FitConfig
 from cluster_service.core import moves as mv
+from cluster_service.core import truncated as tr
 from cluster_service.core.device import resolve_device
 from cluster_service.core.gaussian import (
     WhitenedGaussians,
@@ -84,6 +85,8 @@ class EpochRecord:
     time_reduce: float
     time_mstep: float
     time_moves: float
+    time_estep: float = 0.0  # the truncated E-step's scoring (part of time_train)
+    log_densities: int = 0  # (row, cluster) Gaussian log-densities evaluated this epoch, all ranks
     stopped: str = ""  # on the last epoch of a fit: why it ended (core.schedule.Convergence)
 
     def as_dict(self) -> dict:
@@ -122,6 +125,12 @@ class Engine:
         self.g2l = torch.full((self.n_global,), -1, dtype=torch.long)
         self.g2l[gi] = torch.arange(n_local)
         self.g2l = self.g2l.to(self.device)
+        self.global_index = gi.to(self.device)
+        # Truncated E-step state: each local row's best clusters of the last scoring, best first
+        # (n_local, B) int64, -1 = none; None until the first scoring (then FAISS-nearest means).
+        self.best: torch.Tensor | None = None
+        self._graph: tuple[GaussianParams, torch.Tensor] | None = None  # cluster graph of these params
+        self.min_weight = tr.MIN_WEIGHT  # sparse statistics leave out smaller responsibilities
 
         # Centre on the global mean in float64, chunk by chunk: no full float64 copy of the rows
         # (at 1.28M x 128 that would be 1.3 GB per copy next to the 0.65 GB float32 rows).
@@ -266,9 +275,8 @@ class Engine:
         start = GaussianParams(torch.zeros(means.shape[0], dtype=STAT_DTYPE, device=dev),
                                torch.as_tensor(means, dtype=STAT_DTYPE, device=dev) - self.shift,
                                torch.as_tensor(chol, dtype=STAT_DTYPE, device=dev))
-        z = torch.empty(self.x.shape[0], dtype=torch.int64, device=dev)
-        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(self.n_features, means.shape[0], self.cfg.chunk_size)):
-            z[sl] = log_joint(self.x[sl], start, STAT_DTYPE, self.cfg.chunk_size).argmax(-1)
+        self.params, self.best = start, None
+        z = torch.from_numpy(self.assign()[0]).to(dev)
         stats = self.hard_stats(z, means.shape[0])
         self._start_from_stats(stats[stats.count > 0])
 
@@ -276,6 +284,7 @@ class Engine:
         """MAP parameters, DP weights and principal-axis subclusters from starting statistics (K,);
         fresh nets (the clustering net seeded by cfg.seed) for that K."""
         K = int(stats.count.shape[0])
+        self.best = None  # a new partition: candidates start from the nearest means
         means, chol = map_estimate(self.prior, stats)
         self.params = GaussianParams(dp_log_weights(stats.count, self.cfg.prior.alpha), means, chol)
         self.sub_params = mv.principal_axis_subclusters(self.prior, stats)
@@ -291,12 +300,23 @@ class Engine:
         self.opt = torch.optim.Adam(self.cluster_net.parameters(), lr=self.cfg.net.lr)
         self.sub_opt = torch.optim.Adam(self.subnets.parameters(), lr=self.cfg.net.sub_lr)
 
-    def rebuild_for_k(self, result: mv.MoveResult) -> None:
-        """THE change-of-K event: parameters, heads, subnets, optimizers and DDP wrappers together.
+    def rebuild_for_k(self, result: mv.MoveResult, absorbed: dict[int, int] | None = None) -> None:
+        """THE change-of-K event: parameters, heads, subnets, optimizers, DDP wrappers and the
+        rows' candidate clusters together.
 
         Net rows follow `result.source`; subnets of `result.fresh` clusters are re-initialised;
-        optimizers restart (Adam moments of resized tensors have no meaning for new rows).
+        optimizers restart (Adam moments of resized tensors have no meaning for new rows). A row's
+        best clusters map to their new indices: a split cluster to all its parts, a merged-away
+        cluster j to its survivor (absorbed: old j -> old i), a removed one to nothing.
         """
+        if self.best is not None:
+            children: list[list[int]] = [[] for _ in range(self.n_clusters)]
+            for new, old in enumerate(result.source.tolist()):
+                children[old].append(new)
+            for j, i in (absorbed or {}).items():
+                children[j] = children[i]
+            best = tr.remap_best(self.best, children)
+            self.best = best.gather(1, torch.argsort((best < 0).to(torch.int8), dim=1, stable=True))
         self.params, self.sub_params = result.params, result.sub_params
         net = resize_cluster_net(unwrap(self.cluster_net), result.source)
         subnets = resize_subnets(unwrap(self.subnets), result.source, result.fresh, self.init_gen)
@@ -306,17 +326,69 @@ class Engine:
     def n_clusters(self) -> int:
         return self.params.n_clusters
 
+    # ---- the truncated E-step (core/truncated) ---------------------------------------------
+
+    @property
+    def truncated(self) -> bool:
+        """Score each row's candidates instead of all K: once K > 2 x cfg.candidates (below that
+        one dense matmul per chunk is cheaper than the per-cluster gathers)."""
+        return self.cfg.candidates > 0 and self.n_clusters > 2 * self.cfg.candidates
+
+    def _proxy_best(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's nearest cluster means (FAISS, Euclidean): candidates before any scoring."""
+        return torch.from_numpy(faiss_index.nearest_k(x, self.params.means, tr.N_KEEP)).to(self.device)
+
+    def _cluster_graph(self) -> torch.Tensor:
+        if self._graph is None or self._graph[0] is not self.params:
+            self._graph = (self.params, tr.cluster_graph(self.params, self.cfg.candidates, self.dtype))
+        return self._graph[1]
+
+    @torch.no_grad()
+    def score_candidates(self, x: torch.Tensor | None = None, dtype: torch.dtype | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate table (n, C) int64 (-1 = empty) and its log pi_k + log N(x; mu_k, Sigma_k)
+        (n, C) (-inf at empty slots) for the local rows (or for other centred rows x)."""
+        own = x is None
+        x = self.x if own else x
+        if own and (self.best is None or self.best.shape[0] != x.shape[0]):
+            self.best = self._proxy_best(x)
+        best = self.best if own else self._proxy_best(x)
+        rows = self.global_index if own else torch.arange(x.shape[0], device=self.device)
+        salt = self.cfg.seed * 1_000_003 + self.epoch
+        cand = tr.build_candidates(best, self._cluster_graph(), tr.pseudo_random_clusters(rows, salt, self.n_clusters),
+                                   self.cfg.candidates)
+        return cand, tr.CandidateScorer(self.params, dtype or self.dtype).score(x, cand)
+
+    @torch.no_grad()
+    def estep_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's truncated E-step: (candidates (n, C), log r^E over them (n, C)); keeps
+        each row's best clusters for the next epoch's candidates."""
+        cand, log_joint_c = self.score_candidates()
+        order = log_joint_c.topk(min(tr.N_KEEP, cand.shape[1]), dim=1)
+        self.best = cand.gather(1, order.indices).masked_fill(~torch.isfinite(order.values), -1)
+        return cand, log_joint_c - torch.logsumexp(log_joint_c, dim=1, keepdim=True)
+
+    def _dense_targets(self, table: tuple[torch.Tensor, torch.Tensor], loc: torch.Tensor) -> torch.Tensor:
+        """(len(loc), K) log r^E of local rows loc from the sparse table, -inf off the candidates."""
+        cand, log_r = table[0][loc], table[1][loc]
+        K = self.n_clusters
+        out = torch.full((loc.shape[0], K + 1), -math.inf, dtype=log_r.dtype, device=self.device)
+        out.scatter_(1, torch.where(cand < 0, K, cand), log_r)  # empty slots land in the spare column
+        return out[:, :K]
+
     # ---- the named steps --------------------------------------------------------------------
 
-    def train_nets(self, plan: EpochPlan, use_estep: bool) -> tuple[float, float]:
+    def train_nets(self, plan: EpochPlan, use_estep: bool,
+                   table: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float]:
         """One pass of mini-batch training of the clustering net (target: E-step of the current
-        parameters) and, when planned, the subclustering nets. Returns summed losses / n_global."""
+        parameters, from the truncated table when given) and, when planned, the subclustering
+        nets. Returns summed losses / n_global."""
         cfg = self.cfg.net
         # one pass over the rows, in at least min_steps_per_epoch steps (smaller batches on small data)
         B = max(1, min(cfg.batch_size, math.ceil(self.n_global / cfg.min_steps_per_epoch)))
         steps = math.ceil(self.n_global / B)
         perm = torch.randperm(self.n_global, generator=self.batch_gen).to(self.device)
-        g = WhitenedGaussians(self.params.means, self.params.chol, torch.float32)
+        g = WhitenedGaussians(self.params.means, self.params.chol, torch.float32) if table is None else None
         logw = self.params.log_weights.float()
         sub_means = self.sub_params.means.float()
         world = self.comm.world_size
@@ -330,7 +402,10 @@ class Engine:
             loc = loc[loc >= 0]
             xb = self.x[loc].float()
             with torch.no_grad():
-                log_target = torch.log_softmax(g.log_prob(xb) + logw, dim=-1)
+                if table is None:
+                    log_target = torch.log_softmax(g.log_prob(xb) + logw, dim=-1)
+                else:
+                    log_target = self._dense_targets(table, loc).float()
             logits = self.cluster_net(xb)
             loss = loss_fn(logits, log_target).sum() * (world / B)
             self.opt.zero_grad(set_to_none=True)
@@ -361,7 +436,8 @@ class Engine:
         return torch.log_softmax(net(x.float()).to(self.dtype), -1)
 
     @torch.no_grad()
-    def accumulate(self, use_estep: bool) -> tuple[SuffStats, SuffStats]:
+    def accumulate(self, use_estep: bool,
+                   table: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[SuffStats, SuffStats]:
         """Local statistics: clusters weighted by r_ik; subclusters (bin 2k+j) by hard z_i = k
         times the subnet's r~_ij. Returns batch shapes (K,) and (K, 2).
 
@@ -372,6 +448,8 @@ class Engine:
         statistics are then summed after the pass, in large chunks grouped by bin (z and the
         subnet weights of every local row are kept: 16 bytes per row).
         """
+        if table is not None or (use_estep and self.truncated):
+            return self._accumulate_truncated(use_estep, table if table is not None else self.estep_table())
         K, d = self.n_clusters, self.n_features
         dense = K <= DENSE_SUBCLUSTER_MAX
         if dense:
@@ -401,6 +479,40 @@ class Engine:
             for sl in iter_chunks(self.x.shape[0], chunk_rows(8 * d, self.x.shape[0])):
                 for j in (0, 1):
                     add_hard_stats_(sub, self.x[sl], 2 * z_all[sl] + j, r_all[sl, j])
+        sub = SuffStats(sub.count.reshape(K, 2), sub.sum.reshape(K, 2, d), sub.scatter.reshape(K, 2, d, d))
+        return stats, sub
+
+    @torch.no_grad()
+    def _accumulate_truncated(self, use_estep: bool, table: tuple[torch.Tensor, torch.Tensor]
+                              ) -> tuple[SuffStats, SuffStats]:
+        """`accumulate` from sparse weights: each row's responsibilities (the truncated E-step's
+        over its candidates, or the net's over its candidates and the net's own top clusters) of at least
+        self.min_weight, renormalised; statistics grouped by cluster, subclusters by the row's
+        best cluster."""
+        K, d, n = self.n_clusters, self.n_features, self.x.shape[0]
+        pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        z = torch.empty(n, dtype=torch.long, device=self.device)
+        r_sub = torch.empty(n, 2, dtype=self.dtype, device=self.device)
+        subnets = unwrap(self.subnets)  # no DDP collectives in inference (see log_responsibilities)
+        subnets.eval()
+        for sl in iter_chunks(n, chunk_rows(K, self.cfg.chunk_size)):
+            if use_estep:
+                index, log_r = table[0][sl], table[1][sl]
+            else:
+                full = self.log_responsibilities(self.x[sl], False)  # (rows, K): the net's logits are cheap
+                index = tr.dedupe_rows(torch.cat([table[0][sl], full.topk(min(tr.N_KEEP, K), dim=1).indices], 1))
+                log_r = full.gather(1, index.clamp_min(0)).masked_fill(index < 0, -math.inf)
+            rows, bins, w = tr.truncate(index, log_r, self.min_weight)
+            pairs.append((rows + sl.start, bins, w))
+            z[sl] = index.gather(1, log_r.argmax(1, keepdim=True))[:, 0]
+            r_sub[sl] = torch.softmax(subnets(self.x[sl].float(), z[sl]), -1).to(self.dtype)
+        rows, bins, w = (torch.cat(t) for t in zip(*pairs, strict=True))
+        stats = SuffStats.zeros((K,), d, device=self.device)
+        tr.add_sparse_stats_(stats, self.x, rows, bins, w, self.dtype)
+        sub = SuffStats.zeros((2 * K,), d, device=self.device)
+        every = torch.arange(n, device=self.device)
+        tr.add_sparse_stats_(sub, self.x, torch.cat([every, every]), torch.cat([2 * z, 2 * z + 1]),
+                             torch.cat([r_sub[:, 0], r_sub[:, 1]]).to(STAT_DTYPE), self.dtype)
         sub = SuffStats(sub.count.reshape(K, 2), sub.sum.reshape(K, 2, d), sub.scatter.reshape(K, 2, d, d))
         return stats, sub
 
@@ -503,7 +615,8 @@ class Engine:
                 decision = mv.propose_merges(self.prior, self.cfg.prior.alpha, stats, neighbors, self.move_gen)
         decision = self.comm.broadcast_object(decision)
         if decision.accepted:
-            self.rebuild_for_k(mv.apply_merges(decision, self.params, self.sub_params, self.prior, stats))
+            absorbed = {j: i for i, j in decision.accepted}
+            self.rebuild_for_k(mv.apply_merges(decision, self.params, self.sub_params, self.prior, stats), absorbed)
         return len(decision.proposed), len(decision.accepted)
 
     def prune_step(self, stats: SuffStats) -> int:
@@ -518,9 +631,14 @@ class Engine:
         t0 = time.perf_counter()
         frozen = plan.epoch <= self.frozen_until
         use_estep = self.cfg.responsibilities == "estep" or frozen or not plan.m_step
-        loss_cl, loss_sub = self.train_nets(plan, use_estep)
+        table = self.estep_table() if self.truncated else None
+        n_dense = self.n_global * self.n_clusters * (1 + int(use_estep))  # train targets (+ E-step statistics)
+        evaluated = int(self.comm.all_reduce_sum(torch.tensor([float((table[0] >= 0).sum())], dtype=STAT_DTYPE,
+                                                              device=self.device))) if table is not None else n_dense
+        t_estep = time.perf_counter()
+        loss_cl, loss_sub = self.train_nets(plan, use_estep, table)
         t1 = time.perf_counter()
-        stats, sub_stats = self.accumulate(use_estep)
+        stats, sub_stats = self.accumulate(use_estep, table)
         t2 = time.perf_counter()
         stats, sub_stats = self.reduce_stats(stats), self.reduce_stats(sub_stats)
         self.last_stats = (stats, sub_stats)  # the epoch's global statistics, for callbacks
@@ -547,7 +665,7 @@ class Engine:
             log_marginal=log_ml, size_entropy=entropy, splits_proposed=sp, splits_accepted=sa,
             merges_proposed=mp, merges_accepted=ma, pruned=pr, frozen=frozen,
             time_total=t5 - t0, time_train=t1 - t0, time_stats=t2 - t1, time_reduce=t3 - t2,
-            time_mstep=t4 - t3, time_moves=t5 - t4,
+            time_mstep=t4 - t3, time_moves=t5 - t4, time_estep=t_estep - t0, log_densities=evaluated,
         )
 
     # ---- outputs ---------------------------------------------------------------------------
@@ -563,6 +681,12 @@ class Engine:
     def assign_top2(self, x: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`assign` plus each row's runner-up cluster (n,) int64 (itself when K = 1), from the
         same pass: which clusters border each other (cluster_tree)."""
+        if self.truncated:  # each row's candidates, scored in float64
+            cand, values = self.score_candidates(x, STAT_DTYPE)
+            top = values.topk(min(2, cand.shape[1]), dim=1)
+            ids = cand.gather(1, top.indices)
+            second = torch.where(torch.isfinite(top.values[:, -1]), ids[:, -1], ids[:, 0])
+            return ids[:, 0].cpu().numpy(), top.values[:, 0].cpu().numpy(), second.cpu().numpy()
         x = self.x if x is None else x
         n, K = x.shape[0], self.n_clusters
         cluster = torch.empty(n, dtype=torch.int64, device=self.device)
@@ -592,6 +716,21 @@ class Engine:
             adjacency = (counts + counts.T) > 0
         return merge_tree(self.prior, self.cfg.prior.alpha, self.hard_stats(z, K), adjacency=adjacency)
 
+    def _restore_candidates(self, saved: dict | None) -> torch.Tensor | None:
+        """The saved candidate table's rows that this process holds (by global index); rows
+        that were not saved (another rank's) start from the nearest means at the next scoring."""
+        if saved is None:
+            return None
+        gi, best = saved["global_index"].to(self.device), saved["best"].to(self.device)
+        inside = gi < self.n_global
+        loc = torch.full_like(gi, -1)
+        loc[inside] = self.g2l[gi[inside]]
+        if bool((loc < 0).any()) or gi.shape[0] != self.x.shape[0]:
+            return None  # saved by another layout of rows: rebuild every row's candidates
+        out = torch.empty_like(best)
+        out[loc] = best
+        return out
+
     def export_params(self) -> GaussianParams:
         """Mixture parameters in the original (uncentred) coordinates."""
         return GaussianParams(
@@ -616,6 +755,9 @@ class Engine:
             "subnets": unwrap(self.subnets).state_dict(),
             "opt": self.opt.state_dict(),
             "sub_opt": self.sub_opt.state_dict(),
+            # this process's rows' candidate clusters, by global row index (core/truncated)
+            "candidates": None if self.best is None else {"global_index": self.global_index.cpu(),
+                                                           "best": self.best.cpu()},
             "rng": {
                 "move": self.move_gen.get_state(),
                 "batch": self.batch_gen.get_state(),
@@ -654,6 +796,7 @@ class Engine:
         self._install_nets(net.to(self.device), subnets.to(self.device))
         self.opt.load_state_dict(state["opt"])
         self.sub_opt.load_state_dict(state["sub_opt"])
+        self.best = self._restore_candidates(state.get("candidates"))
         self.move_gen.set_state(state["rng"]["move"])
         self.batch_gen.set_state(state["rng"]["batch"])
         self.init_gen.set_state(state["rng"]["init"])

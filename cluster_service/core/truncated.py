@@ -1,0 +1,169 @@
+"""The truncated E-step: each row is scored against a few candidate clusters, not all K.
+
+Truncated variational EM for mixtures (Forster & Lücke, AISTATS 2018; Hirschberger, Forster &
+Lücke, TPAMI 2022): a row's responsibility is negligible for all but a handful of clusters, so
+each row keeps a candidate set — its best clusters of the last scoring, the neighbours of its
+best cluster in a cluster graph rebuilt from the current parameters, and one pseudo-random
+cluster — and only those get exact full-covariance log-densities. Responsibilities are
+renormalised over the candidates; statistics are summed from the sparse (row, cluster, weight)
+triples grouped by cluster, never through an (n, K) matrix. Cost per pass: 2 n C d^2 flops for
+C candidates instead of 2 n K d^2.
+
+Pure functions over tensors. Candidate tables are (n, C) int64 with -1 in unused slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cluster_service.core.niw import STAT_DTYPE, GaussianParams, SuffStats
+
+# Slots of the candidate set filled from the row's best clusters of the last scoring; the rest
+# of `candidates` (minus the pseudo-random slot) are graph neighbours of the best cluster.
+N_KEEP = 3
+# Responsibilities below this are left out of the statistics (the row's best always counts).
+MIN_WEIGHT = 1e-6
+
+
+class CandidateScorer:
+    """Exact log pi_k + log N(x; mu_k, Sigma_k) of (row, cluster) pairs, grouped by cluster.
+
+    params: means (K, d), chol (K, d, d) lower Cholesky factors, log_weights (K,) (float64);
+    dtype: the compute dtype of the per-cluster whitening matmuls.
+    """
+
+    def __init__(self, params: GaussianParams, dtype: torch.dtype):
+        K, d = params.means.shape
+        eye = torch.eye(d, dtype=params.chol.dtype, device=params.chol.device).expand(K, d, d)
+        # y = L_k^{-1} (x - mu_k) = x L_k^{-T} - mu_k L_k^{-T}
+        w = torch.linalg.solve_triangular(params.chol, eye, upper=False).transpose(-1, -2)  # (K, d, d)
+        self.weight = w.to(dtype)
+        self.bias = torch.einsum("kd,kde->ke", params.means, w).to(dtype)  # (K, d)
+        log_det = torch.log(params.chol.diagonal(dim1=-2, dim2=-1)).sum(-1)
+        self.const = (params.log_weights - 0.5 * d * math.log(2 * math.pi) - log_det).to(dtype)  # (K,)
+        self.dtype = dtype
+        self.n_clusters, self.n_features = K, d
+
+    def score(self, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """x: (n, d); cand: (n, C) int64 cluster ids (-1 = empty slot) -> (n, C) log-joints
+        in the compute dtype, -inf at empty slots. One (n_k, d) x (d, d) matmul per cluster."""
+        n, C = cand.shape
+        out = torch.full((n * C,), -math.inf, dtype=self.dtype, device=x.device)
+        flat = cand.reshape(-1)
+        valid = torch.nonzero(flat >= 0).flatten()
+        for k, sel in groups(flat[valid]):
+            pos = valid[sel]
+            y = x.index_select(0, pos // C).to(self.dtype) @ self.weight[k] - self.bias[k]
+            out[pos] = self.const[k] - 0.5 * y.square().sum(-1)
+        return out.view(n, C)
+
+
+def groups(keys: torch.Tensor):
+    """Yield (k, positions of keys == k), k ascending, positions ascending. keys: (P,) int64 >= 0."""
+    order = torch.argsort(keys, stable=True)
+    bins, counts = torch.unique_consecutive(keys[order], return_counts=True)
+    start = 0
+    for k, c in zip(bins.tolist(), counts.tolist(), strict=True):
+        yield k, order[start : start + c]
+        start += c
+
+
+def dedupe_rows(cand: torch.Tensor) -> torch.Tensor:
+    """Each row's distinct cluster ids, ascending, then -1 (empty) slots; trailing columns that
+    are empty in every row are dropped. cand: (n, C) int64 -> (n, C' <= C)."""
+    s = cand.sort(dim=1).values
+    dup = torch.zeros_like(s, dtype=torch.bool)
+    dup[:, 1:] = s[:, 1:] == s[:, :-1]
+    big = torch.iinfo(torch.int64).max
+    key = torch.where(dup | (s < 0), big, s).sort(dim=1).values
+    width = max(1, int((key != big).sum(1).max())) if key.numel() else 1
+    return key[:, :width].masked_fill(key[:, :width] == big, -1)
+
+
+def cluster_graph(params: GaussianParams, n_neighbors: int, dtype: torch.dtype = STAT_DTYPE) -> torch.Tensor:
+    """Each cluster's nearest clusters, itself first: the clusters l with the highest
+    log pi_l + log N(mu_k; mu_l, Sigma_l) at cluster k's mean (the clusters that compete for the
+    rows around mu_k). -> (K, min(n_neighbors, K)) int64. K^2 d^2 flops."""
+    K = params.n_clusters
+    g = min(n_neighbors, K)
+    scorer = CandidateScorer(params, dtype)
+    out = torch.empty(K, g, dtype=torch.long, device=params.means.device)
+    rows = max(1, (1 << 24) // max(1, K * params.means.shape[1]))
+    for start in range(0, K, rows):
+        mu = params.means[start : start + rows].to(dtype)
+        y = torch.einsum("nd,kde->nke", mu, scorer.weight) - scorer.bias  # (rows, K, d)
+        ll = scorer.const - 0.5 * y.square().sum(-1)
+        idx = torch.arange(start, start + mu.shape[0], device=mu.device)
+        ll[torch.arange(mu.shape[0]), idx] = math.inf  # itself first
+        out[start : start + mu.shape[0]] = ll.topk(g, dim=1).indices
+    return out
+
+
+def pseudo_random_clusters(global_index: torch.Tensor, salt: int, n_clusters: int) -> torch.Tensor:
+    """One cluster id per row from a hash of (global row index, salt): the same row gets the same
+    draw in every worker layout. global_index: (n,) int64 -> (n,) int64 in [0, n_clusters)."""
+    mask = (1 << 62) - 1  # int64 products wrap; keep the hash non-negative
+    h = (global_index * 6364136223846793005 + (salt * 1442695040888963407) % mask) & mask
+    h = h ^ (h >> 29)
+    return ((h * 2654435761) & mask) % n_clusters
+
+
+def build_candidates(
+    best: torch.Tensor, graph: torch.Tensor, random_ids: torch.Tensor, n_candidates: int
+) -> torch.Tensor:
+    """Candidate table: a row's best clusters of the last scoring (best: (n, B) int64, -1 =
+    none, best first), the graph neighbours of its best cluster (graph: (K, G)) and one
+    pseudo-random cluster (random_ids: (n,)). -> (n, <= n_candidates) int64, deduplicated."""
+    n_nbr = max(1, n_candidates - N_KEEP - 1)
+    top = best[:, :N_KEEP]
+    first = best[:, 0].clamp_min(0)
+    nbrs = graph[first, : min(n_nbr, graph.shape[1])]
+    nbrs = nbrs.masked_fill((best[:, :1] < 0).expand_as(nbrs), -1)
+    extra = best[:, N_KEEP:]  # e.g. the children of a split, kept for one scoring
+    table = torch.cat([top, nbrs, random_ids[:, None], extra], dim=1)
+    return dedupe_rows(table)
+
+
+def remap_best(best: torch.Tensor, children: list[list[int]]) -> torch.Tensor:
+    """Map a best-cluster table (n, B) of the old clusters through a K change: old cluster k ->
+    the new clusters children[k] (a split's parts, a merge's survivor, [] when removed).
+    -> (n, B') int64, each row's old order kept, a split's parts side by side, -1 padded."""
+    width = max(1, max((len(c) for c in children), default=1))
+    lut = torch.full((len(children) + 1, width), -1, dtype=torch.long)
+    for k, c in enumerate(children):
+        lut[k, : len(c)] = torch.as_tensor(c, dtype=torch.long)
+    lut = lut.to(best.device)
+    mapped = lut[torch.where(best < 0, len(children), best)]  # (n, B, width)
+    return mapped.reshape(best.shape[0], -1)
+
+
+def truncate(
+    index: torch.Tensor, log_r: torch.Tensor, min_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The statistics' sparse weights: each row's responsibilities of at least min_weight (its
+    best always), renormalised to sum 1. index, log_r: (n, C), -1 / -inf at empty slots.
+    -> flat (row (P,), cluster (P,), weight (P,) float64), rows ascending."""
+    w = (log_r.to(STAT_DTYPE) - log_r.max(1, keepdim=True).values.to(STAT_DTYPE)).exp()  # best = 1
+    w = w / w.sum(1, keepdim=True)
+    keep = (w >= min_weight) & (index >= 0)
+    keep |= (w == w.max(1, keepdim=True).values) & (index >= 0)
+    w = torch.where(keep, w, torch.zeros_like(w))
+    w = w / w.sum(1, keepdim=True).clamp_min(1e-300)
+    rows, slots = torch.nonzero(keep, as_tuple=True)
+    return rows, index[rows, slots], w[rows, slots]
+
+
+def add_sparse_stats_(out: SuffStats, x: torch.Tensor, rows: torch.Tensor, bins: torch.Tensor,
+                      weight: torch.Tensor, dtype: torch.dtype = STAT_DTYPE) -> None:
+    """In place: out[bins[p]] += weight[p] (1, x_i, x_i x_i^T) with i = rows[p], for every pair p.
+    x: (n, d); rows, bins: (P,) int64; weight: (P,). One (d, n_k) x (n_k, d) matmul per bin in
+    `dtype`, summed into out's float64; no (n, K) matrix and no (P, d, d) intermediate."""
+    for k, pos in groups(bins):
+        xs = x.index_select(0, rows[pos]).to(dtype)
+        w = weight[pos].to(dtype)
+        wx = w[:, None] * xs
+        out.count[k] += w.sum().to(STAT_DTYPE)
+        out.sum[k] += wx.sum(0).to(STAT_DTYPE)
+        out.scatter[k] += (wx.T @ xs).to(STAT_DTYPE)
