@@ -81,11 +81,11 @@ def test_save_load_round_trip_gives_identical_predictions(fitted, mixture, tmp_p
 
 def test_estimator_and_cli_agree(fitted, mixture, tmp_path):
     """Same data, seed and settings: the CLI's fit and the estimator's find the same K and assignments."""
-    from cluster_service.ops.cli import run_fit
+    from cluster_service.ops.local_fit import run_fit
 
     x, y = mixture
     np.savez(tmp_path / "data.npz", X=x)
-    run_fit(tmp_path / "data.npz", tmp_path / "run", default_schedule().fit_config(), quiet=True, tracking=False)
+    run_fit(tmp_path / "data.npz", tmp_path / "run", default_schedule().fit_config(), tracking=False)
     cli_clusters = pq.read_table(tmp_path / "run" / "assignments.parquet").column("cluster").to_numpy()
     np.testing.assert_array_equal(cli_clusters, fitted.labels_)
     # and the CLI's run directory loads into the estimator

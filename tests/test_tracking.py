@@ -20,7 +20,7 @@ import yaml
 
 from cluster_service.config import FitConfig
 from cluster_service.datasets import make_mixture
-from cluster_service.ops.cli import run_fit
+from cluster_service.ops.local_fit import run_fit
 from cluster_service.report import plots
 from cluster_service.report.evaluate import cluster_accuracy
 from cluster_service.runtime import tracking
@@ -96,7 +96,7 @@ def _artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
 
 def test_fit_run_on_server_has_params_epoch_metrics_and_artifacts(mlflow_server, mixture_file, tmp_path):
     cfg = FitConfig().replace(**SMALL)
-    summary = run_fit(mixture_file, tmp_path / "run", cfg, quiet=True, tracking_uri=mlflow_server,
+    summary = run_fit(mixture_file, tmp_path / "run", cfg, tracking_uri=mlflow_server,
                       experiment="server-test", eval_every=10)
     client = tracking.client_for(mlflow_server)
     run = client.get_run(summary["mlflow_run"])
@@ -189,7 +189,7 @@ def test_unreachable_server_does_not_crash_fit(in_tmp, mixture_file, caplog):
                                  "schedule.final_epochs": 0})
     t0 = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="cluster_service.runtime.tracking"):
-        summary = run_fit(mixture_file, in_tmp / "run", cfg, quiet=True, tracking_uri="http://127.0.0.1:1")
+        summary = run_fit(mixture_file, in_tmp / "run", cfg, tracking_uri="http://127.0.0.1:1")
     assert "mlflow_run" not in summary and (in_tmp / "run" / "model" / "arrays.npz").is_file()
     assert any("unreachable" in r.message for r in caplog.records)
     assert time.perf_counter() - t0 < 60
@@ -212,7 +212,7 @@ def test_failures_mid_run_are_reported_then_tracking_stops(in_tmp, mixture_file,
 
     monkeypatch.setattr(MlflowClient, "log_batch", flaky)
     with caplog.at_level(logging.WARNING, logger="cluster_service.runtime.tracking"):
-        summary = run_fit(mixture_file, in_tmp / "run", cfg, quiet=True)
+        summary = run_fit(mixture_file, in_tmp / "run", cfg)
     assert summary["k_found"] >= 1 and (in_tmp / "run" / "assignments.parquet").is_file()
     failed = [r for r in caplog.records if "failed" in r.message]
     assert calls["n"] == tracking.MAX_CONSECUTIVE_FAILURES == len(failed)  # then it stops trying

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster_service.config import FitConfig
+from cluster_service.io.runs import read_history
 from cluster_service.io.shards import manifest_path
 from cluster_service.runtime.trainer import fit_distributed
 
@@ -59,7 +59,7 @@ def bench_epoch_distributed(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fit_distributed(shards, run_dir, cfg, w, use_gpu=use_gpu, checkpoint_every=epochs, max_failures=0)
-        history = json.loads((run_dir / "history.json").read_text())
+        history = read_history(run_dir)
         history = history[1:] if len(history) > 1 else history  # the first epoch warms caches up
         med = {k: float(np.median([r[f"time_{k}"] for r in history]))
                for k in ("total", "train", "stats", "reduce", "mstep", "moves")}

@@ -72,6 +72,32 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
     return FeatureSet(np.arange(x.shape[0], dtype=np.int64), x.astype(np.float32), labels, None, str(p))
 
 
+def read_column(path: str | os.PathLike, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids (n,), values (n,)) of the data's `label` (int64, -1 where unknown) or `path` (object, ""
+    where unknown) for every row: from a shard directory only those two columns are read; array
+    files and tables have labels but no paths. None when the data has no such column, or when
+    every label is unknown. Evaluation and the report read labels through here; training never does."""
+    p = Path(path)
+    if p.is_dir():
+        from cluster_service.io.shards import read_id_column
+
+        found = read_id_column(p, column)
+    elif column == "label":
+        feats = load_features(p)
+        found = None if feats.labels is None else (feats.ids, feats.labels)
+    else:
+        found = None
+    if found is not None and column == "label" and (found[1] < 0).all():
+        return None
+    return found
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray | None:
+    """The data's labels (n,) int64 in row order (-1 where unknown), or None (`read_column`)."""
+    found = read_column(path, "label")
+    return None if found is None else found[1]
+
+
 def head_rows(path: str | os.PathLike, n: int) -> np.ndarray:
     """The first `n` rows (n, d) float32 of a data file or shard directory, in global row order,
     without reading the rest of a shard directory."""
@@ -132,3 +158,18 @@ def import_features(src: str | os.PathLike, out_dir: str | os.PathLike, rows_per
     labels = None if feats.labels is None else pa.array(feats.labels, pa.int64(), mask=feats.labels < 0)
     return write_shards(out_dir, feats.ids, feats.x, labels, rows_per_shard=rows_per_shard or MAX_ROW_GROUP,
                         extractor={"method": "import", "source": str(src)})
+
+
+def shard_dir_for(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """The shard directory of an input: `src` itself when it is one, else the array or table file
+    imported as shards into a fresh `.OUT.input-shards` directory beside `out_dir` (what `assign`
+    reads)."""
+    import shutil
+
+    src, out_dir = Path(src), Path(out_dir)
+    if not src.is_file():
+        return src
+    staged = out_dir.parent / f".{out_dir.name}.input-shards"
+    shutil.rmtree(staged, ignore_errors=True)
+    import_features(src, staged)
+    return staged

@@ -1,12 +1,15 @@
-"""The run directory: its layout and its one writer (one process and Ray Train alike).
+"""The run directory: its layout, its one writer (one process and Ray Train alike) and its one reader.
 
     RUN_DIR/model/               the fitted model (cluster_service.serve.model)
     RUN_DIR/assignments.parquet  `assignments_table` (id, cluster, log_prob, margin, novelty, ...), row order
     RUN_DIR/config.json          the resolved FitConfig
     RUN_DIR/history.json         one record per epoch (EpochRecord.as_dict)
+    RUN_DIR/lineage.json         an update's old -> new cluster ids (also in model/)
     RUN_DIR/summary.json         written last: its presence marks the run complete
 
 Every file is written under a temporary name and renamed, so a killed writer never leaves half files.
+Readers name these files through this module only (`model_dir`, `read_assignments`, `read_history`,
+`read_summary`, `read_lineage`); loading the model itself is serve.model's.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import numpy as np
 import pyarrow as pa
 
 from cluster_service.config import NOVELTY_FPR
-from cluster_service.io.atomic import write_parquet_atomic, write_text_atomic
+from cluster_service.io.atomic import write_json_atomic, write_parquet_atomic, write_text_atomic
 
 MODEL_DIR = "model"
 ASSIGNMENTS = "assignments.parquet"
 CONFIG = "config.json"
 HISTORY = "history.json"
+LINEAGE = "lineage.json"
 SUMMARY = "summary.json"
 
 
@@ -89,3 +93,62 @@ def stop_summary(history: list) -> dict:
 def write_summary(out_dir: str | os.PathLike, summary: dict) -> Path:
     """summary.json, last: a run directory with it is complete."""
     return write_text_atomic(json.dumps(summary, indent=2), Path(out_dir) / SUMMARY)
+
+
+def write_lineage(out_dir: str | os.PathLike, lineage: dict) -> Path:
+    """An update's lineage.json, in the run directory and in its model directory (which travels alone)."""
+    write_json_atomic(lineage, Path(out_dir) / MODEL_DIR / LINEAGE)
+    return write_json_atomic(lineage, Path(out_dir) / LINEAGE)
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+def model_dir(run_dir: str | os.PathLike) -> Path:
+    """RUN_DIR/model."""
+    return Path(run_dir) / MODEL_DIR
+
+
+def model_dir_of(path: str | os.PathLike) -> Path:
+    """The model directory `path` names: RUN_DIR/model when `path` is a run directory holding one,
+    else `path` itself (a model directory)."""
+    path = Path(path)
+    return model_dir(path) if (model_dir(path) / "model.json").is_file() else path
+
+
+def assignments_path(run_dir: str | os.PathLike) -> Path:
+    """RUN_DIR/assignments.parquet."""
+    return Path(run_dir) / ASSIGNMENTS
+
+
+def read_assignments(run_dir: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """The run's assignments (row order), only `columns` when given; FileNotFoundError naming the
+    file when the directory holds none."""
+    import pyarrow.parquet as pq
+
+    path = assignments_path(run_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (is {run_dir} a run directory?)")
+    return pq.read_table(path, columns=columns)
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict]:
+    """The run's epoch records as dicts ([] when history.json is absent)."""
+    path = Path(run_dir) / HISTORY
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def is_complete(run_dir: str | os.PathLike) -> bool:
+    """Whether summary.json, written last, exists."""
+    return (Path(run_dir) / SUMMARY).is_file()
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict:
+    """summary.json of a complete run."""
+    return json.loads((Path(run_dir) / SUMMARY).read_text())
+
+
+def read_lineage(run_dir: str | os.PathLike) -> dict | None:
+    """An update's lineage.json, or None for a run that is not an update."""
+    path = Path(run_dir) / LINEAGE
+    return json.loads(path.read_text()) if path.is_file() else None

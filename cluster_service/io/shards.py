@@ -567,6 +567,24 @@ def _raise_on_duplicates(ids_arr: np.ndarray, per_shard: list[np.ndarray], paths
     raise ShardError(f"id {dup!r} occurs more than once ({', '.join(where[:4])}); ids must be unique")
 
 
+def read_id_column(shard_dir: str | os.PathLike, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids (n,), values (n,)) of one non-feature column of every shard in manifest order, reading only
+    `id` and that column: `label` int64 (-1 where null), `path` object ("" where null). None when a
+    shard has no such column."""
+    ids, values = [], []
+    for p in list_shards(shard_dir):
+        if column not in pq.read_schema(p).names:
+            return None
+        t = pq.read_table(p, columns=["id", column])
+        ids.append(t.column("id").to_numpy(zero_copy_only=False))
+        col = t.column(column).fill_null(-1 if column == "label" else "")
+        values.append(col.to_numpy(zero_copy_only=False))
+    if not ids:
+        return np.empty(0, np.int64), np.empty(0, np.int64 if column == "label" else object)
+    values = np.concatenate(values)
+    return np.concatenate(ids), values.astype(np.int64) if column == "label" else values.astype(object)
+
+
 def iter_feature_batches(
     shard_dir: str | os.PathLike,
     rank: int = 0,

@@ -3,23 +3,22 @@ rich: progress bars and tables). Commands parse arguments and call library funct
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cluster_service.config import CHECKPOINT_EVERY, NOVELTY_FPR, TOP_M, ConfigError, FitConfig
+from cluster_service.io import runs
+from cluster_service.ops.jobconfig import load_fit_config
+from cluster_service.ops.local_fit import run_fit
 from cluster_service.runtime.ray_session import VERBOSE_ENV
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DeepDPM clustering that infers K.")
@@ -34,32 +33,6 @@ def main() -> None:
         # No markup in the message ("[schema]" is text) and no wrapping (paths stay copyable).
         console.print("[bold red]error:[/]", escape(str(e)), soft_wrap=True)
         sys.exit(2)
-
-
-def load_config(config: Path | None, overrides: list[str] | None = None, base: dict | None = None,
-                **flags) -> FitConfig:
-    """`base` (a model's config) or config file (YAML/JSON) < --set key=value < explicit flags;
-    validated once here."""
-    data: dict = dict(base or {})
-    if config is not None:
-        if not config.is_file():
-            raise ConfigError(f"{config}: config file not found")
-        try:
-            data = yaml.safe_load(config.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{config}: not valid YAML ({e})") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{config}: expected a mapping at the top level")
-        data = data.get("fit", data)
-    cfg = FitConfig.from_dict(data)
-    extra: dict = {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        extra[k.strip()] = yaml.safe_load(v)
-    extra.update({k: v for k, v in flags.items() if v is not None})
-    return cfg.replace(**extra) if extra else cfg
 
 
 class FitProgress:
@@ -90,70 +63,6 @@ class FitProgress:
         total = done if rec.get("stopped") else None
         self.progress.update(self.task, completed=done, k=rec["n_clusters"], loss=rec["loss_cluster"],
                              **({"total": total} if total else {}))
-
-
-def run_fit(
-    data_path: Path,
-    out_dir: Path,
-    cfg: FitConfig,
-    quiet: bool = False,
-    tracking: bool = True,
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    eval_every: int = 5,
-    report: bool = True,
-) -> dict:
-    """Fit on a data file or shard directory; write RUN_DIR/model and RUN_DIR/assignments.parquet.
-    With `tracking`, the fit is an MLflow run (default store ./mlflow.db; see tracking.py)."""
-    from cluster_service.io.features import load_features
-    from cluster_service.io.runs import stop_summary, write_run, write_summary
-    from cluster_service.runtime.tracking import Tracker
-    from cluster_service.train.fit import fit
-
-    feats = load_features(data_path)
-    if feats.x.shape[0] < max(2, cfg.k_init):
-        raise ValueError(f"{data_path}: {feats.x.shape[0]} rows; at least {max(2, cfg.k_init)} are needed")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(cfg, tracking_uri, experiment, run_name=out_dir.name, enabled=tracking,
-                      labels=feats.labels, eval_every=eval_every, tags={"data.path": str(data_path)})
-    tracker.start(feats.manifest_hash, {"data.n_samples": len(feats.x), "data.n_features": feats.x.shape[1]})
-    with tracker:
-        callbacks = [tracker]
-        t0 = time.perf_counter()
-        if cfg.autoencoder.enabled:  # AE mode: the DPGMM clusters latent codes (autoencoder.py)
-            from cluster_service.train.autoencoder import dpgmm_epochs, fit_autoencoder
-
-            with FitProgress(dpgmm_epochs(cfg), quiet) as progress:
-                callbacks.append(progress)
-                result = fit_autoencoder(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash,
-                                         feature_space=feats.feature_space)
-            tracked, tracked_x = result.latent_fit(), result.codes
-        else:
-            with FitProgress(cfg.schedule.epochs, quiet) as progress:
-                callbacks.append(progress)
-                result = fit(feats.x, cfg, callbacks=callbacks, manifest_hash=feats.manifest_hash,
-                             feature_space=feats.feature_space)
-            tracked, tracked_x = result, feats.x
-        elapsed = time.perf_counter() - t0
-        margin = tracked.model.margin(tracked_x, result.clusters)  # the mixture's own space (latent in AE mode)
-        write_run(out_dir, result.model, feats.ids, result.clusters, result.log_prob, margin, cfg.to_dict(),
-                  [r.as_dict() for r in result.history])
-        tracker.log_result(tracked, tracked_x, feats.labels, out_dir / "model", {"fit_seconds": elapsed})
-        summary = {"n_samples": int(feats.x.shape[0]), "n_features": int(feats.x.shape[1]),
-                   "k_found": result.n_clusters, "seconds": round(elapsed, 2), **stop_summary(result.history),
-                   "out": str(out_dir), "data": str(Path(data_path).resolve())}
-        if feats.labels is not None:
-            from cluster_service.report.evaluate import score
-
-            summary.update(score(feats.labels, result.clusters).as_dict())
-        if tracker.run_id is not None:
-            summary["mlflow_run"] = tracker.run_id
-        write_summary(out_dir, summary)
-        if report:
-            from cluster_service.ops.pipeline import publish_report
-
-            publish_report(out_dir, tracker, announce=False)
-    return summary
 
 
 def print_summary(summary: dict, title: str) -> None:
@@ -195,7 +104,7 @@ def fit(
 ) -> None:
     """Fit DeepDPM on DATA (in this process, or on Ray Train workers); K is inferred. The run is
     logged to MLflow."""
-    cfg = load_config(config, set_, k_init=k_init, seed=seed, device=device, **{
+    cfg = load_fit_config(config, set_, k_init=k_init, seed=seed, device=device, **{
         "schedule.epochs": epochs, "net.loss": loss, "autoencoder.enabled": True if autoencoder else None})
     if workers < 0 or gpus_per_worker < 0:
         raise ValueError(f"--workers and --gpus-per-worker must be >= 0, got {workers} and {gpus_per_worker}")
@@ -215,12 +124,13 @@ def fit(
         with FitProgress(cfg.schedule.epochs, quiet) as bar:
             summary = fit_job(train, cfg, tracking, progress=bar.record)
         print_summary(summary, f"fit {data} on {workers} worker(s)")
-        out.print(f"model: {out_dir / 'model'}\nassignments: {out_dir / 'assignments.parquet'}")
+        out.print(f"model: {runs.model_dir(out_dir)}\nassignments: {runs.assignments_path(out_dir)}")
         return
-    summary = run_fit(data, out_dir, cfg, quiet=quiet, tracking=not no_tracking, tracking_uri=tracking_uri,
-                      experiment=experiment, eval_every=eval_every, report=not no_report)
+    summary = run_fit(data, out_dir, cfg, tracking=not no_tracking, tracking_uri=tracking_uri,
+                      experiment=experiment, eval_every=eval_every, report=not no_report,
+                      progress=lambda epochs: FitProgress(epochs, quiet))
     print_summary(summary, f"fit {data}")
-    out.print(f"model: {out_dir / 'model'}\nassignments: {out_dir / 'assignments.parquet'}")
+    out.print(f"model: {runs.model_dir(out_dir)}\nassignments: {runs.assignments_path(out_dir)}")
     if (out_dir / "report.html").is_file():
         out.print(f"report: {out_dir / 'report.html'} (open it in a browser; also in the MLflow run)")
 
@@ -247,7 +157,7 @@ def tune(
     from cluster_service.io.features import load_features
     from cluster_service.runtime.tune import METRIC, run_sweep
 
-    cfg = load_config(config, set_, seed=seed, **{"schedule.epochs": epochs})
+    cfg = load_fit_config(config, set_, seed=seed, **{"schedule.epochs": epochs})
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     feats = load_features(data)
@@ -280,15 +190,10 @@ def evaluate(
     labels: Annotated[Path, typer.Option(help=".npy labels, .npz with y, or the shard dir with a label column")],
 ) -> None:
     """NMI / ARI / ACC / K of a run's assignments against ground-truth labels."""
-    import pyarrow.parquet as pq
-
     from cluster_service.io.features import load_features
     from cluster_service.report.evaluate import score
 
-    assign_file = run_dir / "assignments.parquet"
-    if not assign_file.is_file():
-        raise FileNotFoundError(f"{assign_file}: not found (is {run_dir} a run directory?)")
-    clusters = pq.read_table(assign_file, columns=["cluster"]).column("cluster").to_numpy()
+    clusters = runs.read_assignments(run_dir, ["cluster"]).column("cluster").to_numpy()
     if labels.suffix == ".npy":
         y = np.load(labels, allow_pickle=False)
     else:
@@ -296,7 +201,7 @@ def evaluate(
         if y is None:
             raise ValueError(f"{labels}: contains no labels")
     if len(y) != len(clusters):
-        raise ValueError(f"{labels}: {len(y)} labels but {assign_file} has {len(clusters)} rows")
+        raise ValueError(f"{labels}: {len(y)} labels but {runs.assignments_path(run_dir)} has {len(clusters)} rows")
     s = score(np.asarray(y), clusters)
     print_summary(s.as_dict(), f"evaluate {run_dir}")
 
@@ -310,7 +215,7 @@ def plan(
     """Print the training schedule (warm-up, subclusters, split and merge epochs)."""
     from cluster_service.core.schedule import build_plan, format_plan
 
-    cfg = load_config(config, set_, **{"schedule.epochs": epochs})
+    cfg = load_fit_config(config, set_, **{"schedule.epochs": epochs})
     out.print(format_plan(build_plan(cfg.schedule), cfg.schedule))
 
 
@@ -335,7 +240,7 @@ def demo(
         summary = run_fit(data_dir / f"{name}.npz", out_dir / name, cfg)
         print_summary(summary, f"demo: {name}")
         out.print(f"report: {out_dir / name / 'report.html'} (open it in a browser, or in the MLflow run)")
-    out.print(f"outputs under {out_dir}/ (model/, assignments.parquet, history.json, summary.json)")
+    out.print(f"outputs under {out_dir}/ ({runs.MODEL_DIR}/, {runs.ASSIGNMENTS}, {runs.HISTORY}, {runs.SUMMARY})")
     out.print("MLflow runs (params, per-epoch metrics, plots): `make mlflow-ui`, then http://127.0.0.1:5000")
 
 
@@ -360,7 +265,7 @@ def update(
     uri = resolve_tracking_uri(tracking_uri) if ":/" in model else None
     fitted = open_model(model, tracking_uri=uri)
     x, ids, labels = read_update_rows(new_data, old_data)
-    cfg = load_config(None, set_, base=fitted.config, **{"schedule.epochs": epochs})
+    cfg = load_fit_config(None, set_, base=fitted.config, **{"schedule.epochs": epochs})
     tracker = Tracker(cfg, tracking_uri, None, run_name=f"update {out_dir.name}", enabled=not no_tracking,
                       labels=labels, tags={"data.path": str(new_data), "job": "update", "updated_from": model})
     tracker.start(fitted.manifest_hash, {"data.n_samples": len(x), "data.n_features": x.shape[1]})
@@ -368,8 +273,8 @@ def update(
         with FitProgress(cfg.schedule.epochs, quiet) as progress:
             summary = update_step(fitted, model, x, ids, labels, cfg, out_dir, tracker, [progress])
     print_summary(summary, f"update {model}")
-    lineage = json.loads((out_dir / "lineage.json").read_text())
-    out.print(f"model: {out_dir / 'model'} (version {lineage['version']})\nlineage: {out_dir / 'lineage.json'}")
+    lineage = runs.read_lineage(out_dir)
+    out.print(f"model: {runs.model_dir(out_dir)} (version {lineage['version']})\nlineage: {out_dir / runs.LINEAGE}")
 
 
 @app.command()
@@ -383,23 +288,19 @@ def cut(
     """Label the run's rows at a coarser level of the model's merge hierarchy (K stays what the model
     inferred; the tree groups its clusters): writes (id, cluster) for every row."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from cluster_service.io.atomic import write_parquet_atomic
-    from cluster_service.serve.model import NO_HIERARCHY, load_model
+    from cluster_service.serve.model import ModelError, load_model
 
     if (k is None) == (threshold is None):
         raise ValueError("give exactly one of --k and --threshold")
-    model = load_model(run_dir / "model")
-    if model.tree_log_ratios is None:
-        raise ValueError(f"{run_dir / 'model'}: {NO_HIERARCHY}")
-    if threshold is not None:
-        below = np.flatnonzero(np.asarray(model.tree_log_ratios) <= threshold)  # merges run in tree order
-        k = model.n_clusters - (int(below[0]) if below.size else len(model.tree_log_ratios))
-    if not 1 <= k <= model.n_clusters:
-        raise ValueError(f"--k must be in 1..{model.n_clusters} (the model's K), got {k}")
+    model = load_model(runs.model_dir(run_dir))
+    try:
+        k = model.cut_level(k, threshold)
+    except ModelError as e:
+        raise ValueError(f"{runs.model_dir(run_dir)}: {e}") from None
     groups = model.cut(k)
-    table = pq.read_table(run_dir / "assignments.parquet", columns=["id", "cluster"])
+    table = runs.read_assignments(run_dir, ["id", "cluster"])
     labels = groups[table.column("cluster").to_numpy()]
     write_parquet_atomic(pa.table({"id": table.column("id"), "cluster": pa.array(labels.astype(np.int32))}),
                          out_file)
@@ -470,9 +371,9 @@ def shards_validate(
     if problems:
         console.print(f"[bold red]{len(problems)} problem(s)[/] in {shard_dir}")
         raise typer.Exit(1)
-    from cluster_service.io.shards import manifest_path
+    from cluster_service.io.shards import load_manifest
 
-    manifest = json.loads(manifest_path(shard_dir).read_text())
+    manifest, _ = load_manifest(shard_dir)
     out.print(f"{shard_dir}: valid — {manifest.get('rows')} rows in {len(manifest['shards'])} shard(s), "
               f"d={manifest['d']}", soft_wrap=True)
 
@@ -534,16 +435,11 @@ def assign(
 ) -> None:
     """Assign feature shards (or an .npz / .npy / table file) to a fitted model's clusters; one output
     Parquet per shard, re-runs skip finished shards; exit 1 if any shard could not be assigned."""
+    from cluster_service.io.features import shard_dir_for
     from cluster_service.io.shards import load_manifest
     from cluster_service.runtime.assign_job import assign_shards, open_model
 
-    if shard_dir.is_file():  # an array or table file: its shards are written beside the outputs first
-        from cluster_service.io.features import import_features
-
-        staged = out_dir.parent / f".{out_dir.name}.input-shards"
-        shutil.rmtree(staged, ignore_errors=True)
-        import_features(shard_dir, staged)
-        shard_dir = staged
+    shard_dir = shard_dir_for(shard_dir, out_dir)  # an array or table file: imported beside the outputs
     manifest, _ = load_manifest(shard_dir)
     uri = None
     if ":/" in model:

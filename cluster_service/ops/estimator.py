@@ -159,11 +159,11 @@ class DeepDPM(ClusterMixin, BaseEstimator):
         """An estimator around a model directory (from `save` or `cluster-service fit`): predict,
         predict_proba, score_samples work; labels_ and history_ are those of the run when the
         directory is RUN_DIR/model of a run, else absent."""
+        from cluster_service.io.runs import model_dir_of
         from cluster_service.runtime.assign_job import open_model
         from cluster_service.serve.ae_model import load_ae_model
 
-        path = Path(path)
-        model_dir = path / "model" if (path / "model" / "model.json").is_file() else path
+        model_dir = model_dir_of(path)
         model = load_ae_model(model_dir) if (model_dir / "encoder.json").is_file() else open_model(model_dir)
         mixture = getattr(model, "mixture", model)
         params = {p: _get(mixture.config, key) for p, key in _FIELDS.items() if p != "autoencoder"}
@@ -190,18 +190,15 @@ def _get(config: dict, dotted: str):
 
 def _fit_on_ray(X: np.ndarray, cfg: FitConfig, workers: int):
     """The distributed fit (Ray Train DDP workers) on X, through a temporary .npz and run directory."""
-    import json
-
-    import pyarrow.parquet as pq
-
+    from cluster_service.io import runs
     from cluster_service.runtime.trainer import fit_distributed
     from cluster_service.serve.model import load_model
 
     with tempfile.TemporaryDirectory(prefix="deepdpm-") as tmp:
-        data = Path(tmp) / "data.npz"
+        data, run = Path(tmp) / "data.npz", Path(tmp) / "run"
         np.savez(data, X=X)
-        fit_distributed(data, Path(tmp) / "run", cfg, workers)
-        model = load_model(Path(tmp) / "run" / "model")
-        labels = pq.read_table(Path(tmp) / "run" / "assignments.parquet", columns=["cluster"]).column("cluster")
-        history = json.loads((Path(tmp) / "run" / "history.json").read_text())
+        fit_distributed(data, run, cfg, workers)
+        model = load_model(runs.model_dir(run))
+        labels = runs.read_assignments(run, ["cluster"]).column("cluster")
+        history = runs.read_history(run)
     return model, labels.to_numpy(), history

@@ -162,6 +162,34 @@ _DERIVED_BY_IMAGENET = [("extract", "images"), ("extract", "out"), ("train", "da
 # ---- entry points -------------------------------------------------------------------------------
 
 
+def load_fit_config(config: str | os.PathLike | None, overrides: list[str] | None = None, base: dict | None = None,
+                    **flags) -> FitConfig:
+    """The FitConfig of a command, layered: `base` (a model's config) or the config file (YAML/JSON;
+    its `fit` section when it has one) < `overrides` ("key=value", values parsed as YAML) < the
+    explicit `flags` that are not None (dotted keys); validated once here."""
+    data: dict = dict(base or {})
+    if config is not None:
+        config = Path(config)
+        if not config.is_file():
+            raise ConfigError(f"{config}: config file not found")
+        try:
+            data = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{config}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{config}: expected a mapping at the top level")
+        data = data.get("fit", data)
+    cfg = FitConfig.from_dict(data)
+    extra: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        extra[k.strip()] = yaml.safe_load(v)
+    extra.update({k: v for k, v in flags.items() if v is not None})
+    return cfg.replace(**extra) if extra else cfg
+
+
 def load_job_config(job: str, path: str | os.PathLike) -> JobConfig:
     """Read one YAML file and validate it as the config of `job`; ConfigError names the file."""
     if job not in JOB_TYPES:

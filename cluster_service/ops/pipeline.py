@@ -207,13 +207,13 @@ def fit_step(train: TrainSection, cfg: FitConfig, tracker=None, progress=None) -
     print(f"fit: K={summary['k_found']} in {summary['seconds']} s on {train.workers} worker(s); "
           f"model {out}/model", flush=True)
     if active:  # the same end-of-run logging as a one-process fit (tracking.Tracker.log_result)
-        from cluster_service.io.features import head_rows
-        from cluster_service.runtime.trainer import labels_of
+        from cluster_service.io.features import head_rows, read_labels
+        from cluster_service.io.runs import model_dir
 
         x_head = head_rows(data, PLOT_ROWS)  # the projection plot needs points; the driver reads a few
         final = {f"final/{k}": float(v) for k, v in summary.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)}
-        tracker.log_result(read_run(out), x_head, labels_of(data), Path(out) / "model",
+        tracker.log_result(read_run(out), x_head, read_labels(data), model_dir(out),
                            {**final, "fit_seconds": float(summary["seconds"])})
     if train.report:
         publish_report(out, tracker)
@@ -236,15 +236,14 @@ class RunResult:
 
 
 def read_run(out_dir: str | os.PathLike) -> RunResult:
-    import pyarrow.parquet as pq
-
+    """The run directory (io.runs) as the RunResult the tracker logs."""
+    from cluster_service.io import runs
     from cluster_service.serve.model import load_model
     from cluster_service.train.engine import EpochRecord
 
-    out_dir = Path(out_dir)
-    table = pq.read_table(out_dir / "assignments.parquet", columns=["cluster", "log_prob"])
-    history = [EpochRecord(**r) for r in json.loads((out_dir / "history.json").read_text())]
-    return RunResult(load_model(out_dir / "model"), history, table.column("cluster").to_numpy(),
+    table = runs.read_assignments(out_dir, ["cluster", "log_prob"])
+    history = [EpochRecord(**r) for r in runs.read_history(out_dir)]
+    return RunResult(load_model(runs.model_dir(out_dir)), history, table.column("cluster").to_numpy(),
                      table.column("log_prob").to_numpy())
 
 
@@ -298,7 +297,8 @@ def update_step(fitted, model_ref: str, x: np.ndarray, ids: np.ndarray, labels: 
     (cluster_service.train.update: splits add clusters for what is new, ids of clusters that persist
     stay) and write `out_dir` like a fit plus lineage.json (old -> new ids); the result goes to
     `tracker` when it is active. Returns the summary (also out_dir/summary.json, written last)."""
-    from cluster_service.io.runs import write_run, write_summary
+    from cluster_service.io.runs import model_dir, write_lineage, write_run, write_summary
+    from cluster_service.report.evaluate import run_summary
     from cluster_service.train.update import update
 
     out_dir = Path(out_dir)
@@ -309,18 +309,12 @@ def update_step(fitted, model_ref: str, x: np.ndarray, ids: np.ndarray, labels: 
               cfg.to_dict(), [r.as_dict() for r in res.history])
     lineage = {"updated_from": str(model_ref), "previous_version": fitted.version, "version": res.model.version,
                **res.lineage}
-    write_json_atomic(lineage, out_dir / "lineage.json")
-    write_json_atomic(lineage, out_dir / "model" / "lineage.json")
+    write_lineage(out_dir, lineage)
     if tracker is not None and tracker.active:
-        tracker.log_result(res, x, labels, out_dir / "model", {"fit_seconds": elapsed})
+        tracker.log_result(res, x, labels, model_dir(out_dir), {"fit_seconds": elapsed})
         tracker.log_texts({"lineage.json": json.dumps(lineage, indent=2)})
-    summary = {"n_samples": len(x), "n_features": int(x.shape[1]), "k_before": fitted.n_clusters,
-               "k_found": res.n_clusters, "kept_ids": len(res.lineage["persisting"]),
-               "seconds": round(elapsed, 2), "out": str(out_dir)}
-    if labels is not None:
-        from cluster_service.report.evaluate import score
-
-        summary.update(score(labels, res.clusters).as_dict())
+    summary = run_summary(len(x), x.shape[1], res.n_clusters, elapsed, res.history, out_dir, labels, res.clusters,
+                          k_before=fitted.n_clusters, kept_ids=len(res.lineage["persisting"]))
     write_summary(out_dir, summary)
     return summary
 
@@ -355,22 +349,18 @@ def score_assignments(assign_dir: str | os.PathLike, shard_dir: str | os.PathLik
     joined by id. Raises ValueError when the shards have no labels or ids are missing."""
     import pyarrow.parquet as pq
 
-    from cluster_service.io.shards import list_shards
+    from cluster_service.io.shards import read_id_column
     from cluster_service.report.evaluate import score
 
-    ids, labels = [], []
-    for p in list_shards(shard_dir):
-        if "label" not in pq.read_schema(p).names:
-            raise ValueError(f"{p}: no label column; cannot score the assignments")
-        t = pq.read_table(p, columns=["id", "label"])
-        ids.append(t.column("id").to_numpy(zero_copy_only=False))
-        labels.append(t.column("label").fill_null(-1).to_numpy())
+    found = read_id_column(shard_dir, "label")
+    if found is None:
+        raise ValueError(f"{shard_dir}: a shard has no label column; cannot score the assignments")
     a_ids, clusters = [], []
     for p in sorted(Path(assign_dir).glob("*.parquet")):
         t = pq.read_table(p, columns=["id", "cluster"])
         a_ids.append(t.column("id").to_numpy(zero_copy_only=False))
         clusters.append(t.column("cluster").to_numpy())
-    ids_all, y = np.concatenate(ids), np.concatenate(labels)
+    ids_all, y = found
     a_all, c = np.concatenate(a_ids) if a_ids else np.empty(0), np.concatenate(clusters) if clusters else []
     order = np.argsort(a_all, kind="stable")
     pos = np.searchsorted(a_all[order], ids_all)
@@ -438,6 +428,7 @@ def initial_fit_then_update(job: ImagenetJob, paths: dict[str, str], tracker, se
     """imagenet.initial_classes: fit on the first classes' train rows (untracked, its own run dir),
     then update that model with the whole train split into fit/ (tracked: the job's MLflow run holds
     the final model). A re-run reuses a finished update of the same first fit."""
+    from cluster_service.io import runs
     from cluster_service.serve.model import load_model
 
     n = job.imagenet.initial_classes
@@ -447,12 +438,12 @@ def initial_fit_then_update(job: ImagenetJob, paths: dict[str, str], tracker, se
     train = dataclasses.replace(job.train, data=paths["initial_features"], out=paths["initial_fit"])
     with stage_timer(seconds, "fit"):
         first = fit_step(train, job.fit, None)
-    fitted = load_model(Path(paths["initial_fit"]) / "model")
-    lineage_file, summary_file = Path(paths["fit"]) / "lineage.json", Path(paths["fit"]) / "summary.json"
-    if (first.get("reused") and summary_file.is_file() and lineage_file.is_file()
-            and json.loads(lineage_file.read_text()).get("previous_version") == fitted.version):
+    fitted = load_model(runs.model_dir(paths["initial_fit"]))
+    lineage = runs.read_lineage(paths["fit"])
+    if (first.get("reused") and runs.is_complete(paths["fit"]) and lineage is not None
+            and lineage.get("previous_version") == fitted.version):
         print(f"update: {paths['fit']} already holds the update of this fit; reusing it", flush=True)
-        return {**json.loads(summary_file.read_text()), "reused": True}
+        return {**runs.read_summary(paths["fit"]), "reused": True}
     x, ids, labels = read_update_rows(paths["train_features"])
     show = epoch_printer(job.fit.schedule.epochs)
     with stage_timer(seconds, "update"):

@@ -19,7 +19,6 @@ import base64
 import hashlib
 import html
 import io
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -39,17 +38,15 @@ def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | No
     """Write RUN_DIR/report.html (or `out`); returns its path. `images_root` resolves relative image
     paths of the shards (default: as written by extraction, absolute). With `montage_dir` (and image
     paths in the shards) also one PNG per cluster there, the same strips as its gallery panel."""
-    import pyarrow.parquet as pq
-
+    from cluster_service.io import runs
     from cluster_service.io.atomic import write_text_atomic
     from cluster_service.report import plots
     from cluster_service.serve.model import load_model
 
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    history = json.loads((run_dir / "history.json").read_text())
-    model = load_model(run_dir / "model")
-    table = pq.read_table(run_dir / "assignments.parquet")
+    summary, history = runs.read_summary(run_dir), runs.read_history(run_dir)
+    model = load_model(runs.model_dir(run_dir))
+    table = runs.read_assignments(run_dir)
     ids = table.column("id").to_numpy(zero_copy_only=False)
     clusters = table.column("cluster").to_numpy().astype(np.int64)
     log_prob = table.column("log_prob").to_numpy().astype(np.float64)
@@ -93,36 +90,17 @@ def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | No
 
 def data_column(data: str | None, ids: np.ndarray, column: str) -> np.ndarray | None:
     """The data's `path` (object, "" where unknown) or `label` (int64, -1 where unknown) of every
-    assignment row (n,), joined by id; None when the data has no such column. Paths come from shard
-    directories only; labels also from array files and tables (io.features.load_features)."""
-    import pyarrow.parquet as pq
+    assignment row (n,), joined by id; None when the data has no such column (io.features.read_column:
+    paths come from shard directories only, labels also from array files and tables)."""
+    from cluster_service.io.features import read_column
 
     missing = "" if column == "path" else -1
     if not data or not Path(data).exists():
         return None
-    if Path(data).is_dir():
-        from cluster_service.io.shards import list_shards
-
-        got_ids, got = [], []
-        for p in list_shards(data):
-            if column not in pq.read_schema(p).names:
-                return None
-            t = pq.read_table(p, columns=["id", column])
-            got_ids.append(t.column("id").to_numpy(zero_copy_only=False))
-            got.append(t.column(column).fill_null(missing).to_numpy(zero_copy_only=False))
-        all_ids, values = np.concatenate(got_ids), np.concatenate(got)
-    elif column == "label":
-        from cluster_service.io.features import load_features
-
-        feats = load_features(data)
-        if feats.labels is None:
-            return None
-        all_ids, values = feats.ids, feats.labels
-    else:
+    found = read_column(data, column)
+    if found is None:
         return None
-    values = values.astype(object if column == "path" else np.int64)
-    if column == "label" and (values < 0).all():  # a label column that is all null: no labels
-        return None
+    all_ids, values = found
     order = np.argsort(all_ids, kind="stable")
     pos = np.clip(np.searchsorted(all_ids[order], ids), 0, all_ids.size - 1)
     out = values[order][pos]

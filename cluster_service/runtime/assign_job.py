@@ -24,7 +24,7 @@ import torch
 
 from cluster_service.io.atomic import write_json_atomic, write_parquet_atomic
 from cluster_service.io.checks import nonfinite_rows
-from cluster_service.io.runs import assignments_table
+from cluster_service.io.runs import assignments_table, model_dir_of
 from cluster_service.io.shards import ShardError, iter_feature_batches, load_manifest, manifest_path
 from cluster_service.runtime.ray_session import ensure_ray
 from cluster_service.serve.assign import DEFAULT_TOP_M, METHODS, Assignment, concat_assignments, make_assigner
@@ -42,8 +42,7 @@ def open_model(
     (models:/name/version, runs:/run_id/path); refused if its d differs from n_features."""
     path = Path(spec)
     if path.is_dir():
-        model_dir = path / "model" if (path / "model" / "model.json").is_file() else path
-        return load_model(model_dir, n_features=n_features)
+        return load_model(model_dir_of(path), n_features=n_features)
     if ":/" in str(spec):
         from cluster_service.serve.pyfunc import download_model_dir
 

@@ -237,17 +237,19 @@ def completed_run(data_path: str | os.PathLike, out_dir: str | os.PathLike, cfg:
     A run is finished when summary.json exists (it is written last); it is the same fit when the
     job key its checkpoints were written under (storage_path, default RUN_DIR/checkpoints)
     matches (see _check_resume). Object-store checkpoints carry no key here: never reused."""
+    from cluster_service.io.runs import is_complete, read_summary
+
     if storage_path and "://" in storage_path:
         return None
     out_dir = Path(out_dir).resolve()
     storage = Path(storage_path).resolve() if storage_path else out_dir / "checkpoints"
-    summary, key_file = out_dir / "summary.json", storage / f"{RUN_NAME}.job.json"
-    if not summary.is_file() or not key_file.is_file():
+    key_file = storage / f"{RUN_NAME}.job.json"
+    if not is_complete(out_dir) or not key_file.is_file():
         return None
     job_key = json.loads(json.dumps({"data": str(Path(data_path).resolve()), "config": cfg.to_dict()}))
     if json.loads(key_file.read_text()) != job_key:
         return None
-    return json.loads(summary.read_text())
+    return read_summary(out_dir)
 
 
 def _check_resume(storage: Path, job_key: dict) -> None:
@@ -314,12 +316,9 @@ def fit_distributed(
     t0 = time.perf_counter()
     result = trainer.fit()  # RAY: raises TrainingFailedError once max_failures is exhausted
     elapsed = time.perf_counter() - t0
-    summary = {
-        "n_samples": n, "n_features": d, "workers": num_workers, "use_gpu": use_gpu,
-        "seconds": round(elapsed, 2), "out": str(out_dir), "data": str(data_path),
-        "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
-    }
-    return _write_summary(out_dir, data_path, summary)
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return _write_summary(out_dir, data_path, n, d, elapsed, data=str(data_path), workers=num_workers,
+                          use_gpu=use_gpu, checkpoint=checkpoint)
 
 
 def _torch_trainer(job: TrainJob, num_workers: int, use_gpu: bool, gpus_per_worker: float,
@@ -344,39 +343,17 @@ def _torch_trainer(job: TrainJob, num_workers: int, use_gpu: bool, gpus_per_work
     )
 
 
-def _write_summary(out_dir: Path, data_path: Path, summary: dict) -> dict:
-    """K found and, when the data has labels, NMI/ARI/ACC of the written assignments; summary.json last."""
-    import pyarrow.parquet as pq
-
-    from cluster_service.io.runs import HISTORY, stop_summary, write_summary
-    from cluster_service.report.evaluate import score
+def _write_summary(out_dir: Path, data_path: Path, n: int, d: int, seconds: float, **extra) -> dict:
+    """report.evaluate.run_summary of the written run (K of its model; NMI/ARI/ACC of its assignments
+    when the data has labels), written last as summary.json."""
+    from cluster_service.io import runs
+    from cluster_service.io.features import read_labels
+    from cluster_service.report.evaluate import run_summary
     from cluster_service.serve.model import load_model
 
-    history = json.loads((out_dir / HISTORY).read_text()) if (out_dir / HISTORY).is_file() else []
-    summary = {**summary, "k_found": load_model(out_dir / "model").n_clusters, **stop_summary(history)}
-    labels = labels_of(data_path)
-    if labels is not None:
-        clusters = pq.read_table(out_dir / "assignments.parquet", columns=["cluster"]).column("cluster")
-        summary.update(score(labels, clusters.to_numpy()).as_dict())
-    write_summary(out_dir, summary)
+    labels = read_labels(data_path)
+    clusters = None if labels is None else runs.read_assignments(out_dir, ["cluster"]).column("cluster").to_numpy()
+    summary = run_summary(n, d, load_model(runs.model_dir(out_dir)).n_clusters, seconds, runs.read_history(out_dir),
+                          out_dir, labels, clusters, **extra)
+    runs.write_summary(out_dir, summary)
     return summary
-
-
-def labels_of(data_path: str | os.PathLike) -> np.ndarray | None:
-    """Ground-truth labels for the summary's scores (evaluation only; training never sees them)."""
-    data_path = Path(data_path)
-    if data_path.is_dir():
-        import pyarrow.parquet as pq
-
-        from cluster_service.io.shards import list_shards
-
-        parts = []
-        for p in list_shards(data_path):
-            if "label" not in pq.read_schema(p).names:
-                return None
-            parts.append(pq.read_table(p, columns=["label"]).column("label").fill_null(-1).to_numpy())
-        y = np.concatenate(parts).astype(np.int64)
-        return None if (y == -1).all() else y
-    from cluster_service.io.features import load_features
-
-    return load_features(data_path).labels

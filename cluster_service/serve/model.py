@@ -123,6 +123,19 @@ class FittedModel:
             raise ModelError(NO_HIERARCHY)
         return cut_tree(MergeTree(self.tree_linkage, self.tree_log_ratios, self.n_clusters), n_clusters)
 
+    def cut_level(self, k: int | None = None, threshold: float | None = None) -> int:
+        """The level of the merge hierarchy to cut at: `k` groups as given, or, with `threshold`, the
+        level reached by merging (in tree order) every pair whose log merge ratio is above it.
+        Raises ModelError without a tree, ValueError for a k outside 1..K."""
+        if self.tree_log_ratios is None:
+            raise ModelError(NO_HIERARCHY)
+        if threshold is not None:
+            below = np.flatnonzero(np.asarray(self.tree_log_ratios) <= threshold)  # merges run in tree order
+            k = self.n_clusters - (int(below[0]) if below.size else len(self.tree_log_ratios))
+        if not 1 <= k <= self.n_clusters:
+            raise ValueError(f"--k must be in 1..{self.n_clusters} (the model's K), got {k}")
+        return k
+
     def predict(self, x) -> tuple[np.ndarray, np.ndarray]:
         """Exact MAP cluster and its log pi_k + log N: ((n,) int64, (n,) float64)."""
         x = np.asarray(x)
