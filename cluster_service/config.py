@@ -30,6 +30,34 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message says what is allowed."""
 
 
+def check_device(name: str, key: str = "device") -> str:
+    """The one rule for a device name in a config or option: auto, cpu, cuda or cuda:N
+    (core.device.resolve_device turns it into a torch.device where it is used)."""
+    if not (name in ("auto", "cpu", "cuda") or str(name).startswith("cuda:")):
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
+def check_train_resources(prefix: str, workers: int, checkpoint_every: int = CHECKPOINT_EVERY,
+                          max_failures: int = 0, gpus_per_worker: float = 1.0,
+                          cpus_per_worker: float = 1.0) -> None:
+    """The one rule for a distributed fit's resources (job `train` section, `fit --workers`,
+    trainer.fit_distributed): workers and checkpoint_every >= 1, max_failures >= 0, GPUs and CPUs
+    per worker > 0. Messages name each key after `prefix` ("train.", "--" for options)."""
+
+    def name(key: str) -> str:
+        return f"{prefix}{key.replace('_', '-') if prefix == '--' else key}"
+
+    for key, value in (("workers", workers), ("checkpoint_every", checkpoint_every)):
+        if value < 1:
+            raise ConfigError(f"{name(key)} must be >= 1, got {value}")
+    if max_failures < 0:
+        raise ConfigError(f"{name('max_failures')} must be >= 0, got {max_failures}")
+    for key, value in (("gpus_per_worker", gpus_per_worker), ("cpus_per_worker", cpus_per_worker)):
+        if not value > 0:
+            raise ConfigError(f"{name(key)} must be > 0, got {value}")
+
+
 class ScheduleWarning(UserWarning):
     """A valid schedule that cannot do what a fit usually wants (e.g. no split can happen)."""
 
@@ -345,8 +373,7 @@ class FitConfig:
             raise ConfigError(f"candidates must be 0 (always score all K) or >= 6, got {self.candidates}")
         if self.responsibilities not in ("net", "estep"):
             raise ConfigError(f"responsibilities must be 'net' or 'estep', got {self.responsibilities!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device(self.device)
         if self.k_init > self.moves.max_clusters:
             raise ConfigError(
                 f"k_init ({self.k_init}) exceeds moves.max_clusters ({self.moves.max_clusters})"

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from cluster_service.io.atomic import write_text_atomic
-from cluster_service.io.shards import iter_feature_batches, read_feature_table, validate_shards, write_shards
+from cluster_service.io.shard_validation import validate_shards
+from cluster_service.io.shards import iter_feature_batches, read_feature_table, write_shards
 from cluster_service.runtime.ray_session import ensure_ray
 
 BEGIN, END = "<!-- feature-extraction-bench:begin -->", "<!-- feature-extraction-bench:end -->"

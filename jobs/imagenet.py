@@ -6,7 +6,7 @@ configs/imagenet-8gpu.yaml) -> assign the val split -> NMI/ARI/ACC against the v
 
 from __future__ import annotations
 
-from cluster_service.ops.pipeline import run_imagenet
+from cluster_service.ops.imagenet import run_imagenet
 from jobs._common import run
 
 

@@ -194,7 +194,8 @@ def test_models_with_the_version_1_hash_keep_loading(tmp_path):
     extractor block): its own shards still match; another extractor is still refused."""
     import json
 
-    from cluster_service.io.shards import legacy_feature_space_hash, load_manifest
+    from cluster_service.io.feature_space import legacy_feature_space_hash
+    from cluster_service.io.shards import load_manifest
     from cluster_service.serve.model import load_model
 
     fitted_on(tmp_path, moco_extractor())

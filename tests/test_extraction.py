@@ -18,7 +18,8 @@ from torchvision import transforms
 from torchvision.models import resnet50
 from typer.testing import CliRunner
 
-from cluster_service.io.shards import MANIFEST, read_feature_table, validate_shards, write_shards
+from cluster_service.io.shard_validation import validate_shards
+from cluster_service.io.shards import MANIFEST, read_feature_table, write_shards
 from cluster_service.ops.cli import app
 from feature_extraction.extract import REPORT, apply_pca, list_images
 from feature_extraction.moco import CheckpointError, load_encoder, save_moco_checkpoint

@@ -166,7 +166,7 @@ def test_bad_shard_is_refused_before_training_naming_file_and_row(case, shard_di
 
 def test_validator_reports_the_new_cases(shard_dir):
     """`shards validate` (the full check) lists empty shards and negative labels too."""
-    from cluster_service.io.shards import validate_shards
+    from cluster_service.io.shard_validation import validate_shards
 
     BAD_SHARDS["label_negative"][0](shard_dir)
     _rewrite(shard_dir, P2, lambda t: t.slice(0, 0))

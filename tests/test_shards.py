@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster_service.io.features import load_features
+from cluster_service.io.shard_validation import validate_shards
 from cluster_service.io.shards import (
     MANIFEST,
     ShardError,
@@ -22,7 +23,6 @@ from cluster_service.io.shards import (
     list_shards,
     load_manifest,
     read_feature_table,
-    validate_shards,
     write_shards,
 )
 from cluster_service.ops.cli import app

@@ -16,8 +16,8 @@ def bench_pipeline(work_dir: str | None = None) -> str:
     from torchvision.models import resnet50
 
     from cluster_service.datasets import write_image_folder
+    from cluster_service.ops.imagenet import run_imagenet
     from cluster_service.ops.jobconfig import parse_job_config
-    from cluster_service.ops.pipeline import run_imagenet
     from feature_extraction.moco import save_moco_checkpoint
 
     root = Path(work_dir or tempfile.mkdtemp(prefix="bench-pipeline-"))

@@ -36,3 +36,20 @@ def check_features(x, source: str, min_rows: int = 1, error: type[Exception] = V
     if message is not None:
         raise error(message)
     return x
+
+
+def dimension_message(model_d: int, data_d: int, source: str) -> str | None:
+    """'SOURCE: the model expects d=M features, the data has d=N', or None when they agree."""
+    if data_d == model_d:
+        return None
+    return f"{source}: the model expects d={model_d} features, the data has d={data_d}"
+
+
+def check_model_features(x: np.ndarray, n_features: int, source: str, error: type[Exception] = ValueError,
+                         model: str = "this model") -> np.ndarray:
+    """The one "(n, d) for this model" check: x must be 2-D with `n_features` columns; raises `error`
+    'SOURCE: expected an (n, D) array for MODEL (d=D), got shape S'."""
+    if np.ndim(x) != 2 or x.shape[1] != n_features:
+        raise error(f"{source}: expected an (n, {n_features}) array for {model} (d={n_features}), "
+                    f"got shape {tuple(np.shape(x))}")
+    return x

@@ -23,7 +23,7 @@ class FeatureSet:
     labels: np.ndarray | None  # (n,) int64
     manifest_hash: str | None = None
     source: str = ""
-    feature_space: dict | None = None  # shards.feature_space of the manifest; None for arrays
+    feature_space: dict | None = None  # io.feature_space of the manifest; None for arrays
 
 
 def load_features(path: str | os.PathLike) -> FeatureSet:

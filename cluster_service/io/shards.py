@@ -1,5 +1,6 @@
-"""The feature-shard contract (DESIGN §3): Parquet shards plus _manifest.json, one writer, one reader,
-one validator.
+"""The feature-shard contract (DESIGN §3): Parquet shards plus _manifest.json, its format, one writer
+and the readers. The full check of a directory is io/shard_validation.py; what identifies the
+feature space is io/feature_space.py.
 
 A shard directory holds ``part-00000.parquet, part-00001.parquet, ...`` and ``_manifest.json``.
 Each shard has the columns
@@ -15,8 +16,8 @@ complete. The manifest records ``schema_version, d, shards [{name, rows, sha256}
 created``.
 
 Readers (`read_feature_table`, `iter_feature_batches`) check the manifest against the directory and
-the Parquet footers before they read any rows; `validate_shards` does the full check (hashes, every
-row) and reports every problem it finds instead of stopping at the first.
+the Parquet footers before they read any rows, and refuse the first bad row (`row_defects`, the
+row rules `validate_shards` lists in full).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import pyarrow.parquet as pq
 
 from cluster_service.io.atomic import atomic_path, write_bytes_atomic
 from cluster_service.io.checks import nonfinite_rows
+from cluster_service.io.feature_space import feature_space, feature_space_hash
 
 SCHEMA_VERSION = 1
 # Sidecar files are named the Hive way (a leading underscore), so pandas, pyarrow.dataset, DuckDB and
@@ -147,7 +149,7 @@ def features_to_numpy(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return flat.reshape(len(arr), d)
 
 
-def _ids_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def ids_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if pa.types.is_integer(col.type):
         return col.to_numpy().astype(np.int64, copy=False)
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
@@ -159,6 +161,42 @@ def _labels_to_numpy(col: pa.ChunkedArray | pa.Array | None) -> np.ndarray | Non
     if col.null_count:
         col = col.fill_null(-1)
     return col.to_numpy().astype(np.int64, copy=False)
+
+
+# What a row may not be, in the order a reader reports it (a reader stops at the first; validate_shards
+# lists them all).
+ROW_RULES = {
+    "null_feature": "feature is null",
+    "nonfinite": "feature contains NaN or Inf",
+    "null_id": "id is null",
+    "label": "label {value} is negative; labels are class indices >= 0, or null when unknown",
+}
+
+
+def row_defects(table: pa.Table) -> dict[str, np.ndarray]:
+    """kind (a ROW_RULES key) -> rows (m,) of `table` that break that rule, ascending; kinds without a
+    bad row are left out. Checks the columns the table has: null or NaN/Inf features, null ids,
+    negative labels."""
+    out = {}
+    names = table.column_names
+    if "feature" in names:
+        col = table.column("feature")
+        is_null = col.is_null().to_numpy(zero_copy_only=False)
+        out["null_feature"] = np.flatnonzero(is_null)
+        if pa.types.is_fixed_size_list(col.type) and pa.types.is_floating(col.type.value_type):
+            valid = col.filter(pa.array(~is_null)) if is_null.any() else col
+            out["nonfinite"] = np.flatnonzero(~is_null)[nonfinite_rows(features_to_numpy(valid))]
+    if "id" in names and table.column("id").null_count:
+        out["null_id"] = np.flatnonzero(table.column("id").is_null().to_numpy(zero_copy_only=False))
+    if "label" in names and pa.types.is_integer(table.column("label").type):
+        out["label"] = np.flatnonzero(table.column("label").fill_null(0).to_numpy() < 0)
+    return {kind: rows for kind, rows in out.items() if rows.size}
+
+
+def row_defect_message(table: pa.Table, kind: str, row: int) -> str:
+    """ROW_RULES[kind] for one row of `table` (a negative label names its value)."""
+    value = table.column("label")[row].as_py() if kind == "label" else None
+    return ROW_RULES[kind].format(value=value)
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -318,66 +356,6 @@ def write_shards(
 # ---------------------------------------------------------------------------------------- reading
 
 
-# What an extractor record holds only as provenance: recorded in the manifest, never compared.
-RECORD_ONLY = frozenset({"source", "checkpoint", "created", "rows", "path", "shards"})
-# PCA provenance: the projection itself is identified by `params_sha256` (mean + components).
-PCA_RECORD_ONLY = frozenset({"source_manifest_sha256", "params", "fit_rows", "seed", "explained_variance_ratio"})
-FEATURE_SPACE_VERSION = 2  # 1: sha256 of d + the whole extractor block (paths included)
-
-
-def feature_space(manifest: dict) -> dict:
-    """The identity of a feature space: d and the extractor fields that define the features
-    (method, backbone, head, checkpoint sha256, preprocessing, normalisation, PCA parameters'
-    hash). Paths, row counts and dates are provenance: a model fitted on one image folder
-    applies to features of another folder made by the same extractor."""
-    extractor = dict(manifest.get("extractor") or {})
-    space = {k: v for k, v in extractor.items() if k not in RECORD_ONLY}
-    pca = space.get("pca")
-    if isinstance(pca, dict):
-        if "params_sha256" in pca:
-            space["pca"] = {k: v for k, v in pca.items() if k not in PCA_RECORD_ONLY}
-        else:  # written before the parameters were hashed: everything but the provenance
-            space["pca"] = {k: v for k, v in pca.items() if k not in ("source_manifest_sha256", "params")}
-    return {"d": manifest.get("d"), **space}
-
-
-def feature_space_hash(manifest: dict) -> str:
-    """sha256 of `feature_space(manifest)`: what a fitted model records and `assign` compares."""
-    key = json.dumps(feature_space(manifest), sort_keys=True, default=str)
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def legacy_feature_space_hash(manifest: dict) -> str:
-    """The version-1 hash (d + the whole extractor block, paths included); models written with it
-    keep loading: `feature_space_mismatch` accepts either hash for them."""
-    key = json.dumps({"d": manifest.get("d"), "extractor": manifest.get("extractor", {})}, sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def feature_space_mismatch(model_space: dict | None, model_hash: str | None, manifest: dict) -> str | None:
-    """Why features described by `manifest` do not belong to a model's feature space, or None.
-
-    A model that stores its feature-space block is compared field by field and the message names
-    every differing field; a model that stores only a hash (version 1) matches shards whose new
-    or legacy hash equals it. A model with neither (fitted on an array) accepts any shards."""
-    space = feature_space(manifest)
-    if model_space is not None:
-        diff = sorted(k for k in set(space) | set(model_space) if space.get(k) != model_space.get(k))
-        if not diff:
-            return None
-        shown = "; ".join(f"{k}: model {_short(model_space.get(k))}, shards {_short(space.get(k))}" for k in diff)
-        return f"feature space differs in {', '.join(diff)} ({shown})"
-    if model_hash is None or model_hash in (feature_space_hash(manifest), legacy_feature_space_hash(manifest)):
-        return None
-    return (f"feature space hash {feature_space_hash(manifest)[:12]} differs from the model's {model_hash[:12]} "
-            "(the model predates field-level feature spaces, so the differing field is not known)")
-
-
-def _short(value, limit: int = 80) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def load_manifest(shard_dir: str | os.PathLike) -> tuple[dict, str]:
     """Parse and structurally check _manifest.json; return (manifest, its feature_space_hash).
 
@@ -394,13 +372,13 @@ def load_manifest(shard_dir: str | os.PathLike) -> tuple[dict, str]:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{mpath}: not valid JSON ({e})") from e
-    problems = _manifest_problems(manifest, mpath.name)
+    problems = manifest_problems(manifest, mpath.name)
     if problems:
         raise ShardError(f"{mpath}: " + "; ".join(p.message for p in problems))
     return manifest, feature_space_hash(manifest)
 
 
-def _manifest_problems(manifest, name: str) -> list[Problem]:
+def manifest_problems(manifest, name: str) -> list[Problem]:
     if not isinstance(manifest, dict):
         return [Problem(name, "manifest", "expected a JSON object")]
     out = []
@@ -451,12 +429,12 @@ def _check_footer(path: Path, entry: dict, d: int) -> pa.Schema:
         raise ShardError(f"{path}: not a readable Parquet file ({e})") from e
     if meta.num_rows != entry["rows"]:
         raise ShardError(f"{path}: {meta.num_rows} rows, {MANIFEST} says {entry['rows']}")
-    for problem in _schema_problems(schema, d, path.name):
+    for problem in schema_problems(schema, d, path.name):
         raise ShardError(str(problem))
     return schema
 
 
-def _schema_problems(schema: pa.Schema, d: int, name: str) -> list[Problem]:
+def schema_problems(schema: pa.Schema, d: int, name: str) -> list[Problem]:
     out = []
     if "id" not in schema.names:
         out.append(Problem(name, "schema", "no 'id' column"))
@@ -515,26 +493,13 @@ def read_feature_table(shard_dir: str | os.PathLike, rank: int = 0, world_size: 
             raise ShardError(f"{p}: not a readable Parquet file ({e})") from e
         if len(table) == 0:
             raise ShardError(f"{p}: 0 rows; every shard must hold at least one row (drop it from {MANIFEST})")
-        col = table.column("feature")
-        if col.null_count:
-            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise ShardError(f"{p} row {row}: feature is null")
-        block = features[pos : pos + len(table)]
-        block[:] = features_to_numpy(col)
-        bad = nonfinite_rows(block)
-        if bad.size:
-            raise ShardError(f"{p} row {int(bad[0])}: feature contains NaN or Inf ({bad.size} bad row(s))")
-        if table.column("id").null_count:
-            row = int(np.flatnonzero(table.column("id").is_null().to_numpy(zero_copy_only=False))[0])
-            raise ShardError(f"{p} row {row}: id is null")
-        ids.append(_ids_to_numpy(table.column("id")))
+        for kind, rows in row_defects(table).items():  # the first rule broken, at its first row
+            raise ShardError(f"{p} row {int(rows[0])}: {row_defect_message(table, kind, int(rows[0]))} "
+                             f"({rows.size} such row(s))")
+        features[pos : pos + len(table)] = features_to_numpy(table.column("feature"))
+        ids.append(ids_to_numpy(table.column("id")))
         if has_label:
             lab = table.column("label") if "label" in table.column_names else pa.nulls(len(table), pa.int64())
-            neg = np.flatnonzero(lab.fill_null(0).to_numpy() < 0) if lab.null_count < len(lab) else []
-            if len(neg):
-                row = int(neg[0])
-                raise ShardError(f"{p} row {row}: label {lab[row].as_py()} is negative; labels are class "
-                                 f"indices >= 0, or null when unknown ({len(neg)} such row(s))")
             labels.append(lab.fill_null(-1).to_numpy().astype(np.int64) if lab.null_count < len(lab)
                           else np.full(len(table), -1, np.int64))
         pos += len(table)
@@ -616,163 +581,5 @@ def iter_feature_batches(
                     warnings.simplefilter("ignore", UserWarning)  # read-only buffer; we never write to it
                     x = torch.from_numpy(x)
             labels = _labels_to_numpy(rb.column("label")) if "label" in fragment_cols else None
-            yield FeatureBatch(_ids_to_numpy(rb.column("id")), x, labels, p.name, row)
+            yield FeatureBatch(ids_to_numpy(rb.column("id")), x, labels, p.name, row)
             row += rb.num_rows
-
-
-# ---------------------------------------------------------------------------------------- validation
-
-
-def validate_shards(shard_dir: str | os.PathLike, max_rows_reported: int = 20) -> list[Problem]:
-    """Check a shard directory completely and return every problem found (empty list: valid).
-
-    Checks: manifest present and well-formed; shards missing from disk or on disk but not listed;
-    unreadable (corrupt) files; sha256 and row count against the manifest; column types; d equal to
-    the manifest's in every shard; null ids; ids of one type and unique across all shards; null
-    features; NaN/Inf values. Row-level problems are listed per row, up to ``max_rows_reported`` per
-    file and kind, followed by one problem giving the total."""
-    shard_dir = Path(shard_dir)
-    if not shard_dir.is_dir():
-        return [Problem(str(shard_dir), "missing", "no such directory")]
-    problems: list[Problem] = []
-    manifest = None
-    mpath = manifest_path(shard_dir)
-    if not mpath.is_file():
-        problems.append(Problem(MANIFEST, "manifest", "missing"))
-    else:
-        try:
-            manifest = json.loads(mpath.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            problems.append(Problem(MANIFEST, "manifest", f"not valid JSON ({e})"))
-        else:
-            mp = _manifest_problems(manifest, MANIFEST)
-            problems += mp
-            if mp:
-                manifest = None
-    entries = {s["name"]: s for s in manifest["shards"]} if manifest else {}
-    d = manifest["d"] if manifest else None
-    on_disk = sorted(p.name for p in shard_dir.glob(SHARD_GLOB))
-    for name in entries:
-        if name not in on_disk:
-            problems.append(Problem(name, "missing", f"listed in {MANIFEST} but not in the directory"))
-    if manifest is not None:
-        for name in on_disk:
-            if name not in entries:
-                problems.append(Problem(name, "unlisted", f"in the directory but not listed in {MANIFEST}"))
-    names = [n for n in entries if n in on_disk] + [n for n in on_disk if n not in entries]
-
-    id_types: dict[str, list[str]] = {}
-    id_rows: list[tuple[str, np.ndarray, np.ndarray]] = []  # (file, non-null ids, their rows)
-    for name in names:
-        path = shard_dir / name
-        entry = entries.get(name)
-        if entry is not None and file_sha256(path) != entry["sha256"]:
-            problems.append(Problem(name, "hash", f"sha256 differs from {MANIFEST} (changed after writing)"))
-        try:
-            pf = pq.ParquetFile(path)
-            schema = pf.schema_arrow
-            table = pf.read()
-        except (pa.ArrowException, OSError) as e:
-            problems.append(Problem(name, "corrupt", f"not a readable Parquet file ({e})"))
-            continue
-        if entry is not None and table.num_rows != entry["rows"]:
-            problems.append(Problem(name, "rows", f"{table.num_rows} rows, {MANIFEST} says {entry['rows']}"))
-        if table.num_rows == 0:
-            problems.append(Problem(name, "empty", "0 rows; every shard must hold at least one row"))
-        ref_d = d if d is not None else _feature_dim(schema)  # no manifest: mixed d is checked below
-        problems += _schema_problems(schema, ref_d if ref_d is not None else -1, name)
-        problems += _row_problems(table, name, max_rows_reported)
-        if "id" in schema.names:
-            t = schema.field("id").type
-            id_types.setdefault("int64" if pa.types.is_integer(t) else "string", []).append(name)
-            col = table.column("id")
-            rows = np.flatnonzero(~col.is_null().to_numpy(zero_copy_only=False))
-            id_rows.append((name, _ids_to_numpy(col.drop_null()), rows))
-
-    if d is None:
-        problems += _mixed_d_without_manifest(shard_dir, names)
-    if len(id_types) > 1:
-        problems.append(Problem(", ".join(id_types["string"][:3]), "id_type",
-                                f"string ids here but int64 ids in {', '.join(id_types['int64'][:3])}"))
-    else:
-        problems += _duplicate_problems(id_rows, max_rows_reported)
-    return problems
-
-
-def _feature_dim(schema: pa.Schema) -> int | None:
-    if "feature" in schema.names and pa.types.is_fixed_size_list(schema.field("feature").type):
-        return schema.field("feature").type.list_size
-    return None
-
-
-def _mixed_d_without_manifest(shard_dir: Path, names: list[str]) -> list[Problem]:
-    """Without a usable manifest there is no reference d; report shards whose d differs from the first."""
-    dims = {}
-    for name in names:
-        try:
-            dim = _feature_dim(pq.read_schema(shard_dir / name))
-        except (pa.ArrowException, OSError):
-            continue
-        if dim is not None:
-            dims[name] = dim
-    if len(set(dims.values())) <= 1:
-        return []
-    ref_name, ref = next(iter(dims.items()))
-    return [Problem(n, "d", f"feature dimension {v}, but {ref_name} has {ref}")
-            for n, v in dims.items() if v != ref]
-
-
-def _capped(rows: np.ndarray, name: str, kind: str, message: str, cap: int) -> list[Problem]:
-    out = [Problem(name, kind, message, int(r)) for r in rows[:cap]]
-    if rows.size > cap:
-        out.append(Problem(name, kind, f"{rows.size} rows in all ({rows.size - cap} more not listed)"))
-    return out
-
-
-def _row_problems(table: pa.Table, name: str, cap: int) -> list[Problem]:
-    out = []
-    if "id" in table.column_names and table.column("id").null_count:
-        rows = np.flatnonzero(table.column("id").is_null().to_numpy(zero_copy_only=False))
-        out += _capped(rows, name, "null_id", "id is null (missing)", cap)
-    if "label" in table.column_names and pa.types.is_integer(table.column("label").type):
-        rows = np.flatnonzero(table.column("label").fill_null(0).to_numpy() < 0)
-        out += _capped(rows, name, "label", "label is negative (class indices are >= 0, null if unknown)",
-                       cap)
-    if "feature" not in table.column_names:
-        return out
-    col = table.column("feature")
-    is_null = col.is_null().to_numpy(zero_copy_only=False)
-    if is_null.any():
-        out += _capped(np.flatnonzero(is_null), name, "null_feature", "feature is null", cap)
-    if pa.types.is_fixed_size_list(col.type) and pa.types.is_floating(col.type.value_type):
-        x = features_to_numpy(col.filter(pa.array(~is_null)))  # (n valid, d)
-        rows = np.flatnonzero(~is_null)[nonfinite_rows(x)]
-        out += _capped(rows, name, "nonfinite", "feature contains NaN or Inf", cap)
-    return out
-
-
-def _duplicate_problems(id_rows: list[tuple[str, np.ndarray, np.ndarray]], cap: int) -> list[Problem]:
-    """ids repeated anywhere in the directory; every occurrence reported with its file and row."""
-    if not id_rows:
-        return []
-    v = np.concatenate([ids for _, ids, _ in id_rows])
-    if v.size == 0:
-        return []
-    if v.dtype == object:
-        v = v.astype(str)
-    rows = np.concatenate([r for _, _, r in id_rows])
-    files = np.repeat(np.arange(len(id_rows)), [len(ids) for _, ids, _ in id_rows])
-    order = np.argsort(v, kind="stable")
-    same = v[order][1:] == v[order][:-1]
-    if not same.any():
-        return []
-    dup = np.zeros(v.size, bool)
-    dup[1:] |= same
-    dup[:-1] |= same
-    idx = order[dup]
-    msg = "id {!r} occurs more than once in the directory"
-    out = [Problem(id_rows[files[i]][0], "duplicate_id", msg.format(v[i]), int(rows[i])) for i in idx[:cap]]
-    if idx.size > cap:
-        out.append(Problem("*", "duplicate_id",
-                           f"{idx.size} rows with repeated ids in all ({idx.size - cap} more not listed)"))
-    return out

@@ -15,7 +15,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cluster_service.config import CHECKPOINT_EVERY, NOVELTY_FPR, TOP_M, ConfigError, FitConfig
+from cluster_service.config import (
+    CHECKPOINT_EVERY,
+    NOVELTY_FPR,
+    TOP_M,
+    ConfigError,
+    FitConfig,
+    check_device,
+    check_train_resources,
+)
 from cluster_service.io import runs
 from cluster_service.ops.jobconfig import load_fit_config
 from cluster_service.ops.local_fit import run_fit
@@ -106,9 +114,8 @@ def fit(
     logged to MLflow."""
     cfg = load_fit_config(config, set_, k_init=k_init, seed=seed, device=device, **{
         "schedule.epochs": epochs, "net.loss": loss, "autoencoder.enabled": True if autoencoder else None})
-    if workers < 0 or gpus_per_worker < 0:
-        raise ValueError(f"--workers and --gpus-per-worker must be >= 0, got {workers} and {gpus_per_worker}")
-    if workers >= 1:
+    if workers != 0:  # 0: this process; otherwise Ray Train workers (config.check_train_resources)
+        check_train_resources("--", workers, checkpoint_every, gpus_per_worker=gpus_per_worker or 1.0)
         from cluster_service.ops.jobconfig import TrackingSection, TrainSection
         from cluster_service.ops.pipeline import fit_job
 
@@ -363,7 +370,7 @@ def shards_validate(
     shard_dir: Annotated[Path, typer.Argument(help="directory of Parquet feature shards (with _manifest.json)")],
 ) -> None:
     """Check a shard directory completely; print every problem (file, row, what), exit 1 if any."""
-    from cluster_service.io.shards import validate_shards
+    from cluster_service.io.shard_validation import validate_shards
 
     problems = validate_shards(shard_dir)
     for p in problems:
@@ -439,6 +446,7 @@ def assign(
     from cluster_service.io.shards import load_manifest
     from cluster_service.runtime.assign_job import assign_shards, open_model
 
+    check_device(device, "--device")
     shard_dir = shard_dir_for(shard_dir, out_dir)  # an array or table file: imported beside the outputs
     manifest, _ = load_manifest(shard_dir)
     uri = None

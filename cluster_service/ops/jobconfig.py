@@ -35,6 +35,8 @@ from cluster_service.config import (
     ConfigError,
     FitConfig,
     build_typed,
+    check_device,
+    check_train_resources,
     has_default,
 )
 
@@ -307,20 +309,12 @@ def _check_paths(job: str, cfg: Any) -> None:
         t = getattr(cfg, section, None)
         if t is None:
             continue
-        if t.workers < 1:
-            raise ConfigError(f"train.workers must be >= 1, got {t.workers}")
-        if t.checkpoint_every < 1:
-            raise ConfigError(f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
-        if t.max_failures < 0:
-            raise ConfigError(f"train.max_failures must be >= 0, got {t.max_failures}")
-        for key in ("gpus_per_worker", "cpus_per_worker"):
-            if not getattr(t, key) > 0:
-                raise ConfigError(f"train.{key} must be > 0, got {getattr(t, key)}")
+        check_train_resources("train.", t.workers, t.checkpoint_every, t.max_failures, t.gpus_per_worker,
+                              t.cpus_per_worker)
     a = getattr(cfg, "assign", None)
     if a is not None:
         if a.top_m < 1:
             raise ConfigError(f"assign.top_m must be >= 1, got {a.top_m}")
         if a.batch_size < 1:
             raise ConfigError(f"assign.batch_size must be >= 1, got {a.batch_size}")
-        if not (a.device in ("auto", "cpu", "cuda") or a.device.startswith("cuda:")):
-            raise ConfigError(f"assign.device must be auto, cpu, cuda or cuda:N, got {a.device!r}")
+        check_device(a.device, "assign.device")

@@ -6,7 +6,9 @@
                    logs the final metrics, the model directory and the history
     assign_step    shards -> assignment shards (cluster_service.serve.assign; Ray Data or local)
     score_assignments   assignments joined with the shards' labels by id -> NMI / ARI / ACC
-    run_imagenet   train split -> features -> fit -> assign the val split -> scores
+
+The ImageNet pipeline that chains them is ops/imagenet.py; the epoch progress of a distributed fit,
+ops/progress.py.
 
 Every job that creates an MLflow run prints one line `MLflow run: LINK (run_id=..., tracking_uri=...)`
 as soon as the run exists; `cluster-service submit` finds it in the job's logs.
@@ -14,12 +16,10 @@ as soon as the run exists; `cluster-service submit` finds it in the job's logs.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,16 +27,15 @@ from typing import Any
 import numpy as np
 
 from cluster_service.config import FitConfig
-from cluster_service.io.atomic import write_json_atomic
 from cluster_service.ops.jobconfig import (
     BASE_DIR_ENV,
     AssignSection,
     ExtractSection,
-    ImagenetJob,
     TrackingSection,
     TrainSection,
     resolve_path,
 )
+from cluster_service.ops.progress import ProgressFile, epoch_printer, follow_progress
 
 RUN_LINK_PREFIX = "MLflow run: "
 PLOT_ROWS = 20_000  # rows the driver reads for the run's projection plot
@@ -81,19 +80,6 @@ class RankZero:
             self.callback(record, engine)
 
 
-class ProgressFile:
-    """Rank 0's epoch records as JSON lines in RUN_DIR/progress.jsonl, for the driver's progress bar
-    (`cluster-service fit --workers N` shows the same bar as a one-process fit; see `follow_progress`)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = str(path)
-
-    def __call__(self, record, engine) -> None:
-        if engine.comm.rank == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record.as_dict()) + "\n")
-
-
 def publish_report(run_dir: str | os.PathLike, tracker=None, announce: bool = True) -> Path | None:
     """Build RUN_DIR/report.html (cluster_service.report.html) and log it to the run's MLflow
     artifacts. A report that cannot be built is a warning, never a failed fit."""
@@ -111,46 +97,6 @@ def publish_report(run_dir: str | os.PathLike, tracker=None, announce: bool = Tr
     if announce:  # job logs; the CLI prints its own line
         print(f"report: {path}", flush=True)
     return path
-
-
-def epoch_printer(epochs: int):
-    """A progress feed for job logs: one line per ~5% of the epochs, and the last."""
-    step = max(1, epochs // 20)
-
-    def show(rec: dict) -> None:
-        if (rec["epoch"] + 1) % step == 0 or rec["epoch"] + 1 == epochs:
-            print(f"fit: epoch {rec['epoch'] + 1}/{epochs} K={rec['n_clusters']} "
-                  f"loss={rec['loss_cluster']:.3f} log_marginal={rec['log_marginal']:.4g}", flush=True)
-
-    return show
-
-
-@contextlib.contextmanager
-def follow_progress(path: str | os.PathLike, on_record, poll_s: float = 0.5):
-    """Call `on_record(dict)` for every line appended to `path` while the block runs (a thread tails it)."""
-    import threading
-
-    path, done, seen = Path(path), threading.Event(), [0]
-
-    def drain() -> None:
-        if path.is_file():
-            lines = path.read_text().splitlines()
-            for line in lines[seen[0]:]:
-                on_record(json.loads(line))
-            seen[0] = len(lines)
-
-    def loop() -> None:
-        while not done.wait(poll_s):
-            drain()
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        drain()
 
 
 # ---- steps --------------------------------------------------------------------------------------------
@@ -374,126 +320,3 @@ def score_assignments(assign_dir: str | os.PathLike, shard_dir: str | os.PathLik
     if not keep.any():
         raise ValueError(f"{shard_dir}: every label is null; cannot score the assignments")
     return score(y[keep], c[keep])
-
-
-# ---- the ImageNet pipeline ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def stage_timer(seconds: dict[str, float], name: str):
-    """Record the wall time of a pipeline stage in `seconds[name]` and print it."""
-    t0 = time.perf_counter()
-    yield
-    seconds[name] = round(time.perf_counter() - t0, 2)
-    print(f"imagenet: stage {name} took {seconds[name]} s", flush=True)
-
-
-def imagenet_paths(work_dir: str, initial_classes: int | None = None) -> dict[str, str]:
-    w = Path(resolve_path(work_dir))
-    paths = {"train_features": str(w / "features" / "train"), "val_features": str(w / "features" / "val"),
-             "fit": str(w / "fit"), "val_assignments": str(w / "val_assignments"),
-             "scores": str(w / "scores.json")}
-    if initial_classes is not None:  # fit on the first classes, then update into fit/
-        paths["initial_features"] = str(w / "features" / f"train_first_{initial_classes}")
-        paths["initial_fit"] = str(w / f"fit_first_{initial_classes}")
-    return paths
-
-
-def class_subset(shard_dir: str | os.PathLike, out_dir: str | os.PathLike, n_classes: int, workers: int = 1,
-                 reuse: bool = True) -> int:
-    """The rows of `shard_dir` whose label is below `n_classes`, written as shards into `out_dir`
-    (same extractor block, so the same feature space for `assign`; shards no larger than the
-    source's and at least one per worker). Returns the row count; an existing complete `out_dir`
-    is reused when `reuse`."""
-    from cluster_service.io.shards import load_manifest, manifest_path, read_feature_table, write_shards
-
-    if reuse and manifest_path(out_dir).is_file():
-        return int(load_manifest(out_dir)[0]["rows"])
-    table = read_feature_table(shard_dir)
-    if table.labels is None:
-        raise ValueError(f"{shard_dir}: no label column; imagenet.initial_classes needs the class of each row")
-    keep = (table.labels >= 0) & (table.labels < n_classes)
-    if not keep.any():
-        raise ValueError(f"{shard_dir}: no row of the first {n_classes} classes")
-    if Path(out_dir).exists():
-        shutil.rmtree(out_dir)  # an interrupted earlier attempt (no manifest): start over
-    rows = int(keep.sum())
-    per_shard = min(max(e["rows"] for e in table.manifest["shards"]), -(-rows // workers))
-    write_shards(out_dir, table.ids[keep], table.features[keep], table.labels[keep], rows_per_shard=per_shard,
-                 extractor=table.manifest.get("extractor"))
-    return rows
-
-
-def initial_fit_then_update(job: ImagenetJob, paths: dict[str, str], tracker, seconds: dict[str, float]) -> dict:
-    """imagenet.initial_classes: fit on the first classes' train rows (untracked, its own run dir),
-    then update that model with the whole train split into fit/ (tracked: the job's MLflow run holds
-    the final model). A re-run reuses a finished update of the same first fit."""
-    from cluster_service.io import runs
-    from cluster_service.serve.model import load_model
-
-    n = job.imagenet.initial_classes
-    rows = class_subset(paths["train_features"], paths["initial_features"], n, job.train.workers,
-                        job.imagenet.reuse_features)
-    print(f"imagenet: first fit on {rows} train rows of the first {n} classes", flush=True)
-    train = dataclasses.replace(job.train, data=paths["initial_features"], out=paths["initial_fit"])
-    with stage_timer(seconds, "fit"):
-        first = fit_step(train, job.fit, None)
-    fitted = load_model(runs.model_dir(paths["initial_fit"]))
-    lineage = runs.read_lineage(paths["fit"])
-    if (first.get("reused") and runs.is_complete(paths["fit"]) and lineage is not None
-            and lineage.get("previous_version") == fitted.version):
-        print(f"update: {paths['fit']} already holds the update of this fit; reusing it", flush=True)
-        return {**runs.read_summary(paths["fit"]), "reused": True}
-    x, ids, labels = read_update_rows(paths["train_features"])
-    show = epoch_printer(job.fit.schedule.epochs)
-    with stage_timer(seconds, "update"):
-        summary = update_step(fitted, paths["initial_fit"], x, ids, labels, job.fit, paths["fit"], tracker,
-                              [lambda rec, _engine: show(rec.as_dict())])
-    print(f"update: K {summary['k_before']} -> {summary['k_found']} ({summary['kept_ids']} ids kept) "
-          f"in {summary['seconds']} s; model {paths['fit']}/model", flush=True)
-    if job.train.report:
-        publish_report(paths["fit"], tracker)
-    return summary
-
-
-def run_imagenet(job: ImagenetJob) -> dict:
-    """ImageFolder train split -> 128-d MoCo features -> distributed fit -> assign the val split ->
-    NMI/ARI/ACC against the val labels; one MLflow run holds the fit and the val scores.
-    Writes WORK_DIR/scores.json and returns it."""
-    paths = imagenet_paths(job.imagenet.work_dir, job.imagenet.initial_classes)
-    reuse = job.imagenet.reuse_features
-    print(f"imagenet: work dir {Path(paths['fit']).parent}", flush=True)
-    seconds: dict[str, float] = {}
-    with stage_timer(seconds, "extract_train"):
-        extract_step(job.extract, job.imagenet.train, paths["train_features"], reuse)
-    with stage_timer(seconds, "extract_val"):
-        extract_step(job.extract, job.imagenet.val, paths["val_features"], reuse)
-
-    train = dataclasses.replace(job.train, data=paths["train_features"], out=paths["fit"])
-    params, manifest_hash = data_params(paths["train_features"])
-    tags = {"data.path": job.imagenet.train, "job": "imagenet"}
-    tracker = start_tracker(job.fit, job.tracking, "imagenet", tags, params, manifest_hash)
-    with tracker:
-        if job.imagenet.initial_classes is None:
-            with stage_timer(seconds, "fit"):
-                summary = fit_step(train, job.fit, tracker)
-        else:
-            summary = initial_fit_then_update(job, paths, tracker, seconds)
-        with stage_timer(seconds, "assign"):
-            report = assign_step(job.assign, job.tracking, model=paths["fit"], shards=paths["val_features"],
-                                 out=paths["val_assignments"])
-        if report.failed:
-            raise ValueError(f"{len(report.failed)} val shard(s) could not be assigned: "
-                             + "; ".join(f"{o.shard}: {o.error}" for o in report.failed))
-        with stage_timer(seconds, "score"):
-            val = score_assignments(paths["val_assignments"], paths["val_features"])
-        tracker.log_metrics({f"val/{k}": float(v) for k, v in val.as_dict().items()},
-                            step=max(0, job.fit.schedule.epochs - 1))
-        tracker.log_metrics({f"time/stage_{k}": v for k, v in seconds.items()})
-    scores = {"train": {k: summary[k] for k in ("k_found", "nmi", "ari", "acc") if k in summary},
-              "val": val.as_dict(), "assign": report.as_dict(), "paths": paths,
-              "mlflow_run": tracker.run_id, "seconds": seconds}
-    write_json_atomic(scores, paths["scores"])
-    print(f"imagenet: val {val}", flush=True)
-    return scores
-

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cluster_service.io.atomic import write_json_atomic, write_parquet_atomic
-from cluster_service.io.checks import nonfinite_rows
+from cluster_service.io.checks import dimension_message, nonfinite_rows
 from cluster_service.io.runs import assignments_table, model_dir_of
 from cluster_service.io.shards import ShardError, iter_feature_batches, load_manifest, manifest_path
 from cluster_service.runtime.ray_session import ensure_ray
@@ -220,9 +220,8 @@ def assign_shards(
     d = manifest["d"]
     if not isinstance(model, FittedModel):
         model = open_model(model, n_features=d)
-    elif model.n_features != d:
-        raise ModelError(f"model has feature dimension d={model.n_features}, "
-                         f"{manifest_path(shard_dir)} says the shards have d={d}")
+    elif (why := dimension_message(model.n_features, d, str(manifest_path(shard_dir)))) is not None:
+        raise ModelError(why)
     why = model.feature_space_mismatch(manifest)
     if why is not None:
         raise ModelError(

@@ -1,4 +1,6 @@
-"""MLflow experiment tracking: the one module that talks to MLflow (besides the pyfunc wrapper).
+"""MLflow experiment tracking: the one module that talks to MLflow (besides the pyfunc wrapper). What
+goes into a run is rendered elsewhere: tags by runtime/provenance.py, artifact files by
+runtime/artifacts.py.
 
 Every fit is one MLflow run:
 
@@ -18,13 +20,9 @@ unreachable server disables tracking up front, and repeated failures disable it 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
 import re
-import socket
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -36,6 +34,8 @@ from typing import Any
 import numpy as np
 
 from cluster_service.config import EXPERIMENT, FitConfig
+from cluster_service.runtime.artifacts import write_plots, write_run_files
+from cluster_service.runtime.provenance import device_tags, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ _HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
-_PACKAGES = ("cluster_service", "torch", "numpy", "mlflow", "ray", "faiss-cpu", "faiss-gpu-cu12", "pyarrow")
 
 # EpochRecord field -> metric name ("/" groups charts in the MLflow UI).
 METRIC_NAMES = {
@@ -120,49 +119,6 @@ def server_reachable(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> str | None:
     except (TimeoutError, urllib.error.URLError, OSError) as e:
         return f"{uri} is unreachable ({getattr(e, 'reason', e)})"
     return None
-
-
-# ---- run tags -------------------------------------------------------------------------------------
-
-
-def git_commit() -> dict[str, str]:
-    """Commit (and whether the tree is dirty) of the checkout this package runs from, if any."""
-    root = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=5)
-        if sha.returncode != 0:
-            return {}
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
-        return {"git.commit": sha.stdout.strip(), "git.dirty": str(bool(dirty.stdout.strip())).lower()}
-    except (OSError, subprocess.SubprocessError):
-        return {}
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
-def device_tags(device) -> dict[str, str]:
-    import torch
-
-    dev = torch.device(device)
-    tags = {"device": str(dev), "host": socket.gethostname()}
-    if dev.type == "cuda":
-        tags["device.name"] = torch.cuda.get_device_name(dev)
-    else:
-        tags["device.name"] = platform.processor() or platform.machine()
-        tags["device.threads"] = str(torch.get_num_threads())
-    return tags
 
 
 # ---- the tracker ------------------------------------------------------------------------------------
@@ -259,8 +215,7 @@ class Tracker:
             self.experiment_id = _create_experiment(self.client, self.experiment, location)
         else:
             self.experiment_id = exp.experiment_id
-        tags = {**git_commit(), **{f"versions.{k}": v for k, v in package_versions().items()},
-                "data.manifest_hash": manifest_hash or "none", **self.extra_tags}
+        tags = {**run_tags(manifest_hash), **self.extra_tags}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
@@ -370,41 +325,12 @@ class Tracker:
             self.set_tags({"stopped": result.history[-1].stopped})  # why the fit ended (early stop or cap)
         with tempfile.TemporaryDirectory(prefix="cs-mlflow-") as tmp:
             tmp = Path(tmp)
-            self._write_run_files(tmp, result)
-            self.guarded("render plots", self._write_plots, tmp / "plots", result, x, labels)
+            write_run_files(tmp, self.cfg, result.history)
+            self.guarded("render plots", write_plots, tmp / "plots", result, x, labels, self.scores, self.cfg.seed)
             self.log_artifact_dir(tmp)
         if model_dir is not None:
             self.log_artifact_dir(model_dir, "model")
         return final
-
-    def _write_run_files(self, tmp: Path, result) -> None:
-        import yaml
-
-        from cluster_service.core.schedule import build_plan, format_plan
-
-        (tmp / "config.yaml").write_text(yaml.safe_dump({"fit": self.cfg.to_dict()}, sort_keys=False))
-        (tmp / "schedule_plan.txt").write_text(format_plan(build_plan(self.cfg.schedule), self.cfg.schedule) + "\n")
-        (tmp / "history.json").write_text(json.dumps([r.as_dict() for r in result.history], indent=1))
-
-    def _write_plots(self, out: Path, result, x: np.ndarray, labels: np.ndarray | None) -> None:
-        from cluster_service.report import plots
-
-        figs = {
-            "k_over_epochs": plots.plot_k_history(result.history, self.scores or None),
-            "cluster_sizes": plots.plot_cluster_sizes(result.clusters, result.n_clusters),
-            # x may be the first rows only (a distributed fit's driver reads a sample)
-            "projection": plots.plot_projection(x, result.clusters[: len(x)],
-                                                None if labels is None else labels[: len(x)],
-                                                result.model.means, seed=self.cfg.seed),
-        }
-        if labels is not None:
-            figs["confusion_matrix"] = plots.plot_confusion(labels, result.clusters)
-        if result.model.tree_linkage is not None and len(result.model.tree_linkage):
-            figs["merge_tree"] = plots.plot_merge_tree(
-                result.model.tree_linkage, result.model.tree_log_ratios,
-                np.bincount(result.clusters, minlength=result.n_clusters))
-        for name, fig in figs.items():
-            plots.save_figure(fig, out / f"{name}.png")
 
 
 def _create_experiment(client, name: str, artifact_location: str | None) -> str:

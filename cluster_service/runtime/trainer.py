@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster_service.config import CHECKPOINT_EVERY, FitConfig
+from cluster_service.config import CHECKPOINT_EVERY, FitConfig, check_train_resources
 from cluster_service.runtime.ray_session import ensure_ray
 from cluster_service.train.engine import Engine, EpochRecord
 from cluster_service.train.fit import EpochCallback, run_schedule
@@ -290,10 +290,7 @@ def fit_distributed(
     on a multi-node cluster). Returns the summary dict.
     """
     cfg = cfg.validate()
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    check_train_resources("", num_workers, checkpoint_every, max_failures, gpus_per_worker, cpus_per_worker)
     data_path, out_dir = Path(data_path).resolve(), Path(out_dir).resolve()
     n, d, n_shards = data_shape(data_path)
     if n < max(2, cfg.k_init, num_workers):

@@ -13,6 +13,7 @@ import torch
 
 from cluster_service.core.nets import mlp_forward
 from cluster_service.io.atomic import atomic_dir
+from cluster_service.io.checks import check_model_features, dimension_message
 from cluster_service.serve.model import FittedModel, ModelError, load_model, read_model_files
 
 ENCODER_SCHEMA_VERSION = 1
@@ -48,11 +49,7 @@ class AEModel:
     def encode(self, x, chunk: int = 65536) -> np.ndarray:
         """Latent codes (n, latent) float64 of raw features x (n, d)."""
         x = np.asarray(x)
-        if x.ndim != 2 or x.shape[1] != self.n_features:
-            raise ModelError(
-                f"features: expected an (n, {self.n_features}) array for this autoencoder model, "
-                f"got shape {tuple(x.shape)}"
-            )
+        check_model_features(x, self.n_features, "features", ModelError, "this autoencoder model")
         layers = [(torch.from_numpy(w).float(), torch.from_numpy(b).float()) for w, b in self.encoder]
         shift = torch.from_numpy(self.input_shift).float()
         out = []
@@ -105,6 +102,6 @@ def load_ae_model(path: str | os.PathLike, n_features: int | None = None) -> AEM
             f"{path}: encoder latent dimension {model.encoder[-1][0].shape[0]} != mixture dimension "
             f"{model.mixture.n_features}"
         )
-    if n_features is not None and n_features != model.n_features:
-        raise ModelError(f"{path}: model expects d={model.n_features} features, the data has d={n_features}")
+    if n_features is not None and (why := dimension_message(model.n_features, n_features, str(path))):
+        raise ModelError(why)
     return model

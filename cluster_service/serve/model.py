@@ -26,6 +26,7 @@ from cluster_service.core.gaussian import WhitenedGaussians, chunk_rows, iter_ch
 from cluster_service.core.nets import mlp_forward
 from cluster_service.core.niw import logdet_from_cholesky
 from cluster_service.io.atomic import atomic_dir
+from cluster_service.io.checks import check_model_features, dimension_message
 
 MODEL_SCHEMA_VERSION = 1
 # Why `cut` cannot run; the CLI prefixes the model directory.
@@ -54,9 +55,9 @@ class FittedModel:
     # the log merge ratio of each merge (K-1,); None for models saved without one.
     tree_linkage: np.ndarray | None = None
     tree_log_ratios: np.ndarray | None = None
-    # The feature space the model was fitted in (shards.feature_space): d and the extractor fields
+    # The feature space the model was fitted in (io.feature_space): d and the extractor fields
     # that define the features. None for models fitted on arrays and for models written before it
-    # existed (those carry only a version-1 hash, see shards.feature_space_mismatch).
+    # existed (those carry only a version-1 hash, see io.feature_space).
     feature_space: dict[str, Any] | None = None
     # Novelty calibration from the training rows (serve.novelty.novelty_table): levels (L,),
     # quantiles (K, L), train_counts (K,). None for models written before it.
@@ -64,7 +65,7 @@ class FittedModel:
 
     def feature_space_mismatch(self, manifest: dict) -> str | None:
         """Why shards with this manifest are not in the model's feature space, or None."""
-        from cluster_service.io.shards import feature_space_mismatch
+        from cluster_service.io.feature_space import feature_space_mismatch
 
         return feature_space_mismatch(self.feature_space, self.manifest_hash, manifest)
 
@@ -83,11 +84,7 @@ class FittedModel:
     # ---- scoring -------------------------------------------------------------------------
 
     def check_features(self, x: np.ndarray, source: str = "features") -> None:
-        if x.ndim != 2 or x.shape[1] != self.n_features:
-            raise ModelError(
-                f"{source}: expected an (n, {self.n_features}) array for this model "
-                f"(d={self.n_features}), got shape {tuple(x.shape)}"
-            )
+        check_model_features(x, self.n_features, source, ModelError)
 
     @torch.no_grad()
     def log_joint(self, x, chunk_size: int = 65536, device: str | torch.device = "cpu") -> np.ndarray:
@@ -292,10 +289,8 @@ def load_model(
         tree_linkage=arrays.get("tree_linkage"),
         tree_log_ratios=arrays.get("tree_log_ratios"),
     )
-    if n_features is not None and n_features != model.n_features:
-        raise ModelError(
-            f"{path}: model has feature dimension d={model.n_features}, the data has d={n_features}"
-        )
+    if n_features is not None and (why := dimension_message(model.n_features, n_features, str(path))):
+        raise ModelError(why)
     if manifest_hash is not None and model.manifest_hash is not None and manifest_hash != model.manifest_hash:
         raise ModelError(
             f"{path}: model was fitted on features with manifest hash {model.manifest_hash}, "

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cluster_service.config import NOVELTY_FPR
-from cluster_service.io.checks import nonfinite_message
+from cluster_service.io.checks import check_model_features, nonfinite_message
 from cluster_service.serve.assign import DEFAULT_TOP_M, METHODS, make_assigner
 from cluster_service.serve.model import ModelError, load_model
 
@@ -52,8 +52,7 @@ def features_from_input(data, n_features: int) -> np.ndarray:
 
 
 def _checked(x: np.ndarray, n_features: int, what: str) -> np.ndarray:
-    if x.ndim != 2 or x.shape[1] != n_features:
-        raise ModelError(f"{what}: expected (n, {n_features}) features for this model, got shape {x.shape}")
+    check_model_features(x, n_features, what, ModelError)
     message = nonfinite_message(x, what)
     if message is not None:
         raise ModelError(message)

@@ -22,7 +22,7 @@ from scipy.optimize import linear_sum_assignment
 
 from cluster_service.config import FitConfig
 from cluster_service.core.gaussian import WhitenedGaussians
-from cluster_service.io.checks import check_features
+from cluster_service.io.checks import check_features, dimension_message
 from cluster_service.serve.model import FittedModel
 from cluster_service.train.engine import Engine, EpochRecord
 from cluster_service.train.export import finish_fit
@@ -47,8 +47,8 @@ def update(model: FittedModel, x: np.ndarray, cfg: FitConfig | None = None, call
     """Continue `model`'s fit on x (n, d); cfg defaults to the model's own config."""
     cfg = (cfg or FitConfig.from_dict(model.config)).validate()
     x = check_features(np.asarray(x), "features", min_rows=2)
-    if x.shape[1] != model.n_features:
-        raise ValueError(f"features: d={x.shape[1]}, the model has d={model.n_features}")
+    if (why := dimension_message(model.n_features, x.shape[1], "features")) is not None:
+        raise ValueError(why)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         engine = Engine(cfg, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)))
