@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.cluster.hierarchy import fcluster, is_valid_linkage
+from stats_helpers import stats_from_points
 
 from cluster_service.core.hierarchy import cut_tree, merge_tree
 from cluster_service.core.niw import (
@@ -14,7 +15,6 @@ from cluster_service.core.niw import (
     log_merge_ratio,
     make_prior,
     pooled_within_covariance,
-    stats_from_points,
 )
 from cluster_service.datasets import make_overlap_mixture
 
@@ -135,7 +135,7 @@ def test_tree_split_proposes_the_three_blobs_of_one_cluster_and_surgery_adds_the
     parts = mv.group_cells(cell_stats[0], prop.labels[0], 3)
     assert parts.count.sum() == pytest.approx(1200) and (parts.count == 400).all()
     # surgery: cluster 1 of two becomes three clusters; weights keep their total
-    whole = cells.reduce_sum()
+    whole = SuffStats(cells.count.sum(0), cells.sum.sum(0), cells.scatter.sum(0))
     two = SuffStats.concat([SuffStats(whole.count[None], whole.sum[None], whole.scatter[None])] * 2)
     means, chol = map_estimate(prior, two)
     params = GaussianParams(torch.log(torch.tensor([0.5, 0.5], dtype=D)), means, chol)

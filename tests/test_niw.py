@@ -7,22 +7,32 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import special
 from scipy import stats as sps
+from stats_helpers import stats_from_points
 
-from cluster_service.core.gaussian import e_step, hard_weighted_stats, log_gaussian, weighted_stats
+from cluster_service.core.gaussian import (
+    WhitenedGaussians,
+    add_weighted_stats_,
+    iter_chunks,
+    log_joint,
+    stats_chunk_rows,
+)
+from cluster_service.core.hierarchy import merge_tree
 from cluster_service.core.niw import (
     GaussianParams,
     NIWPrior,
     SuffStats,
     dp_log_weights,
+    log_cluster_score,
     log_marginal_likelihood,
     log_merge_ratio,
+    log_partition_evidence,
     log_split_ratio,
     make_prior,
     map_estimate,
     posterior,
     safe_cholesky,
-    stats_from_points,
 )
 
 D = torch.float64
@@ -36,20 +46,65 @@ def random_prior(d: int, seed: int = 0) -> NIWPrior:
     )
 
 
+def scipy_log_marginal(prior: NIWPrior, x: np.ndarray) -> float:
+    """log f(X) = sum_i log p(x_i | x_<i), each a scipy multivariate t (Murphy 2007, eq. 258), with
+    the posterior from the centred scatter (numpy), not from niw.posterior's uncentred one."""
+    m0, psi0 = prior.mean.numpy(), prior.psi.numpy()
+    d = x.shape[1]
+    total = 0.0
+    for i in range(x.shape[0]):
+        seen = x[:i]
+        n = seen.shape[0]
+        xbar = seen.mean(0) if n else np.zeros(d)
+        centred = seen - xbar
+        kappa, nu = prior.kappa + n, prior.nu + n
+        mean = (prior.kappa * m0 + n * xbar) / kappa
+        nu_psi = prior.nu * psi0 + centred.T @ centred + prior.kappa * n / kappa * np.outer(xbar - m0, xbar - m0)
+        df = nu - d + 1
+        total += sps.multivariate_t(loc=mean, shape=nu_psi * (kappa + 1) / (kappa * df), df=df).logpdf(x[i])
+    return total
+
+
+def scipy_cluster_score(prior: NIWPrior, x: np.ndarray) -> float:
+    """log Gamma(N) + log f(X) by scipy."""
+    return float(special.gammaln(x.shape[0])) + scipy_log_marginal(prior, x)
+
+
 def test_marginal_likelihood_equals_chain_rule_of_scipy_t_predictives():
-    """log f(X) = sum_i log p(x_i | x_<i), each a multivariate t (Murphy 2007, eq. 258)."""
     d, n = 3, 25
     prior = random_prior(d)
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(1), dtype=D) * 2 + 1
-    total = 0.0
-    for i in range(n):
-        post = posterior(prior, stats_from_points(x[:i]))
-        kappa, nu = float(post.kappa), float(post.nu)
-        df = nu - d + 1
-        shape = (nu * post.psi).numpy() * (kappa + 1) / (kappa * df)
-        total += sps.multivariate_t(loc=post.mean.numpy(), shape=shape, df=df).logpdf(x[i].numpy())
     ours = float(log_marginal_likelihood(prior, stats_from_points(x)))
-    assert ours == pytest.approx(total, rel=1e-9, abs=1e-8)
+    assert ours == pytest.approx(scipy_log_marginal(prior, x.numpy()), rel=1e-9, abs=1e-8)
+
+
+def test_cluster_score_feeds_ratios_evidence_and_merge_tree_as_scipy_says():
+    """log_cluster_score = log Gamma(N) + log f(X); log H_s, log H_m (DeepDPM eq. 9), the partition
+    evidence and the merge tree's ratios are its sums and differences plus log alpha per set."""
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(30, 3, generator=g, dtype=D), torch.randn(20, 3, generator=g, dtype=D) + 1,
+          torch.randn(12, 3, generator=g, dtype=D) * 0.5 - 2]
+    prior, alpha = random_prior(3), 10.0
+    st = [stats_from_points(x) for x in xs]
+    ref = [scipy_cluster_score(prior, x.numpy()) for x in xs]
+
+    def ref_union(i, j):
+        return scipy_cluster_score(prior, torch.cat([xs[i], xs[j]]).numpy())
+
+    for s, r in zip(st, ref, strict=True):
+        assert float(log_cluster_score(prior, s)) == pytest.approx(r, rel=1e-9)
+    ref_split = math.log(alpha) + ref[0] + ref[1] - ref_union(0, 1)
+    assert float(log_split_ratio(prior, alpha, st[0], st[1])) == pytest.approx(ref_split, rel=1e-9)
+    assert float(log_merge_ratio(prior, alpha, st[0], st[1])) == pytest.approx(-ref_split, rel=1e-9)
+    stats = SuffStats.concat([SuffStats(s.count[None], s.sum[None], s.scatter[None]) for s in st])
+    empty = SuffStats.zeros((1,), 3)  # empty sets are no part of the partition
+    evidence = log_partition_evidence(prior, alpha, SuffStats.concat([stats, empty]))
+    assert float(evidence) == pytest.approx(3 * math.log(alpha) + sum(ref), rel=1e-9)
+    # the merge tree first merges the pair with the highest log H_m
+    pairs = {(i, j): ref_union(i, j) - ref[i] - ref[j] - math.log(alpha) for i in range(3) for j in range(i + 1, 3)}
+    tree = merge_tree(prior, alpha, stats)
+    assert set(tree.linkage[0, :2].astype(int).tolist()) == set(max(pairs, key=pairs.get))
+    assert tree.log_ratios[0] == pytest.approx(max(pairs.values()), rel=1e-9)
 
 
 def test_posterior_of_zero_points_is_the_prior():
@@ -61,35 +116,18 @@ def test_posterior_of_zero_points_is_the_prior():
     assert float(log_marginal_likelihood(prior, SuffStats.zeros((), 4))) == pytest.approx(0.0, abs=1e-10)
 
 
-def test_stats_are_additive_and_index_selectable():
-    g = torch.Generator().manual_seed(2)
-    a, b = torch.randn(40, 5, generator=g, dtype=D), torch.randn(30, 5, generator=g, dtype=D)
-    union = stats_from_points(torch.cat([a, b]))
-    summed = stats_from_points(a) + stats_from_points(b)
-    for u, s in zip((union.count, union.sum, union.scatter), (summed.count, summed.sum, summed.scatter), strict=True):
-        torch.testing.assert_close(u, s)
-    # weighted batch statistics: selecting cluster k equals the statistics of its weighted points
-    w = torch.rand(70, 3, generator=g, dtype=D)
-    batch = stats_from_points(torch.cat([a, b]), w)
-    one = batch[1]
-    x = torch.cat([a, b])
-    torch.testing.assert_close(one.sum, (w[:, 1:2] * x).sum(0))
-    torch.testing.assert_close(one.scatter, (w[:, 1, None, None] * x[:, :, None] * x[:, None, :]).sum(0))
-
-
-def test_chunked_statistics_match_direct_computation():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(500, 6, generator=g, dtype=D)
-    r = torch.softmax(torch.randn(500, 4, generator=g, dtype=D), -1)
-    direct = stats_from_points(x, r)
-    chunked = weighted_stats(x, lambda sl: r[sl], 4, chunk_size=37)
-    torch.testing.assert_close(chunked.scatter, direct.scatter)
-    z = torch.randint(0, 4, (500,), generator=g)
-    w = torch.rand(500, generator=g, dtype=D)
-    hard = hard_weighted_stats(x, z, w, 4, chunk_size=50)
-    onehot = torch.nn.functional.one_hot(z, 4).to(D) * w[:, None]
-    torch.testing.assert_close(hard.scatter, stats_from_points(x, onehot).scatter)
-    torch.testing.assert_close(hard.count, onehot.sum(0))
+def test_chunked_weighted_statistics_match_numpy():
+    """The engine's accumulation (add_weighted_stats_ over stats_chunk_rows chunks) equals the
+    weighted sums written out in numpy."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 6))
+    r = rng.dirichlet(np.ones(4), size=500)
+    out = SuffStats.zeros((4,), 6)
+    for sl in iter_chunks(500, stats_chunk_rows(6, 4, chunk_size=37)):
+        add_weighted_stats_(out, torch.from_numpy(x[sl]), torch.from_numpy(r[sl]))
+    np.testing.assert_allclose(out.count.numpy(), r.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(out.sum.numpy(), r.T @ x, rtol=1e-10)
+    np.testing.assert_allclose(out.scatter.numpy(), np.einsum("nk,ni,nj->kij", r, x, x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("d, n_bins", [(2, 300), (16, 5), (16, 40)])
@@ -139,7 +177,7 @@ def test_weighted_map_m_step_matches_numpy():
     np.testing.assert_allclose((chol[0] @ chol[0].T).numpy(), sigma, rtol=1e-9)
 
 
-def test_log_gaussian_matches_scipy():
+def test_log_joint_matches_scipy():
     rng = np.random.default_rng(6)
     d, K = 5, 3
     means = rng.normal(size=(K, d))
@@ -149,14 +187,12 @@ def test_log_gaussian_matches_scipy():
         covs.append(a @ a.T + np.eye(d))
     x = rng.normal(size=(50, d)) * 2
     chol = torch.linalg.cholesky(torch.tensor(np.stack(covs)))
-    ours = log_gaussian(torch.from_numpy(x), torch.from_numpy(means), chol).numpy()
     ref = np.stack([sps.multivariate_normal(means[k], covs[k]).logpdf(x) for k in range(K)], axis=1)
-    np.testing.assert_allclose(ours, ref, rtol=1e-10)
-    # E-step rows are normalised responsibilities in log space
+    dens = WhitenedGaussians(torch.from_numpy(means), chol, D).log_prob(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(dens, ref, rtol=1e-10)
     params = GaussianParams(torch.log(torch.tensor([0.2, 0.3, 0.5], dtype=D)), torch.from_numpy(means), chol)
-    log_r = e_step(torch.from_numpy(x), params, D, chunk_size=7).numpy()
-    lj = ref + np.log([0.2, 0.3, 0.5])
-    np.testing.assert_allclose(log_r, lj - np.logaddexp.reduce(lj, axis=1, keepdims=True), rtol=1e-9, atol=1e-12)
+    lj = log_joint(torch.from_numpy(x), params, D, chunk_size=7).numpy()  # chunks of 7 rows
+    np.testing.assert_allclose(lj, ref + np.log([0.2, 0.3, 0.5]), rtol=1e-10)
 
 
 def test_dp_weights_are_the_dirichlet_posterior_mean():
@@ -164,29 +200,6 @@ def test_dp_weights_are_the_dirichlet_posterior_mean():
     pi = dp_log_weights(counts, alpha=3.0).exp()
     np.testing.assert_allclose(pi.numpy(), (np.array([10, 0, 30]) + 1.0) / 43.0)
     assert float(pi.sum()) == pytest.approx(1.0)
-
-
-def test_split_and_merge_ratios_are_reciprocal_and_symmetric():
-    g = torch.Generator().manual_seed(7)
-    a, b = torch.randn(30, 3, generator=g, dtype=D), torch.randn(20, 3, generator=g, dtype=D) + 1
-    prior = random_prior(3)
-    sa, sb = stats_from_points(a), stats_from_points(b)
-    assert float(log_split_ratio(prior, 10.0, sa, sb)) == pytest.approx(-float(log_merge_ratio(prior, 10.0, sa, sb)))
-    assert float(log_split_ratio(prior, 10.0, sa, sb)) == pytest.approx(float(log_split_ratio(prior, 10.0, sb, sa)))
-    # the formula, term by term
-    whole = sa + sb
-    expected = (
-        math.log(10.0)
-        + math.lgamma(30)
-        + math.lgamma(20)
-        - math.lgamma(50)
-        + float(
-            log_marginal_likelihood(prior, sa)
-            + log_marginal_likelihood(prior, sb)
-            - log_marginal_likelihood(prior, whole)
-        )
-    )
-    assert float(log_split_ratio(prior, 10.0, sa, sb)) == pytest.approx(expected)
 
 
 def test_safe_cholesky_repairs_non_spd_with_a_warning():

@@ -1,4 +1,4 @@
-"""Gaussian log-densities, E-step and chunked statistics over points.
+"""Gaussian log-densities and statistics over chunks of points.
 
 Hot paths are whitened matmuls: for all clusters at once, y = x W - b with
 W = [L_1^{-T} ... L_K^{-T}] (d, K d), so log N(x; mu_k, Sigma_k) costs one (n, d) x (d, K d)
@@ -9,7 +9,7 @@ Memory per chunk is O(chunk * K * d) for densities and O(chunk * d^2) for scatte
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -56,14 +56,6 @@ class WhitenedGaussians:
         return self.const - 0.5 * maha
 
 
-def log_gaussian(x: torch.Tensor, means: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
-    """Log-density of every point under every Gaussian, float64 reference path.
-
-    x: (n, d); means: (K, d); chol: (K, d, d) -> (n, K)
-    """
-    return WhitenedGaussians(means.to(STAT_DTYPE), chol.to(STAT_DTYPE), STAT_DTYPE).log_prob(x.to(STAT_DTYPE))
-
-
 def log_joint(x: torch.Tensor, params: GaussianParams, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
     """log pi_k + log N(x_i; mu_k, Sigma_k) for all points, chunked. x: (n, d) -> (n, K) in dtype."""
     g = WhitenedGaussians(params.means, params.chol, dtype)
@@ -72,28 +64,6 @@ def log_joint(x: torch.Tensor, params: GaussianParams, dtype: torch.dtype, chunk
     out = torch.empty(x.shape[0], g.n_clusters, dtype=dtype, device=x.device)
     for sl in iter_chunks(x.shape[0], rows):
         out[sl] = g.log_prob(x[sl]) + logw
-    return out
-
-
-def e_step(x: torch.Tensor, params: GaussianParams, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
-    """E-step log-responsibilities log r^E_{ik} (rows normalised in log space). -> (n, K)."""
-    return torch.log_softmax(log_joint(x, params, dtype, chunk_size), dim=-1)
-
-
-def weighted_stats(
-    x: torch.Tensor,
-    weights_fn: Callable[[slice], torch.Tensor],
-    n_clusters: int,
-    chunk_size: int,
-) -> SuffStats:
-    """Cluster statistics sum_i r_ik (1, x_i, x_i x_i^T), chunked, accumulated in float64.
-
-    x: (n, d); weights_fn(slice) -> (rows, K) responsibilities of those rows (compute dtype).
-    """
-    n, d = x.shape
-    out = SuffStats.zeros((n_clusters,), d, device=x.device)
-    for sl in iter_chunks(n, stats_chunk_rows(d, n_clusters, chunk_size)):
-        add_weighted_stats_(out, x[sl], weights_fn(sl))
     return out
 
 
@@ -109,22 +79,6 @@ def add_weighted_stats_(out: SuffStats, x: torch.Tensor, r: torch.Tensor) -> Non
     out.count.add_(r.sum(0).to(STAT_DTYPE))
     out.sum.add_((r.T @ x).to(STAT_DTYPE))
     out.scatter.add_((r.T @ outer).to(STAT_DTYPE).view(r.shape[1], d, d))
-
-
-def hard_weighted_stats(
-    x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, n_bins: int, chunk_size: int
-) -> SuffStats:
-    """Statistics of points with one weighted bin each: bin index[i] gets weight weights[i].
-
-    x: (n, d); index: (n,) int64 in [0, n_bins); weights: (n,). -> batch shape (n_bins,).
-    Used for subclusters (bin = 2 * cluster + subcluster) and for hard cluster assignments.
-    """
-    n, d = x.shape
-    out = SuffStats.zeros((n_bins,), d, device=x.device)
-    rows = chunk_rows(4 * d * d, chunk_size)  # float64 (rows, d, d) intermediate
-    for sl in iter_chunks(n, rows):
-        add_hard_stats_(out, x[sl], index[sl], weights[sl])
-    return out
 
 
 # add_hard_stats_ groups rows by bin (one sort, one matmul per bin) when a bin's rows carry at

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cluster_service.core.niw import NIWPrior, SuffStats, log_marginal_likelihood
+from cluster_service.core.niw import NIWPrior, SuffStats, log_cluster_score
 
 # Pairs whose union statistics are evaluated in one batch (memory: chunk * d^2 float64).
 _PAIR_CHUNK = 2048
@@ -47,7 +47,7 @@ class MergeTree:
 
 
 def _log_score(prior: NIWPrior, stats: SuffStats) -> torch.Tensor:
-    """log Gamma(N) + log f(X) of each set: its term in the split/merge ratios. -> (...,)."""
+    """niw.log_cluster_score of each set, in chunks of _PAIR_CHUNK sets. -> (...,)."""
     out = torch.empty(stats.count.shape, dtype=stats.count.dtype, device=stats.count.device)
     flat = out.reshape(-1)
     n = flat.numel()
@@ -55,7 +55,7 @@ def _log_score(prior: NIWPrior, stats: SuffStats) -> torch.Tensor:
     for i in range(0, n, _PAIR_CHUNK):
         part = SuffStats(c[i : i + _PAIR_CHUNK], s[i : i + _PAIR_CHUNK], S[i : i + _PAIR_CHUNK])
         # an empty set (a cluster no row is assigned to) scores lgamma(tiny): finite, merged first
-        flat[i : i + _PAIR_CHUNK] = torch.lgamma(part.count.clamp_min(1e-8)) + log_marginal_likelihood(prior, part)
+        flat[i : i + _PAIR_CHUNK] = log_cluster_score(prior, part, min_count=1e-8)
     return out
 
 

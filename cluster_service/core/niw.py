@@ -46,10 +46,6 @@ class SuffStats:
     def __getitem__(self, idx) -> SuffStats:
         return SuffStats(self.count[idx], self.sum[idx], self.scatter[idx])
 
-    def reduce_sum(self, dim: int = 0) -> SuffStats:
-        """Statistics of the union along a leading axis."""
-        return SuffStats(self.count.sum(dim), self.sum.sum(dim), self.scatter.sum(dim))
-
     def to(self, *args, **kwargs) -> SuffStats:
         return SuffStats(self.count.to(*args, **kwargs), self.sum.to(*args, **kwargs), self.scatter.to(*args, **kwargs))
 
@@ -82,19 +78,6 @@ class SuffStats:
             torch.cat([p.sum for p in parts], dim),
             torch.cat([p.scatter for p in parts], dim),
         )
-
-
-def stats_from_points(x: torch.Tensor, weights: torch.Tensor | None = None) -> SuffStats:
-    """Statistics of points under per-cluster weights.
-
-    x: (n_samples, d); weights: (n_samples, n_clusters) or None (one cluster, unit weights).
-    Returns batch shape (n_clusters,) (or () when weights is None), float64.
-    """
-    x = x.to(STAT_DTYPE)
-    if weights is None:
-        return SuffStats(torch.tensor(float(x.shape[0]), dtype=STAT_DTYPE, device=x.device), x.sum(0), x.T @ x)
-    w = weights.to(STAT_DTYPE)
-    return SuffStats(w.sum(0), w.T @ x, torch.einsum("nk,ni,nj->kij", w, x, x))
 
 
 @dataclass(frozen=True)
@@ -293,21 +276,30 @@ def dp_log_weights(counts: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.log(a) - torch.log(a.sum(-1, keepdim=True))
 
 
+def log_cluster_score(prior: NIWPrior, stats: SuffStats, min_count: float = 0.0) -> torch.Tensor:
+    """log Gamma(N_k) + log f(X_k): set k's factor in the CRP x NIW joint of a partition,
+    p(X, partition) proportional to alpha^K prod_k Gamma(N_k) f(X_k) (CRP prior times NIW
+    marginals). The split and merge ratios (DeepDPM eq. 9), the partition evidence and the
+    merge tree are sums and differences of it. Batched -> (...,).
+
+    min_count: Gamma's argument is at least this (merge_tree: an empty cluster scores
+    lgamma(1e-8), finite, and is merged first); 0 leaves counts as they are.
+    """
+    count = stats.count.clamp_min(min_count) if min_count > 0 else stats.count
+    return torch.lgamma(count) + log_marginal_likelihood(prior, stats)
+
+
 def log_split_ratio(prior: NIWPrior, alpha: float, part1: SuffStats, part2: SuffStats) -> torch.Tensor:
     """log H_s for splitting (part1 ∪ part2) into part1, part2 (DeepDPM eq. 9). Batched -> (...,).
 
     H_s = alpha Gamma(N_1) f(X_1) Gamma(N_2) f(X_2) / (Gamma(N) f(X)).
     The merge ratio of the same pair is its negative (H_m = 1 / H_s).
     """
-    whole = part1 + part2
     return (
         math.log(alpha)
-        + torch.lgamma(part1.count)
-        + log_marginal_likelihood(prior, part1)
-        + torch.lgamma(part2.count)
-        + log_marginal_likelihood(prior, part2)
-        - torch.lgamma(whole.count)
-        - log_marginal_likelihood(prior, whole)
+        + log_cluster_score(prior, part1)
+        + log_cluster_score(prior, part2)
+        - log_cluster_score(prior, part1 + part2)
     )
 
 
@@ -319,8 +311,6 @@ def log_merge_ratio(prior: NIWPrior, alpha: float, part1: SuffStats, part2: Suff
 def log_partition_evidence(prior: NIWPrior, alpha: float, stats: SuffStats) -> torch.Tensor:
     """log p(X, partition) up to terms that do not depend on the partition, for a hard
     partition into the sets of `stats` (batch (K,), empty sets ignored):
-    K log alpha + sum_k [log Gamma(N_k) + log f(X_k)]   (CRP prior times NIW marginals; the
-    split and merge ratios are differences of it). -> scalar."""
+    K log alpha + sum_k log_cluster_score. -> scalar."""
     s = stats[stats.count > 0]
-    K = s.count.shape[0]
-    return K * math.log(alpha) + (torch.lgamma(s.count) + log_marginal_likelihood(prior, s)).sum()
+    return s.count.shape[0] * math.log(alpha) + log_cluster_score(prior, s).sum()
