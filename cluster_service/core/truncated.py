@@ -86,19 +86,12 @@ def cluster_graph(params: GaussianParams, n_neighbors: int, dtype: torch.dtype =
     """Each cluster's nearest clusters, itself first: the clusters l with the highest
     log pi_l + log N(mu_k; mu_l, Sigma_l) at cluster k's mean (the clusters that compete for the
     rows around mu_k). -> (K, min(n_neighbors, K)) int64. K^2 d^2 flops."""
+    from cluster_service.core.gaussian import log_joint
+
     K = params.n_clusters
-    g = min(n_neighbors, K)
-    scorer = CandidateScorer(params, dtype)
-    out = torch.empty(K, g, dtype=torch.long, device=params.means.device)
-    rows = max(1, (1 << 24) // max(1, K * params.means.shape[1]))
-    for start in range(0, K, rows):
-        mu = params.means[start : start + rows].to(dtype)
-        y = torch.einsum("nd,kde->nke", mu, scorer.weight) - scorer.bias  # (rows, K, d)
-        ll = scorer.const - 0.5 * y.square().sum(-1)
-        idx = torch.arange(start, start + mu.shape[0], device=mu.device)
-        ll[torch.arange(mu.shape[0]), idx] = math.inf  # itself first
-        out[start : start + mu.shape[0]] = ll.topk(g, dim=1).indices
-    return out
+    ll = log_joint(params.means.to(dtype), params, dtype, chunk_size=max(1, (1 << 22) // max(1, K)))  # (K, K)
+    ll.fill_diagonal_(math.inf)  # itself first
+    return ll.topk(min(n_neighbors, K), dim=1).indices
 
 
 def pseudo_random_clusters(global_index: torch.Tensor, salt: int, n_clusters: int) -> torch.Tensor:
