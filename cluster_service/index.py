@@ -22,7 +22,11 @@ def _as_f32(x) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def kmeans(x, n_clusters: int, seed: int, n_iter: int = 20, max_points: int = 256 * 1024) -> np.ndarray:
+# k-means trains on at most this many points (a seeded sample of the rows).
+KMEANS_MAX_POINTS = 256 * 1024
+
+
+def kmeans(x, n_clusters: int, seed: int, n_iter: int = 20, max_points: int = KMEANS_MAX_POINTS) -> np.ndarray:
     """FAISS k-means centroids (n_clusters, d) float32; at most `max_points` points are sampled.
 
     Empty clusters are handled by FAISS (it splits large ones); with fewer distinct points than

@@ -33,12 +33,11 @@ pytestmark = pytest.mark.ray
 CFG = FitConfig().replace(
     **{
         "device": "cpu",
-        # The reference start and proposals: the evidence start and the cell-tree splits run
-        # k-means on rank 0's rows only, so they differ from a one-process run by design.
+        # A k-means start from one cluster, so that the run must split (k-means and the
+        # cell-tree splits train on the same global rows in every layout: Engine._global_rows).
         "init": "kmeans",
         "prior.psi_mode": "data_diag",
         "prior.nu_mode": "fixed",
-        "moves.split_cells": 0,
         "schedule.epochs": 40,
         "schedule.warmup_epochs": 3,
         "schedule.subcluster_start": 3,

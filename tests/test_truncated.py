@@ -157,3 +157,17 @@ def test_candidates_survive_a_checkpoint():
     other.load_state_dict(state)
     assert torch.equal(other.best, eng.best)
     torch.testing.assert_close(other.estep_table()[1], eng.estep_table()[1])
+
+
+def test_imagenet_proxy_rows_are_unit_and_components_unequal():
+    from cluster_service.datasets import make_imagenet_proxy
+
+    x, y = make_imagenet_proxy(6000, 16, 30, seed=4)
+    assert x.shape == (6000, 16) and x.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
+    sizes = np.bincount(y, minlength=30)
+    assert sizes.min() > 0 and sizes.max() / sizes.min() > 3  # unequal, like ImageNet's classes
+    # real overlap: the nearest class mean misclassifies a share of rows, but far from all
+    means = np.stack([x[y == k].mean(0) for k in range(30)])
+    nearest = np.argmin(((x[:, None, :] - means[None]) ** 2).sum(-1), 1)
+    assert 0.5 < (nearest == y).mean() < 0.99

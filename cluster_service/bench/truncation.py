@@ -1,0 +1,87 @@
+"""Is the truncated E-step the same fit? (make bench: truncation; truncation_large is opt-in)
+
+Every set is fitted twice with the same seed and defaults: once scoring every row against all K
+(`candidates=0`, the dense reference) and once with the default candidate sets. The table gives
+K, NMI, the final log marginal per row and dimension, the log-densities evaluated and the wall
+time of both, and their differences (issue 26's bar: K within 2 %, NMI within .005, log
+marginal within 1e-4 nats per row and dimension).
+
+    python -m cluster_service.bench.truncation [--large] [--sets NAME,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _fit_row(x: np.ndarray, y: np.ndarray, candidates: int | None, seed: int) -> dict:
+    from cluster_service.config import FitConfig
+    from cluster_service.report.evaluate import score
+    from cluster_service.train.fit import fit
+
+    cfg = FitConfig(seed=seed) if candidates is None else FitConfig(seed=seed, candidates=candidates)
+    t = time.perf_counter()
+    res = fit(x, cfg)
+    wall = time.perf_counter() - t
+    s = score(y, res.clusters)
+    last = res.history[-1]
+    return {"K": res.n_clusters, "nmi": s.nmi, "log_marginal": last.log_marginal / (x.shape[0] * x.shape[1]),
+            "evals": sum(r.log_densities for r in res.history), "epochs": len(res.history), "wall": wall,
+            "truncated_epochs": sum(r.log_densities < x.shape[0] * r.n_clusters for r in res.history)}
+
+
+def compare(name: str, x: np.ndarray, y: np.ndarray, seed: int = 0) -> dict:
+    """Dense and default fits of one set, side by side."""
+    dense = _fit_row(x, y, 0, seed)
+    log.info("%s dense: %s", name, dense)
+    trunc = _fit_row(x, y, None, seed)
+    log.info("%s truncated: %s", name, trunc)
+    return {
+        "set": name, "n x d": f"{x.shape[0]:,} x {x.shape[1]}",
+        "K dense / truncated": f"{dense['K']} / {trunc['K']}",
+        "NMI dense / truncated": f"{dense['nmi']:.4f} / {trunc['nmi']:.4f}",
+        "|dNMI|": round(abs(dense["nmi"] - trunc["nmi"]), 4),
+        "log marginal / (n d) dense / truncated": f"{dense['log_marginal']:.5f} / {trunc['log_marginal']:.5f}",
+        "|d log marginal| / (n d)": float(f"{abs(dense['log_marginal'] - trunc['log_marginal']):.2e}"),
+        "truncated epochs": f"{trunc['truncated_epochs']} of {trunc['epochs']} (dense fit: {dense['epochs']} epochs)",
+        "log-densities dense / truncated": f"{dense['evals']:.3g} / {trunc['evals']:.3g}",
+        "wall s dense / truncated": f"{dense['wall']:.0f} / {trunc['wall']:.0f}",
+    }
+
+
+def bench_truncation(large: bool = False, only: list[str] | None = None, seed: int = 0) -> list[dict]:
+    from cluster_service.bench.krecovery import datasets
+
+    rows = []
+    for name, (load, _k) in datasets(large).items():
+        if only and not any(o in name for o in only):
+            continue
+        x, y = load()
+        rows.append(compare(name, x, y, seed))
+    return rows
+
+
+def bench_truncation_large() -> list[dict]:
+    return bench_truncation(large=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--large", action="store_true", help="the 200-component mixture only")
+    ap.add_argument("--sets", default="", help="comma-separated parts of set names (default: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for row in bench_truncation(args.large, [s for s in args.sets.split(",") if s], args.seed):
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
