@@ -49,6 +49,8 @@ def time_epoch(eng: Engine, repeats: int = 2) -> dict:
         "train_s": best.time_train,
         "stats_s": best.time_stats,
         "mstep_s": best.time_mstep,
+        "estep_s": best.time_estep,
+        "log-densities": best.log_densities,
         "K": best.n_clusters,
     }
 

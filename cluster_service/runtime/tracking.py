@@ -72,6 +72,9 @@ METRIC_NAMES = {
     "time_reduce": "time/reduce",
     "time_mstep": "time/mstep",
     "time_moves": "time/moves",
+    "time_estep": "time/estep",
+    "log_densities": "estep/log_densities",
+    "truncated": "estep/truncated",
 }
 
 

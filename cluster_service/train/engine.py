@@ -87,6 +87,7 @@ class EpochRecord:
     time_moves: float
     time_estep: float = 0.0  # the truncated E-step's scoring (part of time_train)
     log_densities: int = 0  # (row, cluster) Gaussian log-densities evaluated this epoch, all ranks
+    truncated: bool = False  # scored candidate sets (core/truncated) instead of all K
     stopped: str = ""  # on the last epoch of a fit: why it ended (core.schedule.Convergence)
 
     def as_dict(self) -> dict:
@@ -532,6 +533,7 @@ class Engine:
             z[sl] = index.gather(1, log_r.argmax(1, keepdim=True))[:, 0]
             r_sub[sl] = torch.softmax(subnets(self.x[sl].float(), z[sl]), -1).to(self.dtype)
         rows, bins, w = (torch.cat(t) for t in zip(*pairs, strict=True))
+        self.sparse_weights = int(rows.numel())  # this process's (row, cluster) weights (cost model)
         stats = SuffStats.zeros((K,), d, device=self.device)
         tr.add_sparse_stats_(stats, self.x, rows, bins, w, self.dtype)
         sub = SuffStats.zeros((2 * K,), d, device=self.device)
@@ -692,6 +694,7 @@ class Engine:
             merges_proposed=mp, merges_accepted=ma, pruned=pr, frozen=frozen,
             time_total=t5 - t0, time_train=t1 - t0, time_stats=t2 - t1, time_reduce=t3 - t2,
             time_mstep=t4 - t3, time_moves=t5 - t4, time_estep=t_estep - t0, log_densities=evaluated,
+            truncated=table is not None,
         )
 
     # ---- outputs ---------------------------------------------------------------------------
