@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from mlflow_helpers import client_for, metric_history
 
 from cluster_service.config import ConfigError, FitConfig
 from cluster_service.datasets import make_embedded_mixture
@@ -208,12 +209,11 @@ def test_cli_fit_autoencoder_ajs(tmp_path, monkeypatch, mixture_small):
     assert isinstance(model, AEModel) and model.mixture.n_features == 6
     assert score(y, model.predict(x)[0]).nmi > 0.8
     # The run was tracked: per-epoch K over both rounds (global epochs) and the label scores.
-    from cluster_service.runtime import tracking
 
-    client = tracking.client_for()
+    client = client_for()
     run_info = client.get_run(summary["mlflow_run"])
     assert run_info.data.params["net.loss"] == "ajs" and run_info.data.metrics["nmi"] > 0.8
-    assert len(tracking.metric_history(client, summary["mlflow_run"], "n_clusters")) == 40 + 30
+    assert len(metric_history(client, summary["mlflow_run"], "n_clusters")) == 40 + 30
 
 
 @pytest.mark.filterwarnings("ignore::cluster_service.config.ScheduleWarning")  # a few epochs: no moves, fine here

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from mlflow_helpers import client_for, metric_history
 
 from cluster_service.config import FitConfig
 from cluster_service.datasets import make_mixture
@@ -98,7 +99,7 @@ def test_fit_run_on_server_has_params_epoch_metrics_and_artifacts(mlflow_server,
     cfg = FitConfig().replace(**SMALL)
     summary = run_fit(mixture_file, tmp_path / "run", cfg, tracking_uri=mlflow_server,
                       experiment="server-test", eval_every=10)
-    client = tracking.client_for(mlflow_server)
+    client = client_for(mlflow_server)
     run = client.get_run(summary["mlflow_run"])
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied through the server
@@ -114,12 +115,12 @@ def test_fit_run_on_server_has_params_epoch_metrics_and_artifacts(mlflow_server,
     for field, name in [("n_clusters", "n_clusters"), ("log_marginal", "log_marginal"),
                         ("loss_cluster", "loss/cluster"), ("splits_accepted", "moves/splits_accepted"),
                         ("time_total", "time/epoch")]:
-        series = tracking.metric_history(client, run.info.run_id, name)
+        series = metric_history(client, run.info.run_id, name)
         assert [s for s, _ in series] == list(range(EPOCHS)), name
         np.testing.assert_allclose([v for _, v in series], [h[field] for h in history], rtol=1e-6)
     assert len({h["n_clusters"] for h in history}) > 1  # K moved, so the K series is informative
     # label scores every 10 epochs and at the last one; final scores equal the run summary
-    assert [s for s, _ in tracking.metric_history(client, run.info.run_id, "eval/nmi")] == [0, 10, 20, 29]
+    assert [s for s, _ in metric_history(client, run.info.run_id, "eval/nmi")] == [0, 10, 20, 29]
     for k in ("nmi", "ari", "acc"):
         assert run.data.metrics[k] == pytest.approx(summary[k])
 
@@ -155,11 +156,11 @@ def test_default_store_is_sqlite_in_working_directory(in_tmp, mixture_file):
                                    "--experiment", "local", "--set", "net.min_steps_per_epoch=2"])
     assert res.exit_code == 0, res.output
     assert (in_tmp / "mlflow.db").is_file()
-    client = tracking.client_for(f"sqlite:///{in_tmp / 'mlflow.db'}")
+    client = client_for(f"sqlite:///{in_tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name("local")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.run_name == "a" and run.data.params["schedule.epochs"] == "6"
-    assert len(tracking.metric_history(client, run.info.run_id, "n_clusters")) == 6
+    assert len(metric_history(client, run.info.run_id, "n_clusters")) == 6
     art = in_tmp / "mlartifacts" / "local" / run.info.run_id / "artifacts"
     assert (art / "model" / "arrays.npz").is_file() and (art / "plots" / "k_over_epochs.png").is_file()
 
@@ -172,7 +173,7 @@ def test_env_uri_overrides_default(in_tmp, monkeypatch):
     with tracking.Tracker(cfg, experiment="env") as t:
         t.log_metrics({"m": 1.0}, step=3)
     assert (in_tmp / "other.db").is_file() and not (in_tmp / "mlflow.db").exists()
-    run = tracking.client_for().get_run(t.run_id)
+    run = client_for().get_run(t.run_id)
     assert run.data.metrics["m"] == 1.0 and run.info.status == "FINISHED"
 
 
@@ -230,7 +231,7 @@ def test_label_scores_are_logged_at_the_end_of_an_early_stopped_fit(in_tmp):
     last = result.history[-1]
     assert last.stopped.startswith("converged") and last.epoch + 1 < cfg.schedule.epochs
     assert sorted(t.scores) == [0, last.epoch]
-    steps = [step for step, _ in tracking.metric_history(tracking.client_for(), t.run_id, "eval/nmi")]
+    steps = [step for step, _ in metric_history(client_for(), t.run_id, "eval/nmi")]
     assert steps == [0, last.epoch]
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
+from mlflow_helpers import client_for, metric_history
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 from cluster_service.config import FitConfig
 from cluster_service.datasets import make_mixture
-from cluster_service.runtime import tracking
 from cluster_service.runtime.tune import METRIC, heldout_log_likelihood, run_sweep, search_space, split_heldout
 from cluster_service.serve.model import FittedModel
 
@@ -70,7 +70,7 @@ def test_sweep_of_two_trials_logs_child_runs_under_one_parent(ray_local, tmp_pat
     assert FitConfig.from_dict(saved["fit"]) == res.best_config
 
     assert (tmp_path / "mlflow.db").is_file()
-    client = tracking.client_for()
+    client = client_for()
     exp = client.get_experiment_by_name("sweep")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -79,7 +79,7 @@ def test_sweep_of_two_trials_logs_child_runs_under_one_parent(ray_local, tmp_pat
     assert {c.info.run_id for c in children} == {t["mlflow_run_id"] for t in res.trials}
     for c in children:
         assert c.info.status == "FINISHED"
-        assert len(tracking.metric_history(client, c.info.run_id, "n_clusters")) == 12
+        assert len(metric_history(client, c.info.run_id, "n_clusters")) == 12
         assert METRIC in c.data.metrics and "nmi" in c.data.metrics
     # the trials sampled different priors, and each child's params say which
     assert children[0].data.params["prior.alpha"] != children[1].data.params["prior.alpha"]

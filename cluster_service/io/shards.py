@@ -123,10 +123,6 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def feature_type(d: int) -> pa.DataType:
-    return pa.list_(pa.float32(), d)
-
-
 def features_to_numpy(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """fixed_size_list<float32>[d] column -> (n, d) float32 without per-row Python.
 

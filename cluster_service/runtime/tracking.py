@@ -345,17 +345,3 @@ def _create_experiment(client, name: str, artifact_location: str | None) -> str:
         if exp is None:
             raise
         return exp.experiment_id
-
-
-# ---- reading runs back (tests, tune) ------------------------------------------------------------------
-
-
-def client_for(tracking_uri: str | None = None):
-    """An MlflowClient on the resolved tracking URI."""
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
-
-
-def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))

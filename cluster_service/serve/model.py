@@ -193,9 +193,6 @@ class FittedModel:
         shift = 0.0 if self.net_input_shift is None else torch.from_numpy(self.net_input_shift.astype(np.float32))
         return mlp_forward((torch.from_numpy(x) - shift) / self.net_input_scale, layers).numpy()
 
-    def net_predict(self, x) -> np.ndarray:
-        return self.net_logits(x).argmax(1)
-
     # ---- persistence -----------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
