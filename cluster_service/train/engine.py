@@ -1,6 +1,7 @@
 """The DeepDPM epoch loop: named steps, one driver, a reducer injected once.
 
-    run_epoch:  train_nets -> accumulate -> reduce -> m_step -> propose moves -> apply moves
+    run_epoch:  [truncated E-step] -> train_nets -> accumulate -> reduce -> m_step
+                -> prune | split | merge (decide on rank 0, broadcast, apply)
 
 The same `Engine` runs in one process (`LocalComm`) and in every Ray Train worker
 (`TorchDistComm`): each process holds only its own rows; statistics are summed with one
@@ -117,8 +118,8 @@ class Engine:
         # Dense per-row math (densities, responsibilities, outer-product matmuls) in float32 on
         # every device, each chunk's sums accumulated in float64; the rows are kept centred in
         # float32 (half the memory). Statistics, the M-step, move decisions and the final MAP
-        # assignment (`assign`) are float64. float64 dense math on CPU was ~2x slower per epoch
-        # (60k x 32, K 37) for the same K and assignments (tests/test_engine.py).
+        # assignment (`assign`) are float64 (float64 dense math was slower for the same K and
+        # assignments: docs/ARCHITECTURE.md, Performance).
         self.dtype = torch.float32
         n_local = x.shape[0]
         self.n_global = int(n_global if n_global is not None else n_local)
@@ -233,11 +234,10 @@ class Engine:
     def evidence_scales(self, cells: SuffStats) -> list[float]:
         """The psi scales the evidence start may pick: prior.pooled_evidence_scales, but those below 1
         only when the start's cells are under-determined (fewer than 2 (d + 2) points each on
-        average, e.g. ~50 MoCo points per cell in 128-d): their pooled scatter then overstates
-        the clusters' spread. Well-determined cells (digits, UMAP, the mixtures) keep scale 1.
-        A scale multiplies the whole psi, its isotropic floor included (_make_prior): with the floor
-        fixed, ImageNet-50's psi at s = 1/256 was 70 % floor (0.005 x data variance) and the fits
-        ended at K 36-42; scaled, the evidence still picks 1/256: K 53-59."""
+        average): their pooled scatter then overstates the clusters' spread; well-determined
+        cells keep scale 1. A scale multiplies the whole psi, its isotropic floor included
+        (_make_prior), so a small scale is not swamped by the floor (measured on ImageNet-50:
+        docs/ARCHITECTURE.md, K inference)."""
         d, n_cells = self.n_features, max(1, int(cells.count.shape[0]))
         few = self.n_global / n_cells < 2 * (d + 2)
         return [s for s in self.cfg.prior.pooled_evidence_scales if s >= 1.0 or few] or [1.0]
@@ -512,7 +512,7 @@ class Engine:
     def _accumulate_truncated(self, use_estep: bool, table: tuple[torch.Tensor, torch.Tensor]
                               ) -> tuple[SuffStats, SuffStats]:
         """`accumulate` from sparse weights: each row's responsibilities (the truncated E-step's
-        over its candidates, or the net's over its candidates and the net's own top clusters) of at least
+        over its candidates, or the net's over them and its own top `candidates`) of at least
         self.min_weight, renormalised; statistics grouped by cluster, subclusters by the row's
         best cluster."""
         K, d, n = self.n_clusters, self.n_features, self.x.shape[0]
@@ -526,7 +526,8 @@ class Engine:
                 index, log_r = table[0][sl], table[1][sl]
             else:
                 full = self.log_responsibilities(self.x[sl], False)  # (rows, K): the net's logits are cheap
-                index = tr.dedupe_rows(torch.cat([table[0][sl], full.topk(min(tr.N_KEEP, K), dim=1).indices], 1))
+                own = full.topk(min(self.cfg.candidates, K), dim=1).indices
+                index = tr.dedupe_rows(torch.cat([table[0][sl], own], 1))
                 log_r = full.gather(1, index.clamp_min(0)).masked_fill(index < 0, -math.inf)
             rows, bins, w = tr.truncate(index, log_r, self.min_weight)
             pairs.append((rows + sl.start, bins, w))
