@@ -13,6 +13,11 @@ Sections (each a function returning markdown):
             3 seeds, mean (min-max)
   krecovery_large  (opt-in: --sections krecovery_large) the same for the 200k x 64, K 200 mixture:
             about an hour on 2 cores
+  truncation  dense vs truncated E-step fits, same seed (bench.truncation); truncation_large
+            (opt-in) the same on the 200-component mixture
+  workers   one process vs 2 Ray Train workers: K and the agreement of their assignments
+  imagenet_proxy  (opt-in) the whole job (shards, fit in one process and with --workers 2, assign of
+            a held-back tenth) on datasets.make_imagenet_proxy, vs FAISS k-means given the true K
   pipeline  the smoke ImageNet pipeline's stage times (cluster_service.bench.pipeline)
   gpu       (--gpu) one epoch at N=1.28M, d=128, K=1000 vs the flop-count limit
 """
@@ -147,6 +152,14 @@ SECTIONS: list[tuple[str, list[tuple[str, str, str]]]] = [
                     "bench_k_recovery")]),
     ("krecovery_large", [("K recovery: the 200-component mixture (one seed)", "cluster_service.bench.krecovery",
                           "bench_k_recovery_large")]),
+    ("truncation", [("Truncated vs dense E-step: the same fit? (same seed, defaults)", "cluster_service.bench.truncation",
+                     "bench_truncation")]),
+    ("truncation_large", [("Truncated vs dense E-step: the 200-component mixture", "cluster_service.bench.truncation",
+                           "bench_truncation_large")]),
+    ("workers", [("One process vs 2 Ray Train workers (defaults, same seed)", "cluster_service.bench.truncation",
+                  "bench_workers")]),
+    ("imagenet_proxy", [("The whole job on the ImageNet-scale proxy (1.28M x 128, 1,000 components)",
+                         "cluster_service.bench.imagenet_proxy", "bench_imagenet_proxy")]),
     ("pipeline", [("Smoke ImageNet pipeline: stage times (CPU, 2 workers)", "cluster_service.bench.pipeline",
                    "bench_pipeline")]),
     ("features", [("Feature extraction and shard reading", "feature_extraction.bench", "bench_features")]),
@@ -156,7 +169,8 @@ SECTIONS: list[tuple[str, list[tuple[str, str, str]]]] = [
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    ap.add_argument("--sections", default="speed,quality,krecovery,scaling,assign,epochs,methods,pipeline,features",
+    ap.add_argument("--sections", default="speed,quality,krecovery,truncation,workers,scaling,assign,epochs,methods,"
+                    "pipeline,features",
                     help="comma-separated")
     ap.add_argument("--gpu", action="store_true", help="run the GPU sections (needs CUDA)")
     ap.add_argument("--append", action="store_true", help="append the sections to the existing file")
