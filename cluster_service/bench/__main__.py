@@ -152,7 +152,7 @@ SECTIONS: list[tuple[str, list[tuple[str, str, str]]]] = [
                     "bench_k_recovery")]),
     ("krecovery_large", [("K recovery: the 200-component mixture (one seed)", "cluster_service.bench.krecovery",
                           "bench_k_recovery_large")]),
-    ("truncation", [("Truncated vs dense E-step: the same fit? (same seed, defaults)", "cluster_service.bench.truncation",
+    ("truncation", [("Truncated vs dense E-step: the same fit? (same seed)", "cluster_service.bench.truncation",
                      "bench_truncation")]),
     ("truncation_large", [("Truncated vs dense E-step: the 200-component mixture", "cluster_service.bench.truncation",
                            "bench_truncation_large")]),
