@@ -171,3 +171,4 @@ def test_imagenet_proxy_rows_are_unit_and_components_unequal():
     means = np.stack([x[y == k].mean(0) for k in range(30)])
     nearest = np.argmin(((x[:, None, :] - means[None]) ** 2).sum(-1), 1)
     assert 0.5 < (nearest == y).mean() < 0.99
+
