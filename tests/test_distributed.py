@@ -29,7 +29,8 @@ from cluster_service.train.fit import fit, run_schedule
 
 pytestmark = pytest.mark.ray
 
-# 40 epochs with moves every 4 epochs from epoch 8: the run splits 1 -> 6 with a merge on the way.
+# 40 epochs with moves every 4 epochs from epoch 8: the run splits 1 -> 6 at epoch 8, then merges,
+# splits and merges again (epochs 12, 16, 20).
 CFG = FitConfig().replace(
     **{
         "device": "cpu",
@@ -48,7 +49,7 @@ CFG = FitConfig().replace(
         "net.min_steps_per_epoch": 4,
     }
 )
-RESUME_AT = 26  # inside the freeze after the split round of epoch 24; a merge and a split follow
+RESUME_AT = 14  # inside the freeze after the merge of epoch 12; a split (16) and a merge (20) follow
 STAT_TOL = 1e-4  # see the module docstring
 TIME_FIELDS = ("time_total", "time_train", "time_stats", "time_reduce", "time_mstep", "time_moves")
 
