@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster_service.core.nets import ajs_loss, kl_loss
+from cluster_service.core.nets import ajs_loss, kl_loss, sparse_kl_loss
 
 
 def naive_ajs(logits: torch.Tensor, target: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -136,3 +136,21 @@ def test_properties_on_random_distributions(case):
     # Skew swap (exact identity for every alpha).
     back = float(ajs_loss(log_q, torch.log_softmax(logits, -1), 1 - alpha))
     assert val == pytest.approx(back, abs=1e-10)
+
+
+def test_sparse_kl_equals_kl_on_the_dense_target():
+    """Targets on a few clusters per row (empty slots -1 / -inf): the same loss and gradient as
+    kl_loss on the (n, K) target that is -inf off those clusters."""
+    g = torch.Generator().manual_seed(0)
+    n, K, C = 64, 50, 6
+    logits = torch.randn(n, K, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.stack([torch.randperm(K, generator=g)[:C] for _ in range(n)])
+    index[:5, -2:] = -1
+    log_t = torch.randn(n, C, generator=g, dtype=torch.float64).masked_fill(index < 0, -math.inf)
+    log_t = log_t - torch.logsumexp(log_t, 1, keepdim=True)
+    dense = torch.full((n, K + 1), -math.inf, dtype=torch.float64)
+    dense.scatter_(1, torch.where(index < 0, K, index), log_t)
+    a, b = kl_loss(logits, dense[:, :K]), sparse_kl_loss(logits, index, log_t)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    ga, gb = (torch.autograd.grad(v.sum(), logits)[0] for v in (a, b))
+    torch.testing.assert_close(gb, ga, rtol=1e-12, atol=1e-12)

@@ -233,3 +233,26 @@ def test_statistics_paths_agree_beyond_the_dense_subcluster_limit(monkeypatch):
         torch.testing.assert_close(a.sum, b.sum, rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(a.scatter, b.scatter, rtol=1e-5, atol=1e-2)
     assert sub.count.shape == (5, 2) and float(sub.count.sum()) == pytest.approx(3000, rel=1e-6)
+
+
+def test_subnets_grouped_forward_equals_each_row_through_its_own_net():
+    """SubclusterNets groups rows by cluster into bmm segments; outputs and gradients equal the
+    per-row definition x_i -> relu(x_i W1[z_i] + b1[z_i]) W2[z_i] + b2[z_i], including clusters
+    with no rows and one cluster holding a third of them."""
+    from cluster_service.core.nets import SubclusterNets
+
+    g = torch.Generator().manual_seed(0)
+    for n, K, d, h in ((300, 7, 5, 4), (1000, 400, 8, 3), (3, 5, 2, 2)):
+        net = SubclusterNets(d, K, h, input_scale=1.7, generator=g).double()
+        x = torch.randn(n, d, generator=g, dtype=torch.float64)
+        z = torch.randint(0, K, (n,), generator=g)
+        z[: n // 3] = 0
+        xs = x / 1.7
+        hid = torch.relu(torch.einsum("nd,ndh->nh", xs, net.w1[z]) + net.b1[z])
+        ref = torch.einsum("nh,nhj->nj", hid, net.w2[z]) + net.b2[z]
+        out = net(x, z)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        weights = torch.randn(n, 2, generator=g, dtype=torch.float64)
+        for p_got, p_ref in zip(torch.autograd.grad((out * weights).sum(), list(net.parameters())),
+                                torch.autograd.grad((ref * weights).sum(), list(net.parameters())), strict=True):
+            torch.testing.assert_close(p_got, p_ref, rtol=1e-12, atol=1e-12)

@@ -70,6 +70,38 @@ def test_truncate_renormalises_and_keeps_the_best():
         [1 - 1e-9, 1 - 1e-9, 1.0], dtype=STAT_DTYPE))
 
 
+def test_truncate_dense_keeps_the_floor_caps_diffuse_rows_and_renormalises():
+    """A sharp row keeps its entries above the floor; a diffuse row only its max_per_row largest."""
+    sharp = torch.tensor([0.9, 0.1 - 2e-7, 1e-7, 1e-7], dtype=STAT_DTYPE)
+    diffuse = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=STAT_DTYPE)
+    rows, bins, w = tr.truncate_dense(torch.stack([sharp, diffuse]).log().float(), 1e-6, max_per_row=2)
+    assert rows.tolist() == [0, 0, 1, 1] and bins.tolist() == [0, 1, 0, 1]
+    expect = torch.tensor([0.9 / (1 - 2e-7), (0.1 - 2e-7) / (1 - 2e-7), 0.4 / 0.7, 0.3 / 0.7], dtype=STAT_DTYPE)
+    torch.testing.assert_close(w, expect, rtol=1e-6, atol=0)
+    # no floor and no cap: every entry, the weights themselves
+    rows, bins, w = tr.truncate_dense(diffuse[None].log(), 0.0, max_per_row=4)
+    assert bins.tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(w, diffuse)
+
+
+def test_subcluster_stats_equal_the_hard_weighted_dense_ones():
+    """add_sub_stats_: row i adds r_ij (1, x, x x^T) to subcluster (z_i, j), checked against an
+    explicit sum over rows in float64."""
+    g = torch.Generator().manual_seed(5)
+    K, d, n = 4, 3, 300
+    x = torch.randn(n, d, generator=g, dtype=STAT_DTYPE)
+    z = torch.randint(0, K - 1, (n,), generator=g)  # cluster K-1 gets no rows
+    r = torch.softmax(torch.randn(n, 2, generator=g, dtype=STAT_DTYPE), 1)
+    got = SuffStats.zeros((K, 2), d)
+    tr.add_sub_stats_(got, x, z, r)
+    onehot = torch.zeros(n, K, 2, dtype=STAT_DTYPE)
+    onehot[torch.arange(n), z] = r
+    torch.testing.assert_close(got.count, onehot.sum(0))
+    torch.testing.assert_close(got.sum, torch.einsum("nkj,nd->kjd", onehot, x))
+    torch.testing.assert_close(got.scatter, torch.einsum("nkj,nd,ne->kjde", onehot, x, x))
+    assert float(got.count[K - 1].abs().sum()) == 0.0
+
+
 def test_candidates_dedupe_and_remap_through_moves():
     graph = torch.tensor([[0, 1, 2], [1, 0, 2], [2, 1, 0]])
     best = torch.tensor([[1, 0, -1], [2, 2, 1]])
@@ -172,3 +204,23 @@ def test_imagenet_proxy_rows_are_unit_and_components_unequal():
     nearest = np.argmin(((x[:, None, :] - means[None]) ** 2).sum(-1), 1)
     assert 0.5 < (nearest == y).mean() < 0.99
 
+
+
+def test_subnets_step_once_per_rows_per_net_times_k_rows():
+    """At large K the subnets take one optimizer step per SUB_ROWS_PER_NET * K rows (the
+    clustering net one per batch); at small K both step every batch."""
+    from cluster_service.train.engine import SUB_ROWS_PER_NET
+
+    x, _ = make_overlap_mixture(6000, 4, 300, seed=4)
+    for k in (8, 300):
+        eng = _engine(x, candidates=16, k=k)
+        plan = EpochPlan(epoch=eng.cfg.schedule.warmup_epochs + 1, m_step=True, train_subnets=True, move=None)
+        eng.run_epoch(plan)
+        B = min(eng.cfg.net.batch_size, math.ceil(6000 / eng.cfg.net.min_steps_per_epoch))
+        steps = math.ceil(6000 / B)
+        every = max(1, math.ceil(SUB_ROWS_PER_NET * k / B))
+        sub_steps = int(next(iter(eng.sub_opt.state.values()))["step"])
+        cl_steps = int(next(iter(eng.opt.state.values()))["step"])
+        assert cl_steps == steps
+        assert sub_steps == math.ceil(steps / every)
+        assert (sub_steps == steps) == (k == 8)

@@ -40,7 +40,7 @@ class CandidateScorer:
         # y = L_k^{-1} (x - mu_k) = x L_k^{-T} - mu_k L_k^{-T}
         w = torch.linalg.solve_triangular(params.chol, eye, upper=False).transpose(-1, -2)  # (K, d, d)
         self.weight = w.to(dtype)
-        self.bias = torch.einsum("kd,kde->ke", params.means, w).to(dtype)  # (K, d)
+        self.neg_bias = -torch.einsum("kd,kde->ke", params.means, w).to(dtype)  # (K, d)
         log_det = torch.log(params.chol.diagonal(dim1=-2, dim2=-1)).sum(-1)
         self.const = (params.log_weights - 0.5 * d * math.log(2 * math.pi) - log_det).to(dtype)  # (K,)
         self.dtype = dtype
@@ -55,8 +55,8 @@ class CandidateScorer:
         valid = torch.nonzero(flat >= 0).flatten()
         for k, sel in groups(flat[valid]):
             pos = valid[sel]
-            y = x.index_select(0, pos // C).to(self.dtype) @ self.weight[k] - self.bias[k]
-            out[pos] = self.const[k] - 0.5 * y.square().sum(-1)
+            y = torch.addmm(self.neg_bias[k], x.index_select(0, pos // C).to(self.dtype), self.weight[k])
+            out[pos] = self.const[k] - 0.5 * y.mul_(y).sum(-1)
         return out.view(n, C)
 
 
@@ -148,6 +148,26 @@ def truncate(
     return rows, index[rows, slots], w[rows, slots]
 
 
+def truncate_dense(log_r: torch.Tensor, min_weight: float, max_per_row: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`truncate` for normalised log-responsibilities over all K (the net's): each row's
+    responsibilities of at least min_weight (its best always: the threshold is never above
+    -log K), at most its max_per_row largest (a diffuse row would otherwise keep up to K),
+    renormalised. log_r: (n, K) -> flat (row, cluster, weight float64), rows ascending."""
+    n, K = log_r.shape
+    floor = math.log(min_weight) if min_weight > 0 else -math.inf
+    keep = log_r >= min(floor, -math.log(K))
+    wide = torch.nonzero(keep.sum(1) > max_per_row).flatten()
+    if wide.numel():
+        sub = log_r.index_select(0, wide)
+        kth = sub.topk(max_per_row, dim=1).values[:, -1:]
+        keep[wide] = sub >= kth  # ties at the k-th value may keep a few more
+    rows, bins = torch.nonzero(keep, as_tuple=True)
+    w = log_r[rows, bins].to(STAT_DTYPE).exp()
+    total = torch.zeros(n, dtype=STAT_DTYPE, device=log_r.device).index_add_(0, rows, w)
+    return rows, bins, w / total[rows]
+
+
 def add_sparse_stats_(out: SuffStats, x: torch.Tensor, rows: torch.Tensor, bins: torch.Tensor,
                       weight: torch.Tensor, dtype: torch.dtype = STAT_DTYPE) -> None:
     """In place: out[bins[p]] += weight[p] (1, x_i, x_i x_i^T) with i = rows[p], for every pair p.
@@ -160,3 +180,18 @@ def add_sparse_stats_(out: SuffStats, x: torch.Tensor, rows: torch.Tensor, bins:
         out.count[k] += w.sum().to(STAT_DTYPE)
         out.sum[k] += wx.sum(0).to(STAT_DTYPE)
         out.scatter[k] += (wx.T @ xs).to(STAT_DTYPE)
+
+
+def add_sub_stats_(out: SuffStats, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor,
+                   dtype: torch.dtype = STAT_DTYPE) -> None:
+    """In place: out[z_i, j] += r_ij (1, x_i, x_i x_i^T) for every row i and j in {0, 1} (the
+    subclusters' statistics). out: SuffStats of batch shape (K, 2); x: (n, d); z: (n,) int64;
+    r: (n, 2). One (2d, n_k) x (n_k, d) matmul per cluster, both halves from one gather."""
+    d = x.shape[1]
+    for k, pos in groups(z):
+        xs = x.index_select(0, pos).to(dtype)
+        w = r[pos].to(dtype)  # (n_k, 2)
+        wx = (w[:, :, None] * xs[:, None, :]).reshape(-1, 2 * d)  # (n_k, 2d): [r0 x | r1 x]
+        out.count[k] += w.sum(0).to(STAT_DTYPE)
+        out.sum[k] += wx.sum(0).view(2, d).to(STAT_DTYPE)
+        out.scatter[k] += (wx.T @ xs).view(2, d, d).to(STAT_DTYPE)

@@ -37,7 +37,8 @@ import torch
 from cluster_service import index as faiss_index
 from cluster_service.config import TOP_M
 from cluster_service.core.device import resolve_device
-from cluster_service.core.gaussian import WhitenedGaussians
+from cluster_service.core.niw import GaussianParams
+from cluster_service.core.truncated import CandidateScorer
 from cluster_service.serve.model import FittedModel, ModelError
 
 METHODS = ("shortlist", "exact", "net")
@@ -70,46 +71,19 @@ def _best_two(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 class GaussianScorer:
-    """Exact log pi_k + log N(x; mu_k, Sigma_k) for chosen (row, cluster) pairs.
-
-    Uses the whitening of core.gaussian.WhitenedGaussians per cluster: W_k = L_k^{-T} (d, d),
-    b_k = mu_k W_k (d,), const_k = log pi_k - d/2 log 2pi - log|L_k|; log-joint = const_k - 1/2 |x W_k - b_k|^2.
-    """
+    """Exact log pi_k + log N(x; mu_k, Sigma_k) of a fitted model for chosen (row, cluster)
+    pairs: the engine's scorer (core.truncated.CandidateScorer) over the model's parameters."""
 
     def __init__(self, model: FittedModel, device: torch.device, dtype: torch.dtype = torch.float64):
-        K, d = model.means.shape
-        g = WhitenedGaussians(_tensor(model.means).to(device, torch.float64),
-                              _tensor(model.chol).to(device, torch.float64), torch.float64)
-        self.weight = g.weight.view(d, K, d).permute(1, 0, 2).to(dtype)  # (K, d, d): W_k
-        self.bias = g.bias.view(K, d).to(dtype)  # (K, d)
-        self.const = (g.const + _tensor(model.log_weights).to(device, torch.float64)).to(dtype)  # (K,)
-        self.n_clusters, self.dtype, self.device = K, dtype, device
+        params = GaussianParams(*(_tensor(a).to(device, torch.float64) for a in (model.log_weights, model.means,
+                                                                                  model.chol)))
+        self.scorer = CandidateScorer(params, dtype)
+        self.dtype, self.device = dtype, device
 
     def score_pairs(self, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        """x: (n, d); cand: (n, M) int64 cluster ids (-1 = none) -> (n, M) log-joints (-inf for -1).
-
-        Pairs are sorted by cluster and each cluster's rows go through one (rows, d) x (d, d)
-        matmul: a Python loop over clusters present in the batch, never over rows.
-        """
-        n, M = cand.shape
-        x = x.to(self.device, self.dtype)
-        flat = cand.reshape(-1).to(self.device)
-        valid = flat >= 0
-        flat = torch.where(valid, flat, torch.zeros_like(flat))
-        order = torch.argsort(flat, stable=True)
-        rows = order // M  # (n M,) row of each sorted pair
-        counts = torch.bincount(flat, minlength=self.n_clusters).cpu()
-        present = torch.nonzero(counts).flatten().tolist()
-        ends = torch.cumsum(counts, 0).tolist()
-        out_sorted = torch.empty(n * M, dtype=self.dtype, device=self.device)
-        for k in present:
-            seg = slice(ends[k] - int(counts[k]), ends[k])
-            y = x.index_select(0, rows[seg]) @ self.weight[k] - self.bias[k]  # (rows_k, d)
-            out_sorted[seg] = self.const[k] - 0.5 * y.square().sum(-1)
-        out = torch.empty_like(out_sorted)
-        out[order] = out_sorted
-        out = torch.where(valid, out, torch.full_like(out, -np.inf))
-        return out.view(n, M)
+        """x: (n, d); cand: (n, M) int64 cluster ids (-1 = none) -> (n, M) log-joints (-inf for -1);
+        one (rows, d) x (d, d) matmul per cluster present, never a loop over rows."""
+        return self.scorer.score(x.to(self.device, self.dtype), cand.to(self.device))
 
 
 def exact_assign(

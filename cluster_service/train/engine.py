@@ -39,6 +39,7 @@ from cluster_service.core.nets import (
     SubclusterNets,
     ajs_loss,
     kl_loss,
+    sparse_kl_loss,
     resize_cluster_net,
     resize_subnets,
     subcluster_loss,
@@ -62,6 +63,8 @@ from cluster_service.train.comm import LocalComm, unwrap
 _EVIDENCE_GRID_STEP = 2**0.5
 # Up to this many clusters, cluster and subcluster statistics share one matmul (see accumulate).
 DENSE_SUBCLUSTER_MAX = 256
+# The subnets take one optimizer step per this many rows per subnet (see train_nets).
+SUB_ROWS_PER_NET = 8
 
 
 @dataclass(frozen=True)
@@ -323,8 +326,9 @@ class Engine:
     def _install_nets(self, net: ClusterNet, subnets: SubclusterNets) -> None:
         self.cluster_net = self.comm.wrap(net)
         self.subnets = self.comm.wrap(subnets)
-        self.opt = torch.optim.Adam(self.cluster_net.parameters(), lr=self.cfg.net.lr)
-        self.sub_opt = torch.optim.Adam(self.subnets.parameters(), lr=self.cfg.net.sub_lr)
+        # fused: one kernel per parameter instead of ~10 elementwise passes (3.5x faster at K 1000)
+        self.opt = torch.optim.Adam(self.cluster_net.parameters(), lr=self.cfg.net.lr, fused=True)
+        self.sub_opt = torch.optim.Adam(self.subnets.parameters(), lr=self.cfg.net.sub_lr, fused=True)
 
     def rebuild_for_k(self, result: mv.MoveResult, absorbed: dict[int, int] | None = None) -> None:
         """THE change-of-K event: parameters, heads, subnets, optimizers, DDP wrappers and the
@@ -413,13 +417,18 @@ class Engine:
         # one pass over the rows, in at least min_steps_per_epoch steps (smaller batches on small data)
         B = max(1, min(cfg.batch_size, math.ceil(self.n_global / cfg.min_steps_per_epoch)))
         steps = math.ceil(self.n_global / B)
+        # The subnets step once per SUB_ROWS_PER_NET * K rows (at least every batch): at large K a
+        # batch holds about one row per subnet, and a step per batch is mostly optimizer work.
+        sub_every = max(1, math.ceil(SUB_ROWS_PER_NET * self.n_clusters / B))
         perm = torch.randperm(self.n_global, generator=self.batch_gen).to(self.device)
         g = WhitenedGaussians(self.params.means, self.params.chol, torch.float32) if table is None else None
         logw = self.params.log_weights.float()
         sub_means = self.sub_params.means.float()
         world = self.comm.world_size
+        sparse = table is not None and cfg.loss == "kl"  # the KL needs the targets on their candidates only
         loss_fn = kl_loss if cfg.loss == "kl" else (lambda a, b: ajs_loss(a, b, cfg.ajs_alpha))
         tot_cl = tot_sub = 0.0
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cluster_net.train()
         self.subnets.train()
         for s in range(steps):
@@ -427,28 +436,44 @@ class Engine:
             loc = self.g2l[perm[pos]]
             loc = loc[loc >= 0]
             xb = self.x[loc].float()
+            logits = self.cluster_net(xb)
             with torch.no_grad():
                 if table is None:
                     log_target = torch.log_softmax(g.log_prob(xb) + logw, dim=-1)
+                elif sparse:
+                    index, log_target = table[0][loc], table[1][loc].float()
                 else:
                     log_target = self._dense_targets(table, loc).float()
-            logits = self.cluster_net(xb)
-            loss = loss_fn(logits, log_target).sum() * (world / B)
+            per_row = sparse_kl_loss(logits, index, log_target) if sparse else loss_fn(logits, log_target)
+            loss = per_row.sum() * (world / B)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
             tot_cl += float(loss.detach()) / world
             if plan.train_subnets:
-                z = (log_target if use_estep else logits.detach()).argmax(-1)
-                sub_loss = subcluster_loss(self.subnets(xb, z), xb, sub_means[z]).sum() * (world / B)
-                sub_loss = sub_loss / self.input_scale**2
-                self.sub_opt.zero_grad(set_to_none=True)
-                sub_loss.backward()
-                self.sub_opt.step()
-                tot_sub += float(sub_loss.detach()) / world
+                if use_estep:
+                    z = index.gather(1, log_target.argmax(-1, keepdim=True))[:, 0] if sparse else log_target.argmax(-1)
+                else:
+                    z = logits.detach().argmax(-1)
+                pending.append((xb, z))
+                if len(pending) == sub_every or s == steps - 1:
+                    tot_sub += self._subnet_step(pending, sub_means, B)
+                    pending = []
         # Each rank summed only its members of every batch: add the ranks' parts.
         tot = self.comm.all_reduce_sum(torch.tensor([tot_cl, tot_sub], dtype=STAT_DTYPE, device=self.device))
         return float(tot[0]) / steps, float(tot[1]) / steps
+
+    def _subnet_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], sub_means: torch.Tensor, B: int) -> float:
+        """One optimizer step of the subnets on the rows of `batches` (local rows x, hard clusters z);
+        every rank steps together. Returns this rank's summed loss / B."""
+        xb = torch.cat([b[0] for b in batches]) if len(batches) > 1 else batches[0][0]
+        z = torch.cat([b[1] for b in batches]) if len(batches) > 1 else batches[0][1]
+        total = subcluster_loss(self.subnets(xb, z), xb, sub_means[z]).sum() / self.input_scale**2
+        loss = total * (self.comm.world_size / (B * len(batches)))
+        self.sub_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sub_opt.step()
+        return float(total.detach()) / B
 
     @torch.no_grad()
     def log_responsibilities(self, x: torch.Tensor, use_estep: bool) -> torch.Tensor:
@@ -512,9 +537,9 @@ class Engine:
     def _accumulate_truncated(self, use_estep: bool, table: tuple[torch.Tensor, torch.Tensor]
                               ) -> tuple[SuffStats, SuffStats]:
         """`accumulate` from sparse weights: each row's responsibilities (the truncated E-step's
-        over its candidates, or the net's over them and its own top `candidates`) of at least
-        self.min_weight, renormalised; statistics grouped by cluster, subclusters by the row's
-        best cluster."""
+        over its candidates, or the net's over all K, at most as many a row as the E-step scores)
+        of at least self.min_weight, renormalised; statistics grouped by cluster, subclusters by
+        the row's best cluster."""
         K, d, n = self.n_clusters, self.n_features, self.x.shape[0]
         pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         z = torch.empty(n, dtype=torch.long, device=self.device)
@@ -524,24 +549,20 @@ class Engine:
         for sl in iter_chunks(n, chunk_rows(K, self.cfg.chunk_size)):
             if use_estep:
                 index, log_r = table[0][sl], table[1][sl]
-            else:
-                full = self.log_responsibilities(self.x[sl], False)  # (rows, K): the net's logits are cheap
-                own = full.topk(min(self.cfg.candidates, K), dim=1).indices
-                index = tr.dedupe_rows(torch.cat([table[0][sl], own], 1))
-                log_r = full.gather(1, index.clamp_min(0)).masked_fill(index < 0, -math.inf)
-            rows, bins, w = tr.truncate(index, log_r, self.min_weight)
+                rows, bins, w = tr.truncate(index, log_r, self.min_weight)
+                z[sl] = index.gather(1, log_r.argmax(1, keepdim=True))[:, 0]
+            else:  # the net's responsibilities over all K (its logits are cheap), truncated alike
+                full = self.log_responsibilities(self.x[sl], False)
+                rows, bins, w = tr.truncate_dense(full, self.min_weight, max(self.cfg.candidates, table[0].shape[1]))
+                z[sl] = full.argmax(1)
             pairs.append((rows + sl.start, bins, w))
-            z[sl] = index.gather(1, log_r.argmax(1, keepdim=True))[:, 0]
             r_sub[sl] = torch.softmax(subnets(self.x[sl].float(), z[sl]), -1).to(self.dtype)
         rows, bins, w = (torch.cat(t) for t in zip(*pairs, strict=True))
         self.sparse_weights = int(rows.numel())  # this process's (row, cluster) weights (cost model)
         stats = SuffStats.zeros((K,), d, device=self.device)
         tr.add_sparse_stats_(stats, self.x, rows, bins, w, self.dtype)
-        sub = SuffStats.zeros((2 * K,), d, device=self.device)
-        every = torch.arange(n, device=self.device)
-        tr.add_sparse_stats_(sub, self.x, torch.cat([every, every]), torch.cat([2 * z, 2 * z + 1]),
-                             torch.cat([r_sub[:, 0], r_sub[:, 1]]).to(STAT_DTYPE), self.dtype)
-        sub = SuffStats(sub.count.reshape(K, 2), sub.sum.reshape(K, 2, d), sub.scatter.reshape(K, 2, d, d))
+        sub = SuffStats.zeros((K, 2), d, device=self.device)
+        tr.add_sub_stats_(sub, self.x, z, r_sub, self.dtype)
         return stats, sub
 
     def reduce_stats(self, stats: SuffStats) -> SuffStats:
