@@ -5,7 +5,7 @@ Parquet shards -> `cluster-service fit shards/` in one process and with `--worke
 `cluster-service assign` of the held-back tenth. Each command is its own process (wall time and
 peak RSS per command); FAISS k-means given the true K is the peer, measured in the same run.
 
-    python -m cluster_service.bench.imagenet_proxy [--n 1280000] [--workers 1,2] [--work DIR]
+    python -m cluster_service.bench.imagenet_proxy [--n 1280000] [--k 1000] [--workers 1,2] [--work DIR]
 """
 
 from __future__ import annotations
@@ -47,13 +47,14 @@ def _assigned(out_dir: Path, ids: np.ndarray) -> np.ndarray:
     return np.array([got[int(i)] for i in ids])
 
 
-def bench_imagenet_proxy(n: int = 1_280_000, workers: tuple[int, ...] = (1, 2), work: str | None = None) -> list[dict]:
+def bench_imagenet_proxy(n: int = 1_280_000, workers: tuple[int, ...] = (1, 2), work: str | None = None,
+                         n_clusters: int = 1000) -> list[dict]:
     from cluster_service import index
     from cluster_service.datasets import make_imagenet_proxy
     from cluster_service.io.shards import write_shards
 
     root = Path(work or tempfile.mkdtemp(prefix="bench-imagenet-proxy-"))
-    x, y = make_imagenet_proxy(n)
+    x, y = make_imagenet_proxy(n, n_clusters=n_clusters)
     k_true = int(y.max()) + 1
     perm = np.random.default_rng(0).permutation(n)
     held, train = np.sort(perm[: n // 10]), np.sort(perm[n // 10 :])
@@ -97,8 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=1_280_000)
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts (1 = one process)")
     ap.add_argument("--work", default=os.environ.get("BENCH_WORK"), help="working directory (kept)")
+    ap.add_argument("--k", type=int, default=1000, help="components of the proxy (a smaller run: --n 128000 --k 100)")
     args = ap.parse_args(argv)
-    for r in bench_imagenet_proxy(args.n, tuple(int(w) for w in args.workers.split(",")), args.work):
+    for r in bench_imagenet_proxy(args.n, tuple(int(w) for w in args.workers.split(",")), args.work, args.k):
         print(json.dumps(r), flush=True)
 
 
