@@ -39,9 +39,9 @@ from cluster_service.core.nets import (
     SubclusterNets,
     ajs_loss,
     kl_loss,
-    sparse_kl_loss,
     resize_cluster_net,
     resize_subnets,
+    sparse_kl_loss,
     subcluster_loss,
 )
 from cluster_service.core.niw import (
