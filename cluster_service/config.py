@@ -226,6 +226,10 @@ class ScheduleConfig:
     # docs/ARCHITECTURE.md, "Early stop".
     stop_rounds: int = 2
     stop_tol: float = 1e-3
+    # EM steps (E-step-weighted M-steps, no moves, no nets) after the last epoch, before the MAP
+    # assignment: they remove what the nets' float rounding left in the parameters, so one
+    # process and N workers end at the same fixed point (docs/ARCHITECTURE.md, Distribution).
+    settle_steps: int = 5
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -233,7 +237,7 @@ class ScheduleConfig:
         if not (math.isfinite(self.stop_tol) and self.stop_tol >= 0):
             raise ConfigError(f"schedule.stop_tol must be a finite number >= 0, got {self.stop_tol}")
         for name in ("warmup_epochs", "subcluster_start", "first_split", "freeze_epochs", "final_epochs",
-                     "stop_rounds"):
+                     "stop_rounds", "settle_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"schedule.{name} must be >= 0, got {getattr(self, name)}")
         if self.move_period < 2:

@@ -158,6 +158,7 @@ def test_engine_resume_reproduces_uninterrupted_run(reference, data):
     np.testing.assert_allclose(
         [r.log_marginal for r in history], [r.log_marginal for r in result.history[RESUME_AT:]], rtol=1e-7
     )
+    engine.settle(CFG.schedule.settle_steps)  # as finish_fit does before the MAP assignment
     clusters, log_prob = engine.assign()
     assert engine.n_clusters == result.n_clusters
     np.testing.assert_array_equal(clusters, result.clusters)

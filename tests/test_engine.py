@@ -256,3 +256,27 @@ def test_subnets_grouped_forward_equals_each_row_through_its_own_net():
         for p_got, p_ref in zip(torch.autograd.grad((out * weights).sum(), list(net.parameters())),
                                 torch.autograd.grad((ref * weights).sum(), list(net.parameters())), strict=True):
             torch.testing.assert_close(p_got, p_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_settle_steps_bring_perturbed_parameters_to_the_same_fixed_point():
+    """Engine.settle (EM with E-step weights, no nets): two copies of a fitted state whose means
+    differ by a small perturbation (what the nets' float rounding leaves) end much closer."""
+    from cluster_service.core.niw import GaussianParams
+
+    x, _ = make_mixture(3000, 4, 5, seed=3)
+    a = Engine(FitConfig(init="kmeans", k_init=5, seed=0), torch.from_numpy(x))
+    a.initialize()
+    b = Engine(FitConfig(init="kmeans", k_init=5, seed=0), torch.from_numpy(x))
+    b.load_state_dict(a.state_dict())
+    g = torch.Generator().manual_seed(1)
+    p = b.params
+    b.params = GaussianParams(p.log_weights, p.means + 1e-2 * torch.randn(p.means.shape, generator=g,
+                                                                          dtype=p.means.dtype), p.chol)
+    before = float((a.params.means - b.params.means).abs().max())
+    a.settle(5)
+    b.settle(5)
+    after = float((a.params.means - b.params.means).abs().max())
+    assert after < 0.1 * before
+    za, _ = a.assign()
+    zb, _ = b.assign()
+    assert (za == zb).mean() > 0.999

@@ -591,6 +591,17 @@ class Engine:
                 unwrap(self.subnets).reset_clusters(torch.nonzero(dead.cpu()).flatten(), self.init_gen)
         self.params, self.sub_params = params, sub
 
+    @torch.no_grad()
+    def settle(self, steps: int) -> None:
+        """EM steps after the last epoch (schedule.settle_steps): E-step-weighted statistics ->
+        M-step of the clusters (no moves, no nets). The net-weighted M-step carries float
+        differences of the nets' training into the parameters; EM from there reaches the same
+        fixed point in every worker layout (BENCHMARKS.md, one process vs 2 workers)."""
+        for _ in range(steps):
+            table = self.estep_table() if self.truncated else None
+            stats, sub_stats = self.accumulate(True, table)
+            self.m_step(self.reduce_stats(stats), sub_stats, clusters=True, subclusters=False)
+
     def cells_per_cluster(self, counts: torch.Tensor) -> list[int]:
         """k-means cells used to propose splits of each cluster: one per 2 (d + 2) points (enough
         for a full covariance), at least 2, at most moves.split_cells. counts: (K,)."""

@@ -1,7 +1,8 @@
 """From a trained Engine to the fitted-model objects that serving loads (cluster_service.serve).
 
 `finish_fit` is the end of every fit (train.fit, the Ray trainer's workers, train.update and the
-autoencoder mode): MAP assignment -> merge tree -> FittedModel -> novelty calibration.
+autoencoder mode): EM settle steps -> MAP assignment -> merge tree -> FittedModel -> novelty
+calibration.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def finish_fit(engine, manifest_hash: str | None = None,
 
     Every rank calls it (the tree's statistics and the calibration rows are collectives); every rank
     returns the same model."""
+    engine.settle(engine.cfg.schedule.settle_steps)
     clusters, log_prob, runner_up = engine.assign_top2()
     tree = engine.cluster_tree(clusters, runner_up)
     model = model_from_engine(engine, manifest_hash, feature_space=feature_space, tree=tree)
