@@ -70,18 +70,24 @@ def test_truncate_renormalises_and_keeps_the_best():
         [1 - 1e-9, 1 - 1e-9, 1.0], dtype=STAT_DTYPE))
 
 
-def test_truncate_dense_keeps_the_floor_caps_diffuse_rows_and_renormalises():
-    """A sharp row keeps its entries above the floor; a diffuse row only its max_per_row largest."""
-    sharp = torch.tensor([0.9, 0.1 - 2e-7, 1e-7, 1e-7], dtype=STAT_DTYPE)
-    diffuse = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=STAT_DTYPE)
-    rows, bins, w = tr.truncate_dense(torch.stack([sharp, diffuse]).log().float(), 1e-6, max_per_row=2)
-    assert rows.tolist() == [0, 0, 1, 1] and bins.tolist() == [0, 1, 0, 1]
-    expect = torch.tensor([0.9 / (1 - 2e-7), (0.1 - 2e-7) / (1 - 2e-7), 0.4 / 0.7, 0.3 / 0.7], dtype=STAT_DTYPE)
-    torch.testing.assert_close(w, expect, rtol=1e-6, atol=0)
-    # no floor and no cap: every entry, the weights themselves
-    rows, bins, w = tr.truncate_dense(diffuse[None].log(), 0.0, max_per_row=4)
-    assert bins.tolist() == [0, 1, 2, 3]
-    torch.testing.assert_close(w, diffuse)
+def test_net_weights_on_candidates_add_the_nets_best_once_and_keep_its_normalisation():
+    """on_candidates: the net's log r (normalised over all K) at the row's candidates plus its own
+    best cluster; a best that is already a candidate is not counted twice; truncate then
+    renormalises over what is kept."""
+    probs = torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1]], dtype=STAT_DTYPE)
+    cand = torch.tensor([[1, 3, -1], [1, 2, 0]])
+    best = probs.argmax(1)
+    index, log_r = tr.on_candidates(probs.log(), cand, best)
+    assert index.tolist() == [[1, 3, -1, 0], [1, 2, 0, -1]]  # row 0's best (0) added, row 1's (1) is a candidate
+    torch.testing.assert_close(log_r.exp(), torch.tensor([[0.2, 0.1, 0.0, 0.5], [0.6, 0.2, 0.1, 0.0]],
+                                                         dtype=STAT_DTYPE))
+    rows, bins, w = tr.truncate(index, log_r, min_weight=0.0)
+    assert rows.tolist() == [0, 0, 0, 1, 1, 1] and bins.tolist() == [1, 3, 0, 1, 2, 0]
+    torch.testing.assert_close(w, torch.tensor([0.25, 0.125, 0.625, 2 / 3, 2 / 9, 1 / 9], dtype=STAT_DTYPE))
+    # candidates covering every cluster: the net's own responsibilities, unchanged
+    full = torch.tensor([[0, 1, 2, 3]] * 2)
+    rows, bins, w = tr.truncate(*tr.on_candidates(probs.log(), full, best), min_weight=0.0)
+    torch.testing.assert_close(w, probs.flatten())
 
 
 def test_subcluster_stats_equal_the_hard_weighted_dense_ones():

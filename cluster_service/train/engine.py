@@ -487,8 +487,8 @@ class Engine:
         return torch.log_softmax(net(x.float()).to(self.dtype), -1)
 
     @torch.no_grad()
-    def accumulate(self, use_estep: bool,
-                   table: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[SuffStats, SuffStats]:
+    def accumulate(self, use_estep: bool, table: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   subclusters: bool = True) -> tuple[SuffStats, SuffStats | None]:
         """Local statistics: clusters weighted by r_ik; subclusters (bin 2k+j) by hard z_i = k
         times the subnet's r~_ij. Returns batch shapes (K,) and (K, 2).
 
@@ -498,9 +498,12 @@ class Engine:
         that the extra 2K columns would cost more flops than they save: the subclusters' hard
         statistics are then summed after the pass, in large chunks grouped by bin (z and the
         subnet weights of every local row are kept: 16 bytes per row).
+        subclusters=False (the settle steps): the subclusters' statistics are not needed and
+        come back None (they are still summed where they share the clusters' matmul).
         """
         if table is not None or (use_estep and self.truncated):
-            return self._accumulate_truncated(use_estep, table if table is not None else self.estep_table())
+            return self._accumulate_truncated(use_estep, table if table is not None else self.estep_table(),
+                                              subclusters)
         K, d = self.n_clusters, self.n_features
         dense = K <= DENSE_SUBCLUSTER_MAX
         if dense:
@@ -515,6 +518,9 @@ class Engine:
         for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(d, 3 * K if dense else K, self.cfg.chunk_size)):
             xc = self.x[sl]
             log_r = self.log_responsibilities(xc, use_estep)
+            if not (dense or subclusters):
+                add_weighted_stats_(stats, xc, log_r.exp())
+                continue
             z = log_r.argmax(-1)
             r_sub = torch.softmax(subnets(xc.float(), z), -1).to(self.dtype)
             if dense:
@@ -525,7 +531,9 @@ class Engine:
                 add_weighted_stats_(stats, xc, log_r.exp())
                 z_all[sl], r_all[sl] = z, r_sub
         if dense:
-            stats, sub = both[:K], both[K:]
+            stats, sub = both[:K], both[K:]  # (the subclusters' columns are summed even when unused: same rounding)
+        elif not subclusters:
+            return stats, None
         else:
             for sl in iter_chunks(self.x.shape[0], chunk_rows(8 * d, self.x.shape[0])):
                 for j in (0, 1):
@@ -534,12 +542,12 @@ class Engine:
         return stats, sub
 
     @torch.no_grad()
-    def _accumulate_truncated(self, use_estep: bool, table: tuple[torch.Tensor, torch.Tensor]
-                              ) -> tuple[SuffStats, SuffStats]:
+    def _accumulate_truncated(self, use_estep: bool, table: tuple[torch.Tensor, torch.Tensor],
+                              subclusters: bool = True) -> tuple[SuffStats, SuffStats | None]:
         """`accumulate` from sparse weights: each row's responsibilities (the truncated E-step's
-        over its candidates, or the net's over all K, at most as many a row as the E-step scores)
-        of at least self.min_weight, renormalised; statistics grouped by cluster, subclusters by
-        the row's best cluster."""
+        over its candidates, or the net's, normalised over all K, on those candidates and on the
+        net's best cluster) of at least self.min_weight, renormalised; statistics grouped by
+        cluster, subclusters by the row's best cluster (None when not `subclusters`)."""
         K, d, n = self.n_clusters, self.n_features, self.x.shape[0]
         pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         z = torch.empty(n, dtype=torch.long, device=self.device)
@@ -551,16 +559,19 @@ class Engine:
                 index, log_r = table[0][sl], table[1][sl]
                 rows, bins, w = tr.truncate(index, log_r, self.min_weight)
                 z[sl] = index.gather(1, log_r.argmax(1, keepdim=True))[:, 0]
-            else:  # the net's responsibilities over all K (its logits are cheap), truncated alike
+            else:  # the net's responsibilities (normalised over all K) on the candidates and its best
                 full = self.log_responsibilities(self.x[sl], False)
-                rows, bins, w = tr.truncate_dense(full, self.min_weight, max(self.cfg.candidates, table[0].shape[1]))
                 z[sl] = full.argmax(1)
+                rows, bins, w = tr.truncate(*tr.on_candidates(full, table[0][sl], z[sl]), self.min_weight)
             pairs.append((rows + sl.start, bins, w))
-            r_sub[sl] = torch.softmax(subnets(self.x[sl].float(), z[sl]), -1).to(self.dtype)
+            if subclusters:
+                r_sub[sl] = torch.softmax(subnets(self.x[sl].float(), z[sl]), -1).to(self.dtype)
         rows, bins, w = (torch.cat(t) for t in zip(*pairs, strict=True))
         self.sparse_weights = int(rows.numel())  # this process's (row, cluster) weights (cost model)
         stats = SuffStats.zeros((K,), d, device=self.device)
         tr.add_sparse_stats_(stats, self.x, rows, bins, w, self.dtype)
+        if not subclusters:
+            return stats, None
         sub = SuffStats.zeros((K, 2), d, device=self.device)
         tr.add_sub_stats_(sub, self.x, z, r_sub, self.dtype)
         return stats, sub
@@ -570,7 +581,7 @@ class Engine:
         flat = self.comm.all_reduce_sum(stats.flatten())
         return SuffStats.unflatten(flat, tuple(stats.count.shape), stats.n_features)
 
-    def m_step(self, stats: SuffStats, sub_stats: SuffStats, clusters: bool, subclusters: bool) -> None:
+    def m_step(self, stats: SuffStats, sub_stats: SuffStats | None, clusters: bool, subclusters: bool) -> None:
         """Weighted MAP: NIW mode for means/covariances, Dirichlet posterior for weights."""
         alpha = self.cfg.prior.alpha
         params, sub = self.params, self.sub_params
@@ -599,8 +610,8 @@ class Engine:
         fixed point in every worker layout (BENCHMARKS.md, one process vs 2 workers)."""
         for _ in range(steps):
             table = self.estep_table() if self.truncated else None
-            stats, sub_stats = self.accumulate(True, table)
-            self.m_step(self.reduce_stats(stats), sub_stats, clusters=True, subclusters=False)
+            stats, _ = self.accumulate(True, table, subclusters=False)
+            self.m_step(self.reduce_stats(stats), None, clusters=True, subclusters=False)
 
     def cells_per_cluster(self, counts: torch.Tensor) -> list[int]:
         """k-means cells used to propose splits of each cluster: one per 2 (d + 2) points (enough
