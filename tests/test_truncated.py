@@ -131,7 +131,7 @@ def test_cluster_graph_lists_itself_first_then_the_overlapping_cluster():
     means = torch.tensor([[0.0, 0.0], [0.5, 0.0], [10.0, 0.0], [10.4, 0.0]], dtype=STAT_DTYPE)
     chol = torch.eye(2, dtype=STAT_DTYPE).expand(4, 2, 2).clone()
     p = GaussianParams(torch.full((4,), -math.log(4), dtype=STAT_DTYPE), means, chol)
-    graph = tr.cluster_graph(p, 2)
+    graph = tr.cluster_graph(tr.CandidateScorer(p, STAT_DTYPE), means, 2)
     assert graph.tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
 
 

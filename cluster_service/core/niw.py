@@ -162,21 +162,25 @@ def make_prior(
 
 
 def posterior(prior: NIWPrior, stats: SuffStats) -> NIWPosterior:
-    """NIW posterior given statistics (DESIGN §2). Zero counts give back the prior."""
+    """NIW posterior given statistics (DESIGN §2). Zero counts give back the prior.
+
+    The (..., d, d) work is done in place on one fresh tensor (plus one for the symmetrisation):
+    at K 1000, d 128 each temporary is 131 MB of float64, and the M-step's posteriors were
+    memory-bound (1.5 s of a 12 s epoch at 320k x 128 with a temporary per term)."""
     N = stats.count
     kappa_n = prior.kappa + N
     nu_n = prior.nu + N
     m = prior.mean
     mean_n = (prior.kappa * m + stats.sum) / kappa_n[..., None]
-    outer_m = torch.outer(m, m)
-    nu_psi_n = (
-        prior.nu * prior.psi
-        + prior.kappa * outer_m
-        + stats.scatter
-        - kappa_n[..., None, None] * mean_n[..., :, None] * mean_n[..., None, :]
-    )
-    nu_psi_n = 0.5 * (nu_psi_n + nu_psi_n.transpose(-1, -2))
-    return NIWPosterior(kappa_n, nu_n, mean_n, nu_psi_n / nu_n[..., None, None])
+    base = prior.nu * prior.psi + prior.kappa * torch.outer(m, m)  # (d, d)
+    nu_psi_n = stats.scatter + base
+    # - kappa* m* m*^T, one batched rank-1 update
+    lead = nu_psi_n.reshape(-1, *nu_psi_n.shape[-2:])
+    km = (kappa_n[..., None] * mean_n).reshape(-1, mean_n.shape[-1], 1)
+    lead.baddbmm_(km, mean_n.reshape(-1, 1, mean_n.shape[-1]), alpha=-1.0)
+    nu_psi_n = lead.view(nu_psi_n.shape)
+    psi_n = torch.add(nu_psi_n, nu_psi_n.transpose(-1, -2)).mul_(0.5)
+    return NIWPosterior(kappa_n, nu_n, mean_n, psi_n.div_(nu_n[..., None, None]))
 
 
 def safe_cholesky(a: torch.Tensor, what: str = "matrix") -> torch.Tensor:

@@ -69,8 +69,7 @@ def run_fit(
                              feature_space=feats.feature_space)
                 tracked, tracked_x = result, feats.x
         elapsed = time.perf_counter() - t0
-        margin = tracked.model.margin(tracked_x, result.clusters)  # the mixture's own space (latent in AE mode)
-        write_run(out_dir, result.model, feats.ids, result.clusters, result.log_prob, margin, cfg.to_dict(),
+        write_run(out_dir, result.model, feats.ids, result.clusters, result.log_prob, result.margin, cfg.to_dict(),
                   [r.as_dict() for r in result.history])
         tracker.log_result(tracked, tracked_x, feats.labels, model_dir(out_dir), {"fit_seconds": elapsed})
         summary = run_summary(feats.x.shape[0], feats.x.shape[1], result.n_clusters, elapsed, result.history,

@@ -251,7 +251,7 @@ def update_step(fitted, model_ref: str, x: np.ndarray, ids: np.ndarray, labels: 
     t0 = time.perf_counter()
     res = update(fitted, x, cfg, callbacks=[*([tracker] if tracker is not None else []), *callbacks])
     elapsed = time.perf_counter() - t0
-    write_run(out_dir, res.model, ids, res.clusters, res.log_prob, res.model.margin(x, res.clusters),
+    write_run(out_dir, res.model, ids, res.clusters, res.log_prob, res.margin,
               cfg.to_dict(), [r.as_dict() for r in res.history])
     lineage = {"updated_from": str(model_ref), "previous_version": fitted.version, "version": res.model.version,
                **res.lineage}

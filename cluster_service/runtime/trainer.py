@@ -216,8 +216,7 @@ def write_outputs(engine: Engine, rows: LocalRows, out_dir: Path, history: list[
     from cluster_service.io.runs import write_run
     from cluster_service.train.export import finish_fit
 
-    model, clusters, log_prob = finish_fit(engine, rows.manifest_hash, rows.feature_space)  # every rank
-    margin = model.margin(rows.x, clusters)
+    model, clusters, log_prob, margin = finish_fit(engine, rows.manifest_hash, rows.feature_space)  # every rank
     parts = engine.comm.gather_object((rows.global_index, rows.ids, clusters, log_prob, margin))
     if parts is None:  # not rank 0
         return

@@ -207,6 +207,7 @@ class AEFitResult:
     clusters: np.ndarray  # (n_local,) int64 MAP cluster of those codes
     log_prob: np.ndarray  # (n_local,) float64
     engine: Engine
+    margin: np.ndarray  # (n_local,) float64 best minus runner-up log-joint in the latent space
 
     @property
     def n_clusters(self) -> int:
@@ -214,7 +215,7 @@ class AEFitResult:
 
     def latent_fit(self) -> FitResult:
         """The latent-space fit as a plain FitResult (what trackers and plots consume)."""
-        return FitResult(self.model.mixture, self.history, self.clusters, self.log_prob, self.engine)
+        return FitResult(self.model.mixture, self.history, self.clusters, self.log_prob, self.engine, self.margin)
 
 
 def fit_autoencoder(
@@ -278,11 +279,11 @@ def fit_autoencoder(
                 ae_history.append(trainer.epoch(engine, "finetune", rnd, e))
             engine = rebase_engine(engine, trainer.encode(), round_cfg, gi, n_global)
             run_round(engine)
-    mixture, clusters, log_prob = finish_fit(engine, manifest_hash, feature_space)  # as every fit ends
+    mixture, clusters, log_prob, margin = finish_fit(engine, manifest_hash, feature_space)  # as every fit ends
     model = _export(trainer, mixture)
     codes = (engine.x.double() + engine.shift).cpu().numpy()
     return AEFitResult(
-        model, history, round_starts, ae_history, k_per_round, codes, clusters, log_prob, engine
+        model, history, round_starts, ae_history, k_per_round, codes, clusters, log_prob, engine, margin
     )
 
 

@@ -135,6 +135,7 @@ class Engine:
         # (n_local, B) int64, -1 = none; None until the first scoring (then FAISS-nearest means).
         self.best: torch.Tensor | None = None
         self._graph: tuple[GaussianParams, torch.Tensor] | None = None  # cluster graph of these params
+        self._scorers: tuple[GaussianParams | None, dict] = (None, {})  # their CandidateScorers, by dtype
         self.min_weight = tr.MIN_WEIGHT  # sparse statistics leave out smaller responsibilities
 
         # Centre on the global mean in float64, chunk by chunk: no full float64 copy of the rows
@@ -368,9 +369,18 @@ class Engine:
         """Each row's nearest cluster means (FAISS, Euclidean): candidates before any scoring."""
         return torch.from_numpy(faiss_index.nearest_k(x, self.params.means, tr.N_KEEP)).to(self.device)
 
+    def _scorer(self, dtype: torch.dtype) -> tr.CandidateScorer:
+        """The current parameters' CandidateScorer in dtype (whitened once per M-step)."""
+        if self._scorers[0] is not self.params:
+            self._scorers = (self.params, {})
+        if dtype not in self._scorers[1]:
+            self._scorers[1][dtype] = tr.CandidateScorer(self.params, dtype)
+        return self._scorers[1][dtype]
+
     def _cluster_graph(self) -> torch.Tensor:
         if self._graph is None or self._graph[0] is not self.params:
-            self._graph = (self.params, tr.cluster_graph(self.params, self.cfg.candidates, self.dtype))
+            graph = tr.cluster_graph(self._scorer(self.dtype), self.params.means, self.cfg.candidates)
+            self._graph = (self.params, graph)
         return self._graph[1]
 
     @torch.no_grad()
@@ -387,7 +397,7 @@ class Engine:
         salt = self.cfg.seed * 1_000_003 + self.epoch
         cand = tr.build_candidates(best, self._cluster_graph(), tr.pseudo_random_clusters(rows, salt, self.n_clusters),
                                    self.cfg.candidates)
-        return cand, tr.CandidateScorer(self.params, dtype or self.dtype).score(x, cand)
+        return cand, self._scorer(dtype or self.dtype).score(x, cand)
 
     @torch.no_grad()
     def estep_table(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,6 +436,7 @@ class Engine:
         sub_means = self.sub_params.means.float()
         world = self.comm.world_size
         sparse = table is not None and cfg.loss == "kl"  # the KL needs the targets on their candidates only
+        amp = self._train_autocast()
         loss_fn = kl_loss if cfg.loss == "kl" else (lambda a, b: ajs_loss(a, b, cfg.ajs_alpha))
         tot_cl = tot_sub = 0.0
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -436,7 +447,9 @@ class Engine:
             loc = self.g2l[perm[pos]]
             loc = loc[loc >= 0]
             xb = self.x[loc].float()
-            logits = self.cluster_net(xb)
+            with amp:
+                logits = self.cluster_net(xb)
+            logits = logits.float()  # the loss in float32
             with torch.no_grad():
                 if table is None:
                     log_target = torch.log_softmax(g.log_prob(xb) + logw, dim=-1)
@@ -462,6 +475,16 @@ class Engine:
         # Each rank summed only its members of every batch: add the ranks' parts.
         tot = self.comm.all_reduce_sum(torch.tensor([tot_cl, tot_sub], dtype=STAT_DTYPE, device=self.device))
         return float(tot[0]) / steps, float(tot[1]) / steps
+
+    def _train_autocast(self) -> torch.autocast:
+        """The clustering net's training-pass precision (NetConfig.train_precision): a bfloat16
+        autocast context, or a disabled one (float32)."""
+        mode = self.cfg.net.train_precision
+        if mode == "auto":
+            fast = (torch.cuda.is_bf16_supported() if self.device.type == "cuda"
+                    else self.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            mode = "bfloat16" if fast and self.truncated else "float32"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=mode == "bfloat16")
 
     def _subnet_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], sub_means: torch.Tensor, B: int) -> float:
         """One optimizer step of the subnets on the rows of `batches` (local rows x, hard clusters z);
@@ -578,6 +601,8 @@ class Engine:
 
     def reduce_stats(self, stats: SuffStats) -> SuffStats:
         """One all_reduce of the flattened statistics (identity in one process)."""
+        if self.comm.world_size == 1:  # nothing to sum: skip the flatten copy (0.4 GB at K 1000, d 128)
+            return stats
         flat = self.comm.all_reduce_sum(stats.flatten())
         return SuffStats.unflatten(flat, tuple(stats.count.shape), stats.n_features)
 
@@ -747,29 +772,37 @@ class Engine:
     def assign(self, x: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Exact MAP assignment argmax_k log pi_k + log N(x; mu_k, Sigma_k) of local rows
         (or of centred rows x). Returns (cluster (n,) int64, log_prob (n,) float64)."""
-        cluster, best, _ = self.assign_top2(x)
+        cluster, best, _, _ = self.assign_top2(x)
         return cluster, best
 
     @torch.no_grad()
-    def assign_top2(self, x: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`assign` plus each row's runner-up cluster (n,) int64 (itself when K = 1), from the
-        same pass: which clusters border each other (cluster_tree)."""
+    def assign_top2(self, x: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`assign` plus each row's runner-up cluster (n,) int64 (itself when K = 1) and its
+        margin (n,) float64 (best log-joint minus the runner-up's; +inf without a runner-up),
+        from the same pass: which clusters border each other (cluster_tree) and how clearly
+        each row belongs where it was put (the run's assignments)."""
         if self.truncated:  # each row's candidates, scored in float64
             cand, values = self.score_candidates(x, STAT_DTYPE)
             top = values.topk(min(2, cand.shape[1]), dim=1)
             ids = cand.gather(1, top.indices)
-            second = torch.where(torch.isfinite(top.values[:, -1]), ids[:, -1], ids[:, 0])
-            return ids[:, 0].cpu().numpy(), top.values[:, 0].cpu().numpy(), second.cpu().numpy()
+            has_second = torch.isfinite(top.values[:, -1]) & (top.values.shape[1] > 1)
+            second = torch.where(has_second, ids[:, -1], ids[:, 0])
+            margin = torch.where(has_second, top.values[:, 0] - top.values[:, -1], math.inf)
+            return (ids[:, 0].cpu().numpy(), top.values[:, 0].cpu().numpy(), second.cpu().numpy(),
+                    margin.cpu().numpy())
         x = self.x if x is None else x
         n, K = x.shape[0], self.n_clusters
         cluster = torch.empty(n, dtype=torch.int64, device=self.device)
         second = torch.empty(n, dtype=torch.int64, device=self.device)
         best = torch.empty(n, dtype=STAT_DTYPE, device=self.device)
+        margin = torch.full((n,), math.inf, dtype=STAT_DTYPE, device=self.device)
         # chunk by chunk: never the whole (n, K) float64 matrix (10 GB at 1.28M rows and K 1000)
         for sl in iter_chunks(n, chunk_rows(K * self.n_features, self.cfg.chunk_size)):
             top = log_joint(x[sl], self.params, STAT_DTYPE, self.cfg.chunk_size).topk(min(2, K), dim=-1)
             cluster[sl], best[sl], second[sl] = top.indices[:, 0], top.values[:, 0], top.indices[:, -1]
-        return cluster.cpu().numpy(), best.cpu().numpy(), second.cpu().numpy()
+            if K > 1:
+                margin[sl] = top.values[:, 0] - top.values[:, 1]
+        return cluster.cpu().numpy(), best.cpu().numpy(), second.cpu().numpy(), margin.cpu().numpy()
 
     @torch.no_grad()
     def cluster_tree(self, clusters: np.ndarray, runner_up: np.ndarray | None = None) -> MergeTree:

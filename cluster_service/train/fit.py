@@ -29,6 +29,7 @@ class FitResult:
     clusters: np.ndarray  # (n,) int64 exact MAP assignment of the training rows
     log_prob: np.ndarray  # (n,) float64 log pi_k + log N(x; mu_k, Sigma_k) of that cluster
     engine: Engine
+    margin: np.ndarray  # (n,) float64 that log-joint minus the runner-up cluster's (+inf when K = 1)
 
     @property
     def n_clusters(self) -> int:
@@ -53,8 +54,8 @@ def fit(
         engine = Engine(cfg, torch.from_numpy(np.ascontiguousarray(x_np, dtype=dtype)))
         engine.initialize()
         history = run_schedule(engine, callbacks)
-    model, clusters, log_prob = finish_fit(engine, manifest_hash, feature_space)
-    return FitResult(model, history, clusters, log_prob, engine)
+    model, clusters, log_prob, margin = finish_fit(engine, manifest_hash, feature_space)
+    return FitResult(model, history, clusters, log_prob, engine, margin)
 
 
 def run_schedule(

@@ -2,7 +2,7 @@
 clusters and prior instead of starting over, so splits add clusters for what is new and merges join
 clusters, and keep cluster ids stable across model versions.
 
-    update(model, x)  ->  UpdateResult(model, history, clusters, log_prob, lineage)
+    update(model, x)  ->  UpdateResult(model, history, clusters, log_prob, lineage, margin)
 
 x is what the update fits: the new rows, or old + new rows (the CLI takes both directories). Ids: a
 new cluster whose mean lies within `match_radius` Mahalanobis units of an old cluster (under the old
@@ -36,6 +36,7 @@ class UpdateResult:
     clusters: np.ndarray  # (n,) int64, in the updated model's (stable) ids
     log_prob: np.ndarray  # (n,) float64
     lineage: dict  # persisting {old: new}, parent_of_new {new: old}, old_to_new {old: new}
+    margin: np.ndarray  # (n,) float64 best minus runner-up log-joint (+inf when K = 1)
 
     @property
     def n_clusters(self) -> int:
@@ -54,12 +55,12 @@ def update(model: FittedModel, x: np.ndarray, cfg: FitConfig | None = None, call
         engine = Engine(cfg, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)))
         engine.initialize_from(model.means, model.chol, np.asarray(model.prior["psi"]), float(model.prior["nu"]))
         history = run_schedule(engine, callbacks)
-    new, clusters, log_prob = finish_fit(engine, model.manifest_hash, model.feature_space)
+    new, clusters, log_prob, margin = finish_fit(engine, model.manifest_hash, model.feature_space)
     order, lineage = stable_order(model, new, match_radius)
     new = permute_clusters(new, order)
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
-    return UpdateResult(new, history, rank[clusters], log_prob, _renumber(lineage, rank))
+    return UpdateResult(new, history, rank[clusters], log_prob, _renumber(lineage, rank), margin)
 
 
 def stable_order(old: FittedModel, new: FittedModel, radius: float) -> tuple[np.ndarray, dict]:
