@@ -169,7 +169,9 @@ class NetConfig:
         if not 0 < self.ajs_alpha < 1:
             raise ConfigError(f"net.ajs_alpha must be in (0, 1), got {self.ajs_alpha}")
         if self.train_precision not in ("auto", "float32", "bfloat16"):
-            raise ConfigError(f"net.train_precision must be 'auto', 'float32' or 'bfloat16', got {self.train_precision!r}")
+            raise ConfigError(
+                f"net.train_precision must be 'auto', 'float32' or 'bfloat16', got {self.train_precision!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -230,3 +230,85 @@ def test_subnets_step_once_per_rows_per_net_times_k_rows():
         assert cl_steps == steps
         assert sub_steps == math.ceil(steps / every)
         assert (sub_steps == steps) == (k == 8)
+
+
+def test_blocks_cover_each_bin_in_order_at_most_block_at_a_time():
+    keys = torch.tensor([3, 0, 3, 1, 3, 3, 0, 3, 3], dtype=torch.int64)
+    got = list(tr.blocks(keys, 5, block=2))
+    assert all(pos.numel() <= 2 for _, pos in got)
+    assert [k for k, _ in got] == sorted(k for k, _ in got)  # bins ascending
+    for k in range(5):
+        mine = [pos for b, pos in got if b == k]
+        joined = torch.cat(mine) if mine else torch.empty(0, dtype=torch.long)
+        assert torch.equal(joined, torch.nonzero(keys == k).flatten())  # every position once, ascending
+
+
+def test_blocked_scoring_and_statistics_equal_one_block(monkeypatch):
+    """The per-cluster loops give the same numbers whatever the block size (a cluster's rows in
+    several blocks of 7 rows vs one block)."""
+    K, d, n = 5, 4, 300
+    p = _random_params(K, d, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(n, d, dtype=STAT_DTYPE, generator=g) * 3
+    cand = torch.randint(0, K, (n, 3), generator=g)
+    log_r = torch.log_softmax(torch.randn(n, 3, generator=g, dtype=STAT_DTYPE), 1)
+    z = torch.randint(0, K, (n,), generator=g)
+    r = torch.softmax(torch.randn(n, 2, generator=g, dtype=STAT_DTYPE), 1)
+
+    def run():
+        scores = tr.CandidateScorer(p, STAT_DTYPE).score(x, cand)
+        rows, bins, w = tr.truncate(cand, log_r, 0.0)
+        stats, sub = SuffStats.zeros((K,), d), SuffStats.zeros((K, 2), d)
+        tr.add_sparse_stats_(stats, x, rows, bins, w)
+        tr.add_sub_stats_(sub, x, z, r)
+        return scores, stats, sub
+
+    whole = run()
+    monkeypatch.setattr(tr, "BLOCK_ROWS", 7)
+    blocked = run()
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-12, atol=1e-12)
+    for a, b in ((blocked[1], whole[1]), (blocked[2], whole[2])):
+        for field in ("count", "sum", "scatter"):
+            torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-12, atol=1e-10)
+
+
+def test_fit_margin_from_the_truncated_pass_matches_the_dense_margin():
+    """finish_fit's margin comes from the engine's own (truncated) scoring pass: best minus
+    runner-up log-joint. Against the dense margin of the same model (FittedModel.margin): equal
+    where the runner-up is a candidate (nearly every row), never smaller where it is not."""
+    from cluster_service.train.export import finish_fit
+
+    x, _ = make_overlap_mixture(6000, 5, 40, seed=8)
+    eng = _engine(x, candidates=16, k=40)  # the default candidate-set size
+    assert eng.truncated
+    model, clusters, _, margin = finish_fit(eng)
+    assert np.array_equal(clusters, model.predict(x.astype(np.float64))[0])
+    dense = model.margin(x.astype(np.float64), clusters)
+    same = np.isclose(margin, dense, rtol=1e-6, atol=1e-4)  # centred vs original coordinates
+    assert same.mean() > 0.995
+    assert np.all(margin[~same] >= dense[~same])  # a missing runner-up only overstates it
+    assert np.all(margin >= 0)
+
+
+def test_bfloat16_training_pass_trains_the_net_as_float32_does():
+    """net.train_precision bfloat16 (autocast of the clustering net's training pass only): from
+    the same state, two epochs leave a net whose argmax agrees with the E-step's MAP about as
+    often as the float32-trained net's, with a similar loss."""
+    x, _ = make_overlap_mixture(8000, 6, 40, seed=9)
+    base = _engine(x, candidates=8, k=40, responsibilities="estep")
+    state = base.state_dict()
+    out = {}
+    for precision in ("float32", "bfloat16"):
+        eng = _engine(x, candidates=8, k=40, responsibilities="estep")
+        eng.cfg = eng.cfg.replace(**{"net.train_precision": precision})
+        eng.load_state_dict(state)
+        assert eng._train_autocast().fast_dtype == torch.bfloat16
+        assert eng._train_autocast()._enabled == (precision == "bfloat16")
+        plan = EpochPlan(epoch=1, m_step=False, train_subnets=False, move=None)
+        recs = [eng.run_epoch(plan) for _ in range(2)]
+        z_map, _ = eng.assign()
+        net = eng.log_responsibilities(eng.x, use_estep=False).argmax(1).numpy()
+        out[precision] = (recs[-1].loss_cluster, (net == z_map).mean())
+    (l32, agree32), (l16, agree16) = out["float32"], out["bfloat16"]
+    assert agree32 > 0.8 and agree16 > agree32 - 0.02
+    assert abs(l16 - l32) < 0.1 * l32 + 0.01
