@@ -158,10 +158,28 @@ def kl_loss(logits: torch.Tensor, log_target: torch.Tensor) -> torch.Tensor:
 def sparse_kl_loss(logits: torch.Tensor, index: torch.Tensor, log_target: torch.Tensor) -> torch.Tensor:
     """`kl_loss` for targets given on a few clusters per row (the truncated E-step's candidates):
     the same value without forming the (n, K) target. logits: (n, K); index: (n, C) int64 cluster
-    ids (-1 = empty slot, distinct within a row); log_target: (n, C) (-inf at empty slots) -> (n,)."""
-    log_r = logits.gather(1, index.clamp_min(0)) - torch.logsumexp(logits, dim=-1, keepdim=True)
-    p = log_target.exp()  # 0 at empty slots
-    return (torch.special.xlogy(p, p) - p * log_r).sum(-1)
+    ids (-1 = empty slot, distinct within a row); log_target: (n, C) (-inf at empty slots) -> (n,).
+    Its gradient is written out (`_SparseKL`): d/dlogits = g_i (softmax(logits) sum_c p_c - p
+    scattered onto index), three passes over the (n, K) logits instead of autograd's chain
+    through logsumexp and gather."""
+    return _SparseKL.apply(logits, index, log_target)
+
+
+class _SparseKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, index: torch.Tensor, log_target: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        idx = index.clamp_min(0)
+        p = log_target.exp()  # 0 at empty slots
+        ctx.save_for_backward(logits, lse, idx, p)
+        return (torch.special.xlogy(p, p) - p * (logits.gather(1, idx) - lse)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, lse, idx, p = ctx.saved_tensors
+        g = grad[:, None]
+        out = torch.sub(logits, lse).exp_().mul_(g * p.sum(1, keepdim=True))
+        return out.scatter_add_(1, idx, -(g * p)), None, None
 
 
 def ajs_loss(logits: torch.Tensor, log_target: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
