@@ -274,16 +274,18 @@ def test_blocked_scoring_and_statistics_equal_one_block(monkeypatch):
 
 def test_fit_margin_from_the_truncated_pass_matches_the_dense_margin():
     """finish_fit's margin comes from the engine's own (truncated) scoring pass: best minus
-    runner-up log-joint. Against the dense margin of the same model (FittedModel.margin): equal
+    runner-up log-joint. Against the dense margin of the same model (serve's exact_assign): equal
     where the runner-up is a candidate (nearly every row), never smaller where it is not."""
+    from cluster_service.serve.assign import exact_assign
     from cluster_service.train.export import finish_fit
 
     x, _ = make_overlap_mixture(6000, 5, 40, seed=8)
     eng = _engine(x, candidates=16, k=40)  # the default candidate-set size
     assert eng.truncated
     model, clusters, _, margin = finish_fit(eng)
-    assert np.array_equal(clusters, model.predict(x.astype(np.float64))[0])
-    dense = model.margin(x.astype(np.float64), clusters)
+    exact = exact_assign(model, x.astype(np.float64))
+    assert np.array_equal(clusters, exact.cluster)
+    dense = exact.margin
     same = np.isclose(margin, dense, rtol=1e-6, atol=1e-4)  # centred vs original coordinates
     assert same.mean() > 0.995
     assert np.all(margin[~same] >= dense[~same])  # a missing runner-up only overstates it

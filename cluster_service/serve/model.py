@@ -97,7 +97,7 @@ class FittedModel:
 
     def _log_joint_blocks(self, x: np.ndarray, chunk_size: int = 65536, device: str | torch.device = "cpu"):
         """(row slice, (rows, K) float64 log-joint) block by block: x (n, d) is checked and the
-        Gaussians whitened once; predict and margin never hold the whole (n, K) matrix (10 GB at
+        Gaussians whitened once; predict never holds the whole (n, K) matrix (10 GB at
         1.28M rows and K 1000)."""
         self.check_features(x)
         dev = torch.device(device)
@@ -166,20 +166,6 @@ class FittedModel:
             return np.full(len(clusters), np.nan), np.zeros(len(clusters), bool)
         tail = tail_probability(self.novelty, clusters, np.asarray(log_prob) - self.log_weights[clusters])
         return 1.0 - tail, tail < fpr
-
-    def margin(self, x, clusters: np.ndarray) -> np.ndarray:
-        """(n,) log-joint of the given cluster minus the best other cluster's (+inf when K = 1):
-        how clearly each row belongs where it was put."""
-        x, clusters = np.asarray(x), np.asarray(clusters)
-        if self.n_clusters == 1:
-            return np.full(x.shape[0], np.inf)
-        out = np.empty(x.shape[0], dtype=np.float64)
-        for sl, lj in self._log_joint_blocks(x):
-            rows = np.arange(lj.shape[0])
-            chosen = lj[rows, clusters[sl]].copy()
-            lj[rows, clusters[sl]] = -np.inf
-            out[sl] = chosen - lj.max(1)
-        return out
 
     @torch.no_grad()
     def net_logits(self, x) -> np.ndarray:
