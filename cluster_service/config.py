@@ -154,9 +154,8 @@ class NetConfig:
     # The clustering net's training pass (forward and backward; weights, optimizer, loss and
     # every inference stay float32): "auto" = bfloat16 autocast on the truncated path (K above
     # 2 x candidates, where the (batch, K) head is most of the pass) when the device has fast
-    # bfloat16 matmuls, else float32. Default float32: bfloat16 saved ~10 % of the nets' pass at
-    # 320k x 128, K 1000 but moved the 60k x 32, K 37 fit's final log marginal 1.3e-4 nats per row
-    # and dimension from the dense reference (issue 26's bar is 1e-4): docs/ARCHITECTURE.md.
+    # bfloat16 matmuls, else float32. Default float32, the reference precision: bfloat16 saved only
+    # ~10 % of the nets' pass at 320k x 128, K 1000 (docs/ARCHITECTURE.md, Performance).
     train_precision: Literal["auto", "float32", "bfloat16"] = "float32"
 
     def validate(self) -> None:
