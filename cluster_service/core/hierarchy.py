@@ -90,14 +90,12 @@ def merge_tree(
     # ~70 s of Cholesky factors; a cluster borders a few dozen others); the other pairs are
     # scored only if the bordering ones run out (separate components).
     ratio = torch.full((K, K), -math.inf, dtype=c.dtype, device=dev)
-    known = torch.zeros((K, K), dtype=torch.bool, device=dev)
 
     def score_pairs(a: torch.Tensor, b: torch.Tensor) -> None:
         for lo in range(0, a.numel(), _PAIR_CHUNK):  # union statistics of _PAIR_CHUNK pairs at a time
             i, j = a[lo : lo + _PAIR_CHUNK], b[lo : lo + _PAIR_CHUNK]
             union = _log_score(prior, SuffStats(c[i] + c[j], s[i] + s[j], S[i] + S[j]))
             ratio[i, j] = ratio[j, i] = union - single[i] - single[j] - log_alpha
-            known[i, j] = known[j, i] = True
 
     adj = None
     if adjacency is not None:
@@ -114,7 +112,8 @@ def merge_tree(
     for step in range(K - 1):
         if adj is not None and not bool(adj.any()):  # no bordering pair left: any pair may merge
             adj = None
-            pending = torch.triu(active[:, None] & active[None, :] & ~known, 1).nonzero(as_tuple=True)
+            unscored = ratio == -math.inf  # (a scored pair that came out -inf is scored again: harmless)
+            pending = torch.triu(active[:, None] & active[None, :] & unscored, 1).nonzero(as_tuple=True)
             score_pairs(*pending)
         best = int(torch.argmax(_bordering(ratio, adj)))
         i, j = divmod(best, K)
@@ -125,7 +124,6 @@ def merge_tree(
         c[i], s[i], S[i] = c[i] + c[j], s[i] + s[j], S[i] + S[j]
         active[j] = False
         ratio[j, :] = ratio[:, j] = ratio[i, :] = ratio[:, i] = -math.inf
-        known[j, :] = known[:, j] = known[i, :] = known[:, i] = False
         if adj is not None:
             _merge_borders_(adj, i, j)
         leaves[i] += leaves[j]

@@ -134,8 +134,8 @@ class Engine:
         # Truncated E-step state: each local row's best clusters of the last scoring, best first
         # (n_local, B) int64, -1 = none; None until the first scoring (then FAISS-nearest means).
         self.best: torch.Tensor | None = None
-        self._graph: tuple[GaussianParams, torch.Tensor] | None = None  # cluster graph of these params
-        self._scorers: tuple[GaussianParams | None, dict] = (None, {})  # their CandidateScorers, by dtype
+        # what is derived from self.params once per M-step: its CandidateScorers by dtype, "graph"
+        self._derived: tuple[GaussianParams | None, dict] = (None, {})
         self.min_weight = tr.MIN_WEIGHT  # sparse statistics leave out smaller responsibilities
 
         # Centre on the global mean in float64, chunk by chunk: no full float64 copy of the rows
@@ -369,19 +369,21 @@ class Engine:
         """Each row's nearest cluster means (FAISS, Euclidean): candidates before any scoring."""
         return torch.from_numpy(faiss_index.nearest_k(x, self.params.means, tr.N_KEEP)).to(self.device)
 
+    def _cached(self, key, make):
+        """make() once per parameter set (self.params is replaced, never mutated, by every M-step and move)."""
+        if self._derived[0] is not self.params:
+            self._derived = (self.params, {})
+        if key not in self._derived[1]:
+            self._derived[1][key] = make()
+        return self._derived[1][key]
+
     def _scorer(self, dtype: torch.dtype) -> tr.CandidateScorer:
         """The current parameters' CandidateScorer in dtype (whitened once per M-step)."""
-        if self._scorers[0] is not self.params:
-            self._scorers = (self.params, {})
-        if dtype not in self._scorers[1]:
-            self._scorers[1][dtype] = tr.CandidateScorer(self.params, dtype)
-        return self._scorers[1][dtype]
+        return self._cached(dtype, lambda: tr.CandidateScorer(self.params, dtype))
 
     def _cluster_graph(self) -> torch.Tensor:
-        if self._graph is None or self._graph[0] is not self.params:
-            graph = tr.cluster_graph(self._scorer(self.dtype), self.params.means, self.cfg.candidates)
-            self._graph = (self.params, graph)
-        return self._graph[1]
+        return self._cached("graph", lambda: tr.cluster_graph(self._scorer(self.dtype), self.params.means,
+                                                               self.cfg.candidates))
 
     @torch.no_grad()
     def score_candidates(self, x: torch.Tensor | None = None, dtype: torch.dtype | None = None
