@@ -286,3 +286,35 @@ def test_merge_tree_with_borders_scores_pairs_of_neighbours_only(monkeypatch):
     tree = merge_tree(prior_from(x, cells), 10.0, cells, adjacency=ring)
     assert tree.n_merges == K - 1 and is_valid_linkage(tree.linkage)
     assert sum(scored) < 10 * K  # singles, the ring's pairs, and ~2 neighbours of each merged node
+
+
+def test_merge_tree_partner_cap_keeps_the_exact_trees_cuts_with_fewer_unions(monkeypatch):
+    """Every cluster borders every other (weights: rows on the border, decaying with distance),
+    so the cap binds: 60 cells of 6 blobs in 8-d, max_partners 6. The capped tree scores fewer
+    unions than the exact one (max_partners None) and cuts the same partitions at 6 (the blobs)
+    and 30 clusters; the exact one equals the brute-force greedy order (test above)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from cluster_service.core import hierarchy
+
+    g = torch.Generator().manual_seed(11)
+    centres = torch.randn(6, 8, generator=g, dtype=D) * 10
+    sub = centres.repeat_interleave(10, 0) + torch.randn(60, 8, generator=g, dtype=D) * 1.5
+    label = torch.arange(60).repeat_interleave(50)
+    x = sub[label] + torch.randn(3000, 8, generator=g, dtype=D)
+    cells = stats_from_points(x, torch.nn.functional.one_hot(label, 60).to(D))
+    border = torch.exp(-torch.cdist(sub, sub) / 4).numpy() * 100 + 1e-3  # > 0 everywhere
+    prior = prior_from(x, cells)
+    scored = []
+    real = hierarchy._log_score
+    monkeypatch.setattr(hierarchy, "_log_score", lambda p, s: scored.append(s.count.numel()) or real(p, s))
+    exact = merge_tree(prior, 10.0, cells, adjacency=border, max_partners=None)
+    n_exact = sum(scored)
+    scored.clear()
+    capped = merge_tree(prior, 10.0, cells, adjacency=border, max_partners=6)
+    assert sum(scored) < 0.6 * n_exact
+    assert capped.n_merges == 59 and is_valid_linkage(capped.linkage)
+    blob = np.arange(60) // 10
+    assert adjusted_rand_score(blob, cut_tree(exact, 6)) == 1.0
+    for level in (6, 30):
+        assert adjusted_rand_score(cut_tree(exact, level), cut_tree(capped, level)) > 0.95, level

@@ -812,7 +812,8 @@ class Engine:
         (n_local,) (all-reduced, so every rank calls this), merged greedily by log H_m down to
         one cluster (hierarchy.merge_tree). With the rows' runner-up clusters (assign_top2), only
         clusters that border each other (some row of one has the other as runner-up, counted
-        over all ranks) merge while any such pair is left."""
+        over all ranks) merge while any such pair is left; the number of such rows is the
+        border's strength (each cluster is scored against its strongest borders first)."""
         K = self.n_clusters
         z = torch.from_numpy(np.asarray(clusters, dtype=np.int64)).to(self.device)
         adjacency = None
@@ -821,7 +822,7 @@ class Engine:
             counts = torch.zeros(K * K, dtype=STAT_DTYPE, device=self.device)
             counts.index_add_(0, z * K + second, torch.ones(z.shape[0], dtype=STAT_DTYPE, device=self.device))
             counts = self.comm.all_reduce_sum(counts).reshape(K, K)
-            adjacency = (counts + counts.T) > 0
+            adjacency = counts + counts.T
         return merge_tree(self.prior, self.cfg.prior.alpha, self.hard_stats(z, K), adjacency=adjacency)
 
     def _restore_candidates(self, saved: dict | None) -> torch.Tensor | None:
