@@ -24,8 +24,8 @@ from cluster_service.core.niw import NIWPrior, SuffStats, log_cluster_score
 
 # Pairs whose union statistics are evaluated in one batch (memory: chunk * d^2 float64).
 _PAIR_CHUNK = 2048
-# With borders, each cluster is scored against this many of its most strongly bordering
-# clusters (merge_tree's max_partners).
+# With borders, a cluster that borders more than this many others is scored against part of
+# them only (merge_tree's max_partners).
 MAX_PARTNERS = 32
 
 
@@ -92,7 +92,7 @@ def merge_tree(
     the large nodes near the root border almost every cluster and the tree scores ~K^2 / 2
     unions (K 1000, d 128: ~500k Cholesky factors, many minutes). Where no cluster borders more
     than the cap, the tree is the exact greedy one. Measured against the exact tree on the
-    ImageNet proxy's true components (docs/ARCHITECTURE.md, "Merge hierarchy"): K 600, d 128,
+    ImageNet proxy's true components (docs/ARCHITECTURE.md, "The merge tree at large K"): K 600, d 128,
     1/5 of the unions, 4.9x faster, cuts at K/2, K/5, K/20 with ARI .991, .977, 1.0.
     """
     K = int(stats.count.shape[0])
