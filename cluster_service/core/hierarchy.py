@@ -129,12 +129,13 @@ def merge_tree(
             adj = None
             unscored = ratio == -math.inf  # (a scored pair that came out -inf is scored again: harmless)
             score_pairs(*torch.triu(active[:, None] & active[None, :] & unscored, 1).nonzero(as_tuple=True))
-        best = int(torch.argmax(_bordering(ratio, adj)))
+        # (until the borders run out, only bordering pairs are ever scored: the argmax is over them)
+        best = int(torch.argmax(ratio))
         if adj is not None and not math.isfinite(float(ratio.view(-1)[best])):
             # bordering pairs are left but none is scored (each one's partners beyond the cap)
             pending = _strongest(adj, max_partners) & (ratio == -math.inf)
             score_pairs(*torch.triu(pending | pending.T, 1).nonzero(as_tuple=True))
-            best = int(torch.argmax(_bordering(ratio, adj)))
+            best = int(torch.argmax(ratio))
         i, j = divmod(best, K)
         r = float(ratio[i, j])
         if not math.isfinite(r) or (stop_below is not None and r < stop_below):
@@ -192,15 +193,6 @@ def _strongest(adj: torch.Tensor, m: int | None) -> torch.Tensor:
     val, idx = adj.topk(m, dim=1)
     top = torch.zeros_like(border).scatter_(1, idx, val > 0)
     return top | top.T
-
-
-def _bordering(ratio: torch.Tensor, adj: torch.Tensor | None) -> torch.Tensor:
-    """The merge ratios (K, K) of bordering pairs only (-inf elsewhere); all of them when no
-    bordering pair is left (separate components) or there is no adjacency."""
-    if adj is None:
-        return ratio
-    allowed = torch.where(adj > 0, ratio, torch.full_like(ratio, -math.inf))
-    return allowed if bool(torch.isfinite(allowed).any()) else ratio
 
 
 def _merge_borders_(adj: torch.Tensor, i: int, j: int) -> None:
