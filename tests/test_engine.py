@@ -162,7 +162,8 @@ def _feed(conv, ks, mls, moved=()):
         r = 0 if row.epoch < first else 1 + (row.epoch - first) // conv.cfg.move_period
         r = min(r, len(ks) - 1)
         rec = SimpleNamespace(epoch=row.epoch, n_clusters=ks[r], log_marginal=mls[r],
-                              splits_accepted=int(row.move == "split" and r in moved), merges_accepted=0, pruned=0)
+                              splits_accepted=int(row.move == "split" and r in moved), merges_accepted=0, pruned=0,
+                              deletes_accepted=0)
         conv.observe(row, rec)
         ran.append(row)
     return ran
@@ -280,3 +281,31 @@ def test_settle_steps_bring_perturbed_parameters_to_the_same_fixed_point():
     za, _ = a.assign()
     zb, _ = b.assign()
     assert (za == zb).mean() > 0.999
+
+
+def test_delete_move_removes_a_catch_all_and_keeps_the_true_clusters():
+    """Four blobs, fitted, plus a broad fifth cluster at the centre that takes their tails (the
+    catch-all of the ImageNet-scale fit, docs/ARCHITECTURE.md). With every cluster proposed,
+    the delete move removes the broad one only, and the freed rows go back to their blobs."""
+    from cluster_service.core.niw import GaussianParams
+
+    g = np.random.default_rng(0)
+    centres = np.array([[4, 4], [4, -4], [-4, 4], [-4, -4]], dtype=np.float64)
+    y = np.repeat(np.arange(4), 500)
+    x = (centres[y] + g.standard_normal((2000, 2))).astype(np.float32)
+    cfg = FitConfig(init="kmeans", k_init=5, seed=0).replace(**{"moves.delete_largest": 5})
+    eng = Engine(cfg, torch.from_numpy(x))
+    eng.initialize()
+    xd = torch.from_numpy(x).double() - eng.shift.double()
+    means = torch.stack([xd[torch.from_numpy(y == k)].mean(0) for k in range(4)] + [xd.mean(0)])
+    eye = torch.eye(2, dtype=torch.float64)
+    chol = torch.linalg.cholesky(torch.stack([eye] * 4 + [25 * eye]))
+    eng.params = GaussianParams(torch.log(torch.tensor([0.125] * 4 + [0.5], dtype=torch.float64)), means, chol)
+    z, _ = eng.assign()
+    assert 100 < (z == 4).sum() < 300  # the broad cluster holds the blobs' tails
+    proposed, accepted = eng.delete_step()
+    assert (proposed, accepted) == (5, 1) and eng.n_clusters == 4
+    assert torch.allclose(eng.params.means, means[:4])  # the four blobs stay, the broad one went
+    z, _ = eng.assign()
+    assert score(y, z).ari > 0.99
+    assert eng.delete_step() == (4, 0)  # the true clusters: deleting any one loses evidence

@@ -209,6 +209,47 @@ def test_prune_never_removes_every_cluster():
     assert mv.propose_prunes(torch.tensor([5.0, 0.2], dtype=D), 1.0).removed == (1,)
 
 
+def test_delete_ratio_is_the_change_of_the_whole_partitions_evidence():
+    """log H_d of deleting c (its rows to their runner-ups) equals log p(X, partition) of the
+    relabelled rows minus that of the original, each from every cluster's statistics; deletes
+    that touch an accepted one's clusters wait, one with a row lacking a runner-up is -inf."""
+    from cluster_service.core.niw import log_partition_evidence
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 3, generator=g, dtype=D) + 4 * torch.randint(0, 3, (400, 1), generator=g).to(D)
+    K = 6
+    z = torch.randint(0, K, (400,), generator=g)
+    second = (z + torch.randint(1, K, (400,), generator=g)) % K  # never the row's own cluster
+    second[(z == 4) & (second == 5)] = 3  # cluster 4's rows go to 0-3; 5 receives none of them
+    prior = prior_for(x)
+
+    def partition(labels):
+        return stats_from_points(x, torch.nn.functional.one_hot(labels, K).to(D))
+
+    hard = partition(z)
+    proposed = (1, 4)
+    moved = SuffStats.zeros((len(proposed), K), 3)
+    for p, c in enumerate(proposed):
+        rows = z == c
+        m = stats_from_points(x[rows], torch.nn.functional.one_hot(second[rows], K).to(D))
+        moved.count[p], moved.sum[p], moved.scatter[p] = m.count, m.sum, m.scatter
+    dec = mv.propose_deletes(prior, 10.0, hard, moved, proposed, torch.Generator().manual_seed(1))
+    for p, c in enumerate(proposed):
+        relabelled = torch.where(z == c, second, z)
+        want = log_partition_evidence(prior, 10.0, partition(relabelled)) - log_partition_evidence(prior, 10.0, hard)
+        want = float(want)
+        assert dec.log_ratios[p] == pytest.approx(want, rel=1e-9, abs=1e-6)
+    # random labels: each delete raises the evidence (H_d > 1, accepted whatever u is), but both
+    # send rows to clusters 0-3: only the better one is taken this round
+    assert min(dec.log_ratios) > 0
+    assert dec.accepted == (proposed[int(np.argmax(dec.log_ratios))],)
+    # a proposal whose rows name the cluster itself as runner-up (no other cluster scored) is never taken
+    selfish = SuffStats(moved.count.clone(), moved.sum.clone(), moved.scatter.clone())
+    selfish.count[0, 1] = 1.0
+    dec2 = mv.propose_deletes(prior, 10.0, hard, selfish, proposed, torch.Generator().manual_seed(1))
+    assert dec2.log_ratios[0] == -float("inf") and 1 not in dec2.accepted
+
+
 def test_k_change_surgery_keeps_inherited_rows():
     net = ClusterNet(4, 3, 8)
     new = resize_cluster_net(net, torch.tensor([0, 2, 2]))

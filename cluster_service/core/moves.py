@@ -20,6 +20,7 @@ from cluster_service.core.niw import (
     NIWPrior,
     SuffStats,
     log_merge_ratio,
+    log_partition_evidence,
     log_split_ratio,
     map_estimate,
     safe_cholesky,
@@ -50,6 +51,13 @@ class MergeDecision:
     proposed: tuple[tuple[int, int], ...]  # candidate pairs (i < j) evaluated
     log_ratios: tuple[float, ...]  # log H_m of each proposed pair
     accepted: tuple[tuple[int, int], ...]  # disjoint pairs to merge
+
+
+@dataclass(frozen=True)
+class DeleteDecision:
+    proposed: tuple[int, ...]  # clusters tested for deletion (ascending)
+    log_ratios: tuple[float, ...]  # log H_d of each
+    accepted: tuple[int, ...]  # clusters to delete (ascending)
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,47 @@ def propose_merges(
             accepted.append((i, j))
             used.update((i, j))
     return MergeDecision(tuple(pairs), tuple(log_h.tolist()), tuple(sorted(accepted)))
+
+
+def propose_deletes(
+    prior: NIWPrior,
+    alpha: float,
+    hard: SuffStats,
+    moved: SuffStats,
+    proposed: tuple[int, ...],
+    generator: torch.Generator,
+) -> DeleteDecision:
+    """Metropolis-Hastings delete decisions (the delete move of memoized DP mixtures, Hughes &
+    Sudderth 2013): cluster c goes, and each of its rows joins its runner-up cluster.
+
+    hard: batch (K,), the hard partition's statistics (each row in its MAP cluster); moved: batch
+    (P, K), the rows of proposed[p] grouped by their runner-up. log H_d = log p(X, partition
+    without c) - log p(X, partition) (`log_partition_evidence`: CRP x NIW), over c and the
+    clusters that receive its rows; -inf when some row of c has no runner-up. Tested in order of
+    decreasing log H_d, accepted with probability min(1, H_d); a delete whose cluster or
+    receivers touch an accepted one's waits for the next round (the ratios would not add up).
+    """
+    log_h, touched = [], []
+    for p, c in enumerate(proposed):
+        recv = torch.nonzero(moved.count[p] > 0).flatten()
+        if bool((recv == c).any()) or recv.numel() == 0:
+            log_h.append(-math.inf)
+            touched.append(set())
+            continue
+        before = log_partition_evidence(prior, alpha, hard[torch.cat([recv.new_tensor([c]), recv])])
+        after = log_partition_evidence(prior, alpha, hard[recv] + moved[p][recv])
+        log_h.append(float(after - before))
+        touched.append({c, *recv.tolist()})
+    u = torch.rand(len(proposed), generator=generator, dtype=STAT_DTYPE)
+    used: set[int] = set()
+    accepted = []
+    for p in sorted(range(len(proposed)), key=lambda p: -log_h[p]):
+        if not math.isfinite(log_h[p]) or touched[p] & used:
+            continue
+        if math.log(float(u[p])) < log_h[p]:
+            accepted.append(proposed[p])
+            used |= touched[p]
+    return DeleteDecision(tuple(proposed), tuple(log_h), tuple(sorted(accepted)))
 
 
 def propose_prunes(counts: torch.Tensor, prune_below: float) -> PruneDecision:

@@ -73,6 +73,7 @@ class _Record(Protocol):  # what Convergence reads of an EpochRecord
     splits_accepted: int
     merges_accepted: int
     pruned: int
+    deletes_accepted: int
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Convergence:
     reason: str = ""
 
     def observe(self, plan: EpochPlan, rec: _Record) -> None:
-        if rec.splits_accepted or rec.merges_accepted or rec.pruned:
+        if rec.splits_accepted or rec.merges_accepted or rec.pruned or rec.deletes_accepted:
             self.last_change = rec.epoch
         end = plan.move == "merge" or rec.epoch == self.cfg.first_split - 1
         if not end or self.stop_at is not None or self.cfg.stop_rounds == 0:

@@ -85,6 +85,7 @@ def plot_k_history(history: Sequence, scores: Mapping[int, Mapping[str, float]] 
     marks("splits_accepted", "splits_proposed", "^", SPLIT_COLOR, "splits accepted")
     marks("merges_accepted", "merges_proposed", "v", MERGE_COLOR, "merges accepted")
     marks("pruned", "", "X", PRUNE_COLOR, "clusters pruned")
+    marks("deletes_accepted", "", "D", PRUNE_COLOR, "clusters deleted")
     ax_k.set_ylabel("number of clusters K")
     ax_k.set_ylim(0, max(k.max() * 1.18, k.max() + 1.5))
     ax_k.yaxis.get_major_locator().set_params(integer=True)

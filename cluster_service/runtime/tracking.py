@@ -65,6 +65,8 @@ METRIC_NAMES = {
     "merges_proposed": "moves/merges_proposed",
     "merges_accepted": "moves/merges_accepted",
     "pruned": "moves/pruned",
+    "deletes_proposed": "moves/deletes_proposed",
+    "deletes_accepted": "moves/deletes_accepted",
     "frozen": "frozen",
     "time_total": "time/epoch",
     "time_train": "time/train",

@@ -92,6 +92,8 @@ class EpochRecord:
     time_estep: float = 0.0  # the truncated E-step's scoring (part of time_train)
     log_densities: int = 0  # (row, cluster) Gaussian log-densities evaluated this epoch, all ranks
     truncated: bool = False  # scored candidate sets (core/truncated) instead of all K
+    deletes_proposed: int = 0  # moves.delete_largest: clusters tested for deletion this epoch
+    deletes_accepted: int = 0
     stopped: str = ""  # on the last epoch of a fit: why it ended (core.schedule.Convergence)
 
     def as_dict(self) -> dict:
@@ -718,6 +720,34 @@ class Engine:
             self.rebuild_for_k(mv.apply_merges(decision, self.params, self.sub_params, self.prior, stats), absorbed)
         return len(decision.proposed), len(decision.accepted)
 
+    @torch.no_grad()
+    def delete_step(self) -> tuple[int, int]:
+        """Delete proposals for the moves.delete_largest largest clusters of the hard partition:
+        each one's rows regrouped by their runner-up cluster (assign_top2; statistics
+        all-reduced), rank 0 decides (moves.propose_deletes, u from move_gen), every rank removes
+        the accepted clusters; the next E-step gives their rows to the other clusters."""
+        K, d = self.n_clusters, self.n_features
+        if self.cfg.moves.delete_largest == 0 or K < 2:
+            return 0, 0
+        z, _, second, _ = self.assign_top2()
+        z, second = torch.from_numpy(z).to(self.device), torch.from_numpy(second).to(self.device)
+        hard = self.hard_stats(z, K)
+        proposed = tuple(sorted(hard.count.topk(min(self.cfg.moves.delete_largest, K)).indices.tolist()))
+        moved = SuffStats.zeros((len(proposed) * K,), d, device=self.device)
+        for p, c in enumerate(proposed):
+            rows = torch.nonzero(z == c).flatten()
+            add_hard_stats_(moved, self.x[rows], p * K + second[rows],
+                            torch.ones(rows.numel(), dtype=STAT_DTYPE, device=self.device))
+        moved = self.reduce_stats(moved)
+        moved = SuffStats(moved.count.reshape(-1, K), moved.sum.reshape(-1, K, d), moved.scatter.reshape(-1, K, d, d))
+        decision = None
+        if self.comm.rank == 0:
+            decision = mv.propose_deletes(self.prior, self.cfg.prior.alpha, hard, moved, proposed, self.move_gen)
+        decision = self.comm.broadcast_object(decision)
+        if decision.accepted:
+            self.rebuild_for_k(mv.apply_prunes(mv.PruneDecision(decision.accepted), self.params, self.sub_params))
+        return len(decision.proposed), len(decision.accepted)
+
     def prune_step(self, stats: SuffStats) -> int:
         decision = mv.propose_prunes(stats.count, self.cfg.moves.prune_below)  # same numbers on all ranks
         if decision.removed:
@@ -748,14 +778,15 @@ class Engine:
         p = counts / counts.sum().clamp_min(1e-30)
         entropy = float(-(p * torch.log(p.clamp_min(1e-300))).sum())
         t4 = time.perf_counter()
-        sp = sa = mp = ma = pr = 0
+        sp = sa = mp = ma = pr = dp = da = 0
         if plan.m_step and not frozen and plan.move is None:
             pr = self.prune_step(stats)
         if plan.move == "split" and not frozen:
             sp, sa = self.split_step(sub_stats, stats)
         elif plan.move == "merge" and not frozen:
             mp, ma = self.merge_step(stats)
-        if sa or ma:
+            dp, da = self.delete_step()
+        if sa or ma or da:
             self.frozen_until = plan.epoch + self.cfg.schedule.freeze_epochs
         t5 = time.perf_counter()
         self.epoch = plan.epoch + 1
@@ -765,7 +796,7 @@ class Engine:
             merges_proposed=mp, merges_accepted=ma, pruned=pr, frozen=frozen,
             time_total=t5 - t0, time_train=t1 - t0, time_stats=t2 - t1, time_reduce=t3 - t2,
             time_mstep=t4 - t3, time_moves=t5 - t4, time_estep=t_estep - t0, log_densities=evaluated,
-            truncated=table is not None,
+            truncated=table is not None, deletes_proposed=dp, deletes_accepted=da,
         )
 
     # ---- outputs ---------------------------------------------------------------------------
