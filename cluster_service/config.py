@@ -199,7 +199,9 @@ class MoveConfig:
     # accepted by the change of the CRP x NIW evidence). Undoes a catch-all: a broad cluster that
     # absorbs the tails of many components. Measured at ImageNet scale (1.15M x 128, K ~900):
     # the net-weighted M-step grew one of 98,558 rows (8.6 %), and removing it raised the hard
-    # partition's evidence by 94k nats (docs/ARCHITECTURE.md, "A catch-all cluster"). 0 = off.
+    # partition's evidence by 94k nats. The net-weighted epochs regrow one after a delete, so the
+    # end of a fit (export.finish_fit) deletes until none is accepted, then settles
+    # (docs/ARCHITECTURE.md, "A catch-all cluster"). 0 = off, in the rounds and at the end.
     delete_largest: int = 2
 
     def validate(self) -> None:
