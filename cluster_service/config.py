@@ -196,12 +196,11 @@ class MoveConfig:
     split_cells: int = 32
     # Delete proposals each merge round: this many of the largest clusters (by hard count) are
     # tested for removal, their rows going to their runner-up clusters (moves.propose_deletes,
-    # accepted by the change of the CRP x NIW evidence). Undoes a catch-all: a broad cluster that
-    # absorbs the tails of many components. Measured at ImageNet scale (1.15M x 128, K ~900):
-    # the net-weighted M-step grew one of 98,558 rows (8.6 %), and removing it raised the hard
-    # partition's evidence by 94k nats. The net-weighted epochs regrow one after a delete, so the
-    # end of a fit (export.finish_fit) deletes until none is accepted, then settles
-    # (docs/ARCHITECTURE.md, "A catch-all cluster"). 0 = off, in the rounds and at the end.
+    # accepted by the change of the CRP x NIW evidence). Aimed at a catch-all: a broad cluster
+    # that absorbs the tails of many components, which the net-weighted M-step grew at ImageNet
+    # scale (1.15M x 128, K ~900). Measured there, it is not the remedy: deletes were accepted at
+    # epochs 30 and 40 and the next M-steps regrew one (docs/ARCHITECTURE.md, "A catch-all
+    # cluster"); on the small sets it changes no K. 0 = off.
     delete_largest: int = 2
 
     def validate(self) -> None:

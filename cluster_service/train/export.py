@@ -23,11 +23,7 @@ def finish_fit(engine, manifest_hash: str | None = None,
     scoring pass (the engine's: truncated at large K, so the end of a fit costs no (n, K) pass).
 
     Every rank calls it (the tree's statistics and the calibration rows are collectives); every rank
-    returns the same model. First delete rounds until none is accepted (Engine.delete_step: a
-    catch-all cluster that the net-weighted epochs regrow after each round's delete), then the
-    settle steps, E-step-weighted, which do not regrow it (docs/ARCHITECTURE.md, the delete move)."""
-    while engine.delete_step()[1]:
-        pass
+    returns the same model."""
     engine.settle(engine.cfg.schedule.settle_steps)
     clusters, log_prob, runner_up, margin = engine.assign_top2()
     tree = engine.cluster_tree(clusters, runner_up)
