@@ -314,3 +314,20 @@ def test_bfloat16_training_pass_trains_the_net_as_float32_does():
     (l32, agree32), (l16, agree16) = out["float32"], out["bfloat16"]
     assert agree32 > 0.8 and agree16 > agree32 - 0.02
     assert abs(l16 - l32) < 0.1 * l32 + 0.01
+
+
+def test_refreshed_candidates_recover_the_exact_map_after_stale_ones():
+    """Kept candidates that no longer hold a row's best cluster (here: clusters 0-2 for every
+    row) give a wrong assignment; refresh_candidates (finish_fit, before the settle steps) starts
+    them again from the nearest means and the assignment is the exact MAP again."""
+    x, _ = make_overlap_mixture(8000, 6, 40, seed=2)
+    eng = _engine(x, candidates=6, k=40)
+    dense = _engine(x, candidates=0, k=40)
+    dense.params = eng.params
+    z_exact, _ = dense.assign()
+    eng.best = torch.tensor([0, 1, 2]).expand(x.shape[0], -1).clone()
+    z_stale, _ = eng.assign()
+    assert (z_stale == z_exact).mean() < 0.5
+    eng.refresh_candidates()
+    z, _ = eng.assign()
+    assert (z == z_exact).mean() > 0.999
