@@ -741,11 +741,12 @@ class Engine:
         z, second = torch.from_numpy(z).to(self.device), torch.from_numpy(second).to(self.device)
         hard = self.hard_stats(z, K)
         proposed = tuple(sorted(hard.count.topk(min(self.cfg.moves.delete_largest, K)).indices.tolist()))
+        slot = torch.full((K,), -1, dtype=torch.long, device=self.device)  # cluster -> its proposal, or -1
+        slot[list(proposed)] = torch.arange(len(proposed), device=self.device)
+        rows = torch.nonzero(slot[z] >= 0).flatten()
         moved = SuffStats.zeros((len(proposed) * K,), d, device=self.device)
-        for p, c in enumerate(proposed):
-            rows = torch.nonzero(z == c).flatten()
-            add_hard_stats_(moved, self.x[rows], p * K + second[rows],
-                            torch.ones(rows.numel(), dtype=STAT_DTYPE, device=self.device))
+        add_hard_stats_(moved, self.x[rows], slot[z[rows]] * K + second[rows],
+                        torch.ones(rows.numel(), dtype=STAT_DTYPE, device=self.device))
         moved = self.reduce_stats(moved)
         moved = SuffStats(moved.count.reshape(-1, K), moved.sum.reshape(-1, K, d), moved.scatter.reshape(-1, K, d, d))
         decision = None
