@@ -370,6 +370,13 @@ class FitConfig:
     # Which responsibilities weight the M-step: "net" (DeepDPM: the clustering net's) or
     # "estep" (classic EM responsibilities; the net is still trained and saved).
     responsibilities: Literal["net", "estep"] = "net"
+    # Each cluster's total weight in a net-weighted M-step. "estep": held to the E-step's (the
+    # net's responsibilities with each cluster's output bias at its calibration optimum, the
+    # stationary point of the KL to the targets in that bias, found by a few Sinkhorn steps).
+    # "net": the net's as it is (DeepDPM as published). At K ~1,000 the net follows its targets
+    # loosely and "net" lets one broad cluster gather ~2x its E-step mass, epoch after epoch
+    # (BENCHMARKS.md, "Net mass held to the E-step's").
+    net_mass: Literal["estep", "net"] = "estep"
     # Rows per chunk for E-step and statistics: memory is O(chunk * K + K * d^2).
     chunk_size: int = 8192
     # The truncated E-step (core/truncated.py): clusters scored exactly per row (its best ones of
@@ -397,6 +404,8 @@ class FitConfig:
             raise ConfigError(f"candidates must be 0 (always score all K) or >= 6, got {self.candidates}")
         if self.responsibilities not in ("net", "estep"):
             raise ConfigError(f"responsibilities must be 'net' or 'estep', got {self.responsibilities!r}")
+        if self.net_mass not in ("estep", "net"):
+            raise ConfigError(f"net_mass must be 'estep' or 'net', got {self.net_mass!r}")
         check_device(self.device)
         if self.k_init > self.moves.max_clusters:
             raise ConfigError(

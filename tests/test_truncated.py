@@ -331,3 +331,48 @@ def test_refreshed_candidates_recover_the_exact_map_after_stale_ones():
     eng.refresh_candidates()
     z, _ = eng.assign()
     assert (z == z_exact).mean() > 0.999
+
+
+def test_calibrate_mass_reaches_the_target_masses_and_keeps_each_rows_ratios():
+    """Sinkhorn steps on sparse weights: the reweighted columns reach the target totals, every
+    row still sums to 1, and within a row the weights keep their ratios up to the factors c."""
+    g = torch.Generator().manual_seed(0)
+    n, K = 400, 9
+    rows = torch.arange(n).repeat_interleave(3)
+    bins = torch.stack([torch.randperm(K, generator=g)[:3] for _ in range(n)]).flatten()
+    w = torch.rand(n * 3, generator=g, dtype=STAT_DTYPE) + 0.05
+    w = w / torch.bincount(rows, w, minlength=n)[rows]
+    raw = torch.bincount(bins, w, minlength=K)
+    target = raw * torch.linspace(0.7, 1.3, K, dtype=STAT_DTYPE)
+    target = target * (n / target.sum())  # the totals of a partition of n rows
+    log_c = tr.calibrate_mass(target, lambda lc: torch.bincount(bins, tr.reweight(rows, bins, w, lc, n), minlength=K),
+                              300)
+    out = tr.reweight(rows, bins, w, log_c, n)
+    torch.testing.assert_close(torch.bincount(bins, out, minlength=K), target, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.bincount(rows, out, minlength=n), torch.ones(n, dtype=STAT_DTYPE))
+    ratio = (out / w) / log_c.exp()[bins]  # one number per row
+    torch.testing.assert_close(ratio.view(n, 3), ratio.view(n, 3)[:, :1].expand(n, 3))
+    assert float((raw - target).abs().max()) > 1.0  # the uncalibrated totals were off
+
+
+@pytest.mark.parametrize("candidates", [0, 6])
+def test_net_weighted_statistics_carry_the_estep_masses(monkeypatch, candidates):
+    """FitConfig.net_mass "estep": the net-weighted statistics' per-cluster counts are the
+    E-step's (to Sinkhorn convergence), densely and on candidates; "net" leaves the net's."""
+    import cluster_service.train.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "MASS_CALIBRATION_STEPS", 1000)
+    x, _ = make_overlap_mixture(3000, 6, 20, seed=4)
+    eng = _engine(x, candidates=candidates, k=20)
+    assert eng.truncated == (candidates > 0)
+    for e in range(eng.cfg.schedule.warmup_epochs + 2):  # the net trains; two net-weighted M-steps
+        eng.run_epoch(EpochPlan(epoch=e, m_step=e >= eng.cfg.schedule.warmup_epochs, train_subnets=True, move=None))
+    table = eng.estep_table() if eng.truncated else None
+    eng.min_weight = 0.0
+    e_stats, _ = eng.accumulate(True, table, subclusters=False)
+    calibrated, _ = eng.accumulate(False, table, subclusters=False)
+    eng.cfg = eng.cfg.__class__(**{**eng.cfg.__dict__, "net_mass": "net"})
+    raw, _ = eng.accumulate(False, table, subclusters=False)
+    torch.testing.assert_close(calibrated.count, e_stats.count, rtol=1e-4, atol=1e-2)
+    assert float((raw.count - e_stats.count).abs().max()) > 1.0  # the net alone is off
+    assert float(calibrated.count.sum()) == pytest.approx(x.shape[0])

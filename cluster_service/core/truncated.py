@@ -15,6 +15,7 @@ Pure functions over tensors. Candidate tables are (n, C) int64 with -1 in unused
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -187,6 +188,25 @@ def on_candidates(log_r: torch.Tensor, cand: torch.Tensor, best: torch.Tensor) -
     top = top.masked_fill((cand == top).any(1, keepdim=True), -1)
     index = torch.cat([cand, top], 1)
     return index, log_r.gather(1, index.clamp_min(0)).masked_fill(index < 0, -math.inf)
+
+
+def calibrate_mass(target: torch.Tensor, mass: Callable[[torch.Tensor], torch.Tensor], steps: int) -> torch.Tensor:
+    """Per-cluster log factors log c (K,) such that responsibilities r_ik c_k / sum_l r_il c_l
+    have the target total masses (K,): `steps` Sinkhorn steps log c += log target - log mass(log c),
+    where mass(log c) gives the reweighted responsibilities' totals (K,). A cluster without
+    any mass keeps c = 1; a target below 1e-3 counts as 1e-3 (c stays finite). float64."""
+    log_c = torch.zeros_like(target, dtype=STAT_DTYPE)
+    log_target = torch.log(target.to(STAT_DTYPE).clamp_min(1e-3))
+    for _ in range(steps):
+        m = mass(log_c).to(STAT_DTYPE)
+        log_c = log_c + torch.where(m > 0, log_target - torch.log(m.clamp_min(1e-300)), torch.zeros_like(m))
+    return log_c
+
+
+def reweight(rows: torch.Tensor, bins: torch.Tensor, w: torch.Tensor, log_c: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Sparse weights w (P,) of (rows, bins) times c[bins], renormalised to sum 1 per row."""
+    w = w * log_c.exp()[bins].to(w.dtype)
+    return w / torch.bincount(rows, w, minlength=n_rows)[rows]
 
 
 def add_sparse_stats_(out: SuffStats, x: torch.Tensor, rows: torch.Tensor, bins: torch.Tensor,

@@ -65,6 +65,8 @@ _EVIDENCE_GRID_STEP = 2**0.5
 DENSE_SUBCLUSTER_MAX = 256
 # The subnets take one optimizer step per this many rows per subnet (see train_nets).
 SUB_ROWS_PER_NET = 8
+# Sinkhorn steps that hold the net's per-cluster mass to the E-step's (FitConfig.net_mass).
+MASS_CALIBRATION_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -550,13 +552,17 @@ class Engine:
             r_all = torch.empty(self.x.shape[0], 2, dtype=self.dtype, device=self.device)
         subnets = unwrap(self.subnets)  # no DDP collectives in inference (see log_responsibilities)
         subnets.eval()
-        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(d, 3 * K if dense else K, self.cfg.chunk_size)):
+        rows = stats_chunk_rows(d, 3 * K if dense else K, self.cfg.chunk_size)
+        log_c = None if use_estep or self.cfg.net_mass == "net" else self._dense_mass_calibration(rows)
+        for sl in iter_chunks(self.x.shape[0], rows):
             xc = self.x[sl]
             log_r = self.log_responsibilities(xc, use_estep)
+            z = log_r.argmax(-1)  # the net's own best cluster (subclusters), before any calibration
+            if log_c is not None:
+                log_r = torch.log_softmax(log_r + log_c.to(log_r.dtype), -1)
             if not (dense or subclusters):
                 add_weighted_stats_(stats, xc, log_r.exp())
                 continue
-            z = log_r.argmax(-1)
             r_sub = torch.softmax(subnets(xc.float(), z), -1).to(self.dtype)
             if dense:
                 w_sub = torch.zeros(xc.shape[0], 2 * K, dtype=self.dtype, device=self.device)
@@ -575,6 +581,20 @@ class Engine:
                     add_hard_stats_(sub, self.x[sl], 2 * z_all[sl] + j, r_all[sl, j])
         sub = SuffStats(sub.count.reshape(K, 2), sub.sum.reshape(K, 2, d), sub.scatter.reshape(K, 2, d, d))
         return stats, sub
+
+    def _dense_mass_calibration(self, rows: int) -> torch.Tensor:
+        """log c (K,): the net's responsibilities times c_k, renormalised per row, give each
+        cluster the E-step's total mass over all rows (FitConfig.net_mass; tr.calibrate_mass).
+        One E-step pass and MASS_CALIBRATION_STEPS net passes over the local rows; masses summed
+        over all ranks."""
+        def total(fn) -> torch.Tensor:
+            out = torch.zeros(self.n_clusters, dtype=STAT_DTYPE, device=self.device)
+            for sl in iter_chunks(self.x.shape[0], rows):
+                out += fn(self.x[sl]).to(STAT_DTYPE).sum(0)
+            return self.comm.all_reduce_sum(out)
+        e_mass = total(lambda xc: self.log_responsibilities(xc, True).exp())
+        return tr.calibrate_mass(e_mass, lambda lc: total(lambda xc: torch.softmax(
+            self.log_responsibilities(xc, False) + lc.to(self.dtype), -1)), MASS_CALIBRATION_STEPS)
 
     @torch.no_grad()
     def _accumulate_truncated(self, use_estep: bool, table: tuple[torch.Tensor, torch.Tensor],
@@ -602,6 +622,13 @@ class Engine:
             if subclusters:
                 r_sub[sl] = torch.softmax(subnets(self.x[sl].float(), z[sl]), -1).to(self.dtype)
         rows, bins, w = (torch.cat(t) for t in zip(*pairs, strict=True))
+        if not use_estep and self.cfg.net_mass == "estep":  # as _dense_mass_calibration, on the sparse weights
+            cand, log_r_e = table
+            ok = cand >= 0
+            e_mass = self.comm.all_reduce_sum(torch.bincount(cand[ok], log_r_e[ok].exp().to(STAT_DTYPE), minlength=K))
+            log_c = tr.calibrate_mass(e_mass, lambda lc: self.comm.all_reduce_sum(
+                torch.bincount(bins, tr.reweight(rows, bins, w, lc, n), minlength=K)), MASS_CALIBRATION_STEPS)
+            w = tr.reweight(rows, bins, w, log_c, n)
         self.sparse_weights = int(rows.numel())  # this process's (row, cluster) weights (cost model)
         stats = SuffStats.zeros((K,), d, device=self.device)
         tr.add_sparse_stats_(stats, self.x, rows, bins, w, self.dtype)
