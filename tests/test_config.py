@@ -41,6 +41,7 @@ INVALID = [
     ({"schedule.freeze_epochs": 6}, ["schedule.freeze_epochs", "move_period // 2"]),
     ({"schedule.final_epochs": -1}, ["schedule.final_epochs", ">= 0"]),
     ({"responsibilities": "hard"}, ["responsibilities", "one of 'net', 'estep'"]),
+    ({"net_mass": "both"}, ["net_mass", "one of 'estep', 'net'"]),
     ({"device": "tpu"}, ["device", "auto, cpu, cuda or cuda:N"]),
     ({"chunk_size": 0}, ["chunk_size", ">= 1"]),
     ({"autoencoder.hidden": [64, 0]}, ["autoencoder.hidden", "positive integers"]),
