@@ -205,8 +205,9 @@ def calibrate_mass(target: torch.Tensor, mass: Callable[[torch.Tensor], torch.Te
 
 def reweight(rows: torch.Tensor, bins: torch.Tensor, w: torch.Tensor, log_c: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Sparse weights w (P,) of (rows, bins) times c[bins], renormalised to sum 1 per row."""
-    w = w * log_c.exp()[bins].to(w.dtype)
-    return w / torch.bincount(rows, w, minlength=n_rows)[rows]
+    # index_select: advanced indexing takes the slow general path (3M pairs: 0.12 s a gather)
+    w = w * log_c.exp().to(w.dtype).index_select(0, bins)
+    return w / torch.bincount(rows, w, minlength=n_rows).index_select(0, rows)
 
 
 def add_sparse_stats_(out: SuffStats, x: torch.Tensor, rows: torch.Tensor, bins: torch.Tensor,
