@@ -537,6 +537,9 @@ class Engine:
         subnet weights of every local row are kept: 16 bytes per row).
         subclusters=False (the settle steps): the subclusters' statistics are not needed and
         come back None (they are still summed where they share the clusters' matmul).
+        Net weights with FitConfig.net_mass "estep" carry the E-step's per-cluster masses
+        (_dense_mass_calibration here, the same Sinkhorn steps on the sparse weights in
+        _accumulate_truncated); the subclusters follow the net's own best cluster.
         """
         if table is not None or (use_estep and self.truncated):
             return self._accumulate_truncated(use_estep, table if table is not None else self.estep_table(),
@@ -584,7 +587,8 @@ class Engine:
 
     def _dense_mass_calibration(self, rows: int) -> torch.Tensor:
         """log c (K,): the net's responsibilities times c_k, renormalised per row, give each
-        cluster the E-step's total mass over all rows (FitConfig.net_mass; tr.calibrate_mass).
+        cluster the E-step's total mass over all rows (FitConfig.net_mass; tr.calibrate_mass;
+        a cluster the reweighted net gives no mass gets no update).
         One E-step pass and MASS_CALIBRATION_STEPS net passes over the local rows; masses summed
         over all ranks."""
         def total(fn) -> torch.Tensor:
