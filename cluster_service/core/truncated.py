@@ -193,8 +193,9 @@ def on_candidates(log_r: torch.Tensor, cand: torch.Tensor, best: torch.Tensor) -
 def calibrate_mass(target: torch.Tensor, mass: Callable[[torch.Tensor], torch.Tensor], steps: int) -> torch.Tensor:
     """Per-cluster log factors log c (K,) such that responsibilities r_ik c_k / sum_l r_il c_l
     have the target total masses (K,): `steps` Sinkhorn steps log c += log target - log mass(log c),
-    where mass(log c) gives the reweighted responsibilities' totals (K,). A cluster without
-    any mass keeps c = 1; a target below 1e-3 counts as 1e-3 (c stays finite). float64."""
+    where mass(log c) gives the reweighted responsibilities' totals (K,). A cluster the
+    reweighted responsibilities give no mass gets no update; a target below 1e-3 counts as 1e-3
+    (c stays finite). float64."""
     log_c = torch.zeros_like(target, dtype=STAT_DTYPE)
     log_target = torch.log(target.to(STAT_DTYPE).clamp_min(1e-3))
     for _ in range(steps):

@@ -600,6 +600,17 @@ class Engine:
         return tr.calibrate_mass(e_mass, lambda lc: total(lambda xc: torch.softmax(
             self.log_responsibilities(xc, False) + lc.to(self.dtype), -1)), MASS_CALIBRATION_STEPS)
 
+    def _sparse_mass_calibration(self, table: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor,
+                                 bins: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """`_dense_mass_calibration` on the truncated pass's sparse net weights (rows, bins, w):
+        the E-step's masses from its candidate table, the net's from the reweighted pairs."""
+        K, n = self.n_clusters, self.x.shape[0]
+        cand, log_r = table
+        ok = cand >= 0
+        e_mass = self.comm.all_reduce_sum(torch.bincount(cand[ok], log_r[ok].exp().to(STAT_DTYPE), minlength=K))
+        return tr.calibrate_mass(e_mass, lambda lc: self.comm.all_reduce_sum(
+            torch.bincount(bins, tr.reweight(rows, bins, w, lc, n), minlength=K)), MASS_CALIBRATION_STEPS)
+
     @torch.no_grad()
     def _accumulate_truncated(self, use_estep: bool, table: tuple[torch.Tensor, torch.Tensor],
                               subclusters: bool = True) -> tuple[SuffStats, SuffStats | None]:
@@ -626,13 +637,8 @@ class Engine:
             if subclusters:
                 r_sub[sl] = torch.softmax(subnets(self.x[sl].float(), z[sl]), -1).to(self.dtype)
         rows, bins, w = (torch.cat(t) for t in zip(*pairs, strict=True))
-        if not use_estep and self.cfg.net_mass == "estep":  # as _dense_mass_calibration, on the sparse weights
-            cand, log_r_e = table
-            ok = cand >= 0
-            e_mass = self.comm.all_reduce_sum(torch.bincount(cand[ok], log_r_e[ok].exp().to(STAT_DTYPE), minlength=K))
-            log_c = tr.calibrate_mass(e_mass, lambda lc: self.comm.all_reduce_sum(
-                torch.bincount(bins, tr.reweight(rows, bins, w, lc, n), minlength=K)), MASS_CALIBRATION_STEPS)
-            w = tr.reweight(rows, bins, w, log_c, n)
+        if not use_estep and self.cfg.net_mass == "estep":
+            w = tr.reweight(rows, bins, w, self._sparse_mass_calibration(table, rows, bins, w), n)
         self.sparse_weights = int(rows.numel())  # this process's (row, cluster) weights (cost model)
         stats = SuffStats.zeros((K,), d, device=self.device)
         tr.add_sparse_stats_(stats, self.x, rows, bins, w, self.dtype)
