@@ -246,6 +246,11 @@ class ScheduleConfig:
     # docs/ARCHITECTURE.md, "Early stop".
     stop_rounds: int = 2
     stop_tol: float = 1e-3
+    # "The same K" at those round ends: within stop_k_tol x K, rounded down, so exactly the same
+    # below 1 / stop_k_tol clusters. At K ~1,000 each round's Metropolis-Hastings draws accept a
+    # few moves either way for ever (the full-scale proxy: K 928, 923, 922, 924, 923, 922 at the
+    # round ends from epoch 50 to 100, never equal three times), which no K < 100 sees.
+    stop_k_tol: float = 0.01
     # EM steps (E-step-weighted M-steps, no moves, no nets) after the last epoch, before the MAP
     # assignment: they remove what the nets' float rounding left in the parameters, so one
     # process and N workers end at the same fixed point (docs/ARCHITECTURE.md, Distribution).
@@ -256,6 +261,8 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.epochs must be >= 1, got {self.epochs}")
         if not (math.isfinite(self.stop_tol) and self.stop_tol >= 0):
             raise ConfigError(f"schedule.stop_tol must be a finite number >= 0, got {self.stop_tol}")
+        if not (math.isfinite(self.stop_k_tol) and 0 <= self.stop_k_tol < 1):
+            raise ConfigError(f"schedule.stop_k_tol must be a number in [0, 1), got {self.stop_k_tol}")
         for name in ("warmup_epochs", "subcluster_start", "first_split", "freeze_epochs", "final_epochs",
                      "stop_rounds", "settle_steps"):
             if getattr(self, name) < 0:

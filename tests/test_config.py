@@ -40,6 +40,8 @@ INVALID = [
     ({"schedule.move_period": 1}, ["schedule.move_period", ">= 2"]),
     ({"schedule.freeze_epochs": 6}, ["schedule.freeze_epochs", "move_period // 2"]),
     ({"schedule.final_epochs": -1}, ["schedule.final_epochs", ">= 0"]),
+    ({"schedule.stop_k_tol": 1.0}, ["schedule.stop_k_tol", "in [0, 1)"]),
+    ({"schedule.stop_k_tol": -0.01}, ["schedule.stop_k_tol", "in [0, 1)"]),
     ({"responsibilities": "hard"}, ["responsibilities", "one of 'net', 'estep'"]),
     ({"net_mass": "both"}, ["net_mass", "one of 'estep', 'net'"]),
     ({"device": "tpu"}, ["device", "auto, cpu, cuda or cuda:N"]),

@@ -191,6 +191,31 @@ def test_early_stop_waits_for_k_and_the_marginal_to_settle():
     assert len(_feed(Convergence(off, n), [5] * 20, [-100.0] * 20)) == off.epochs
 
 
+def test_early_stop_lets_a_large_k_move_by_a_percent():
+    """At K ~1,000 the moves' random draws change K by a few every round; within 1 % (rounded
+    down) counts as settled there, while a small K must not move at all."""
+    from cluster_service.core.schedule import Convergence
+
+    cfg = FitConfig().schedule
+    # round ends 14, 20, 30, 40, 50, 60: 1074, 958, 942, 928, 923, 922 -> within 9 at the ends 40-60
+    ks = [1074, 958, 942, 928, 923, 922, 924, 923, 922] + [922] * 10
+    conv = Convergence(cfg, 1000)
+    ran = _feed(conv, ks, [-100.0] * len(ks))
+    assert conv.stop_at is not None and ran[-1].epoch == 60, [r.epoch for r in ran][-3:]
+    assert "928, 923, 922" in conv.reason and "within 9" in conv.reason
+    # the same drift with the exact rule (stop_k_tol 0): K is never the same at three round ends
+    # before the last move round (epoch 100), so the fit runs to the cap, as the real one did
+    exact = FitConfig().replace(**{"schedule.stop_k_tol": 0.0}).schedule
+    conv = Convergence(exact, 1000)
+    ran = _feed(conv, ks, [-100.0] * len(ks))
+    assert conv.stop_at is None and len(ran) == exact.epochs
+    # a small K moving by one per round is not settled (slack int(0.01 * 50) = 0)
+    small = [40, 45, 50, 51, 50, 51, 50, 51, 50, 51, 50, 51]
+    conv = Convergence(cfg, 1000)
+    ran = _feed(conv, small, [-100.0] * len(small))
+    assert conv.stop_at is None and len(ran) == cfg.epochs
+
+
 def test_early_stop_settles_after_a_late_move_and_survives_a_checkpoint():
     from cluster_service.core.schedule import Convergence
 
@@ -234,6 +259,34 @@ def test_statistics_paths_agree_beyond_the_dense_subcluster_limit(monkeypatch):
         torch.testing.assert_close(a.sum, b.sum, rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(a.scatter, b.scatter, rtol=1e-5, atol=1e-2)
     assert sub.count.shape == (5, 2) and float(sub.count.sum()) == pytest.approx(3000, rel=1e-6)
+
+
+def test_split_cells_partition_each_cluster_into_its_nearest_centroid_cells():
+    """cell_stats: each row counted once, in a cell of its own MAP cluster (the cells of a cluster
+    sum to its hard statistics) and in the cell of the nearest of that cluster's cells' means."""
+    x, _ = make_mixture(3000, 6, 5, seed=12)
+    eng = Engine(FitConfig(init="kmeans", k_init=3, seed=0), torch.from_numpy(x.astype(np.float64)))
+    eng.initialize()
+    z = torch.from_numpy(eng.assign()[0])
+    n_cells = [4, 2, 3]
+    cells = eng.cell_stats(n_cells)
+    hard = eng.hard_stats(z, 3)
+    assert cells.count.shape == (3, 4)
+    torch.testing.assert_close(cells.count.sum(1), hard.count)
+    torch.testing.assert_close(cells.sum.sum(1), hard.sum, rtol=1e-9, atol=1e-6)
+    torch.testing.assert_close(cells.scatter.sum(1), hard.scatter, rtol=1e-9, atol=1e-6)
+    for k, m in enumerate(n_cells):
+        assert int((cells.count[k] > 0).sum()) == m and float(cells.count[k, m:].sum()) == 0
+    # every row is nearer its own cell's mean than any other cell mean of its cluster
+    # (k-means centroids are the cell means up to k-means' last update: checked by the cell
+    # means' own Voronoi counts agreeing with the cells' counts to a few rows)
+    xs = eng.x.double()
+    means = cells.sum / cells.count.clamp_min(1)[..., None]
+    for k, m in enumerate(n_cells):
+        rows = xs[z == k]
+        near = torch.cdist(rows, means[k, :m]).argmin(1)
+        agree = torch.bincount(near, minlength=m).double()
+        assert float((agree - cells.count[k, :m]).abs().sum()) <= 0.05 * rows.shape[0]
 
 
 def test_subnets_grouped_forward_equals_each_row_through_its_own_net():

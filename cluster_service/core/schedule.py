@@ -47,7 +47,8 @@ def format_plan(plan: list[EpochPlan], cfg: ScheduleConfig | None = None) -> str
     """Compact text: phases as epoch ranges, then the move epochs and the early-stop rule."""
     cfg = cfg or ScheduleConfig(epochs=len(plan))
     early_stop = (
-        f"at a merge epoch once K is the same over {cfg.stop_rounds} move rounds and the log marginal "
+        f"at a merge epoch once K is the same (within {cfg.stop_k_tol:g} x K, rounded down) over "
+        f"{cfg.stop_rounds} move rounds and the log marginal "
         f"moved <= {cfg.stop_tol:g} nats per row and dimension; epochs {len(plan)} is then a cap"
     )
     warm = [p.epoch for p in plan if not p.m_step]
@@ -82,7 +83,8 @@ class Convergence:
 
     Fed every epoch's record in order (`observe`). A "round end" is the epoch before the first
     split and every merge epoch. At a round end the fit has converged when K at the last
-    stop_rounds + 1 round ends is one number and the log marginal likelihood changed by at
+    stop_rounds + 1 round ends is one number (up to stop_k_tol x K: `k_slack`) and the log
+    marginal likelihood changed by at
     most stop_tol nats per row and dimension between the first and the last of them. It then
     stops right away, or after freeze_epochs + 1 settle epochs without moves (the frozen epochs
     of the last move and one M-step) when the last round changed the partition (a split and a
@@ -106,7 +108,8 @@ class Convergence:
             return
         self.round_ends.append((rec.epoch, rec.n_clusters, rec.log_marginal))
         window = self.round_ends[-(self.cfg.stop_rounds + 1) :]
-        if len(window) < self.cfg.stop_rounds + 1 or len({k for _, k, _ in window}) > 1:
+        ks = [k for _, k, _ in window]
+        if len(window) < self.cfg.stop_rounds + 1 or max(ks) - min(ks) > self.k_slack(ks[-1]):
             return
         change = abs(window[-1][2] - window[0][2]) / max(1, self.n_rows * self.n_features)
         if change > self.cfg.stop_tol:
@@ -115,10 +118,15 @@ class Convergence:
         settle = self.cfg.freeze_epochs + 1 if moved else 0
         self.stop_at = rec.epoch + 1 + settle
         self.reason = (
-            f"converged at epoch {rec.epoch}: K {window[-1][1]} over the last {self.cfg.stop_rounds} move rounds, "
+            f"converged at epoch {rec.epoch}: K {', '.join(map(str, ks))} at the last {len(ks)} round ends "
+            f"(schedule.stop_k_tol {self.cfg.stop_k_tol:g}: within {self.k_slack(ks[-1])}), "
             f"log marginal changed {change:.1e} nats per row and dimension (schedule.stop_tol {self.cfg.stop_tol:g})"
             + (f"; {settle} settle epochs without moves" if moved else "")
         )
+
+    def k_slack(self, k: int) -> int:
+        """How far apart K at the window's round ends may be and still count as settled."""
+        return int(self.cfg.stop_k_tol * k)
 
     def allows(self, plan: EpochPlan) -> EpochPlan | None:
         """The row to run for `plan` (moves off while settling), or None when the fit is over."""

@@ -718,13 +718,18 @@ class Engine:
                 elif rows.size:
                     centroids[k, 0] = xs[rows].mean(0).float().cpu().numpy()
         centroids = torch.from_numpy(self.comm.broadcast_object(centroids)).to(self.device, self.dtype)
-        stats = SuffStats.zeros((K * M,), d, device=self.device)
-        ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=self.device)
-        for sl in iter_chunks(self.x.shape[0], stats_chunk_rows(d, M, self.cfg.chunk_size)):
+        n = self.x.shape[0]
+        bins = torch.empty(n, dtype=torch.long, device=self.device)
+        for sl in iter_chunks(n, stats_chunk_rows(d, M, self.cfg.chunk_size)):
             xc, zc = self.x[sl], z[sl]
             dist = (xc[:, None, :] - centroids[zc]).square().sum(-1)  # (n, M); inf for unused cells
-            cell = torch.nan_to_num(dist, nan=math.inf).argmin(-1)
-            add_hard_stats_(stats, xc, zc * M + cell, ones[sl])
+            bins[sl] = zc * M + torch.nan_to_num(dist, nan=math.inf).argmin(-1)
+        # Summed grouped by cell (truncated.add_sparse_stats_, as the truncated statistics): per
+        # chunk of a few thousand rows, K M cells of a few rows each made ~700k tiny matmuls (40 s
+        # of a 48 s split step at 1.15M x 128, K 1,074).
+        stats = SuffStats.zeros((K * M,), d, device=self.device)
+        tr.add_sparse_stats_(stats, self.x, torch.arange(n, device=self.device), bins,
+                             torch.ones(n, dtype=STAT_DTYPE, device=self.device))
         stats = self.reduce_stats(stats)
         return SuffStats(stats.count.reshape(K, M), stats.sum.reshape(K, M, d), stats.scatter.reshape(K, M, d, d))
 
