@@ -316,21 +316,40 @@ def test_bfloat16_training_pass_trains_the_net_as_float32_does():
     assert abs(l16 - l32) < 0.1 * l32 + 0.01
 
 
-def test_refreshed_candidates_recover_the_exact_map_after_stale_ones():
+def test_stale_candidates_recover_the_exact_map_at_the_next_scoring():
     """Kept candidates that no longer hold a row's best cluster (here: clusters 0-2 for every
-    row) give a wrong assignment; refresh_candidates (finish_fit, before the settle steps) starts
-    them again from the nearest means and the assignment is the exact MAP again."""
+    row). Without the nearest means among the candidates the graph neighbours of those clusters
+    give a wrong assignment; with them (every scoring, tr.build_candidates) the next scoring
+    finds the exact MAP again."""
     x, _ = make_overlap_mixture(8000, 6, 40, seed=2)
-    eng = _engine(x, candidates=6, k=40)
+    eng = _engine(x, candidates=8, k=40)
     dense = _engine(x, candidates=0, k=40)
     dense.params = eng.params
     z_exact, _ = dense.assign()
-    eng.best = torch.tensor([0, 1, 2]).expand(x.shape[0], -1).clone()
-    z_stale, _ = eng.assign()
-    assert (z_stale == z_exact).mean() < 0.5
-    eng.refresh_candidates()
+    stale = torch.tensor([0, 1, 2]).expand(x.shape[0], -1).clone()
+    rand = tr.pseudo_random_clusters(torch.arange(x.shape[0]), 0, 40)
+    without = tr.build_candidates(stale, eng._cluster_graph(), rand, 8)
+    log_j = eng._scorer(torch.float64).score(eng.x, without)
+    z_without = without.gather(1, log_j.argmax(1, keepdim=True))[:, 0].numpy()
+    assert (z_without == z_exact).mean() < 0.5
+    eng.best = stale
     z, _ = eng.assign()
     assert (z == z_exact).mean() > 0.999
+
+
+def test_candidates_hold_the_nearest_means_within_the_budget():
+    graph = torch.arange(10).expand(10, 10)  # every cluster's neighbours: 0, 1, ..., 9
+    best = torch.tensor([[9, 8, 7], [5, -1, -1]])
+    nearest = torch.tensor([[4, 3, 2], [5, 6, 1]])
+    rand = torch.tensor([7, 0])
+    cand = tr.build_candidates(best, graph, rand, n_candidates=9, nearest=nearest)
+    got = [sorted(int(c) for c in r if c >= 0) for r in cand]
+    # best 3 + nearest 3 + 2 graph neighbours (0, 1) + the random one; row 1's -1s stay empty
+    assert got == [[0, 1, 2, 3, 4, 7, 8, 9], [0, 1, 5, 6]]
+    assert cand.shape[1] <= 9
+    # the smallest budget keeps one graph neighbour and one nearest mean
+    small = tr.build_candidates(best, graph, rand, n_candidates=6, nearest=nearest)
+    assert [sorted(int(c) for c in r if c >= 0) for r in small][0] == [0, 4, 7, 8, 9]
 
 
 def test_calibrate_mass_reaches_the_target_masses_and_keeps_each_rows_ratios():

@@ -21,9 +21,11 @@ import torch
 
 from cluster_service.core.niw import STAT_DTYPE, GaussianParams, SuffStats
 
-# Slots of the candidate set filled from the row's best clusters of the last scoring; the rest
-# of `candidates` (minus the pseudo-random slot) are graph neighbours of the best cluster.
+# Slots of the candidate set filled from the row's best clusters of the last scoring, and from
+# its nearest cluster means (Euclidean, searched afresh for every parameter set); the rest of
+# `candidates` (minus the pseudo-random slot) are graph neighbours of the best cluster.
 N_KEEP = 3
+N_NEAR = 3
 # Responsibilities below this are left out of the statistics (the row's best always counts).
 MIN_WEIGHT = 1e-6
 # The per-cluster loops (scoring, statistics) take a cluster's rows this many at a time: the
@@ -135,18 +137,27 @@ def pseudo_random_clusters(global_index: torch.Tensor, salt: int, n_clusters: in
 
 
 def build_candidates(
-    best: torch.Tensor, graph: torch.Tensor, random_ids: torch.Tensor, n_candidates: int
+    best: torch.Tensor, graph: torch.Tensor, random_ids: torch.Tensor, n_candidates: int,
+    nearest: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Candidate table: a row's best clusters of the last scoring (best: (n, B) int64, -1 =
-    none, best first), the graph neighbours of its best cluster (graph: (K, G)) and one
-    pseudo-random cluster (random_ids: (n,)). -> (n, <= n_candidates) int64, deduplicated."""
-    n_nbr = max(1, n_candidates - N_KEEP - 1)
+    none, best first), its nearest cluster means (nearest: (n, N) int64; at most
+    n_candidates - N_KEEP - 2 of them), the graph neighbours of its best cluster (graph: (K, G))
+    filling the rest, and one pseudo-random cluster (random_ids: (n,)).
+    -> (n, <= n_candidates + split children) int64, deduplicated.
+
+    The nearest means keep a row from losing its best cluster for good: the graph reaches only
+    clusters that compete around the best one's mean, and a broad cluster's tail rows lie far
+    from it (at the full-scale proxy's epoch 11, 4 % of rows missed their exact best cluster
+    without them; BENCHMARKS.md, "Candidate sets mid-fit")."""
+    near = nearest[:, : max(0, min(N_NEAR, n_candidates - N_KEEP - 2))] if nearest is not None else best[:, :0]
+    n_nbr = max(1, n_candidates - N_KEEP - near.shape[1] - 1)
     top = best[:, :N_KEEP]
     first = best[:, 0].clamp_min(0)
     nbrs = graph[first, : min(n_nbr, graph.shape[1])]
     nbrs = nbrs.masked_fill((best[:, :1] < 0).expand_as(nbrs), -1)
     extra = best[:, N_KEEP:]  # e.g. the children of a split, kept for one scoring
-    table = torch.cat([top, nbrs, random_ids[:, None], extra], dim=1)
+    table = torch.cat([top, near, nbrs, random_ids[:, None], extra], dim=1)
     return dedupe_rows(table)
 
 

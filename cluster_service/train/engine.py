@@ -369,17 +369,10 @@ class Engine:
         one dense matmul per chunk is cheaper than the per-cluster gathers)."""
         return self.cfg.candidates > 0 and self.n_clusters > 2 * self.cfg.candidates
 
-    def refresh_candidates(self) -> None:
-        """Rows' candidate clusters start again from their nearest means at the next scoring (not
-        from their best clusters of the last one). `finish_fit` calls it before the settle steps:
-        at the end of the full-scale proxy fit (K 892) the kept candidates held a broad cluster and
-        missed some rows' best one; the written assignment agreed with the dense MAP on 96.7 % of
-        rows, assignment from fresh candidates on 99.8 % (BENCHMARKS.md, the catch-all section)."""
-        self.best = None
-
-    def _proxy_best(self, x: torch.Tensor) -> torch.Tensor:
-        """Each row's nearest cluster means (FAISS, Euclidean): candidates before any scoring."""
-        return torch.from_numpy(faiss_index.nearest_k(x, self.params.means, tr.N_KEEP)).to(self.device)
+    def _proxy_best(self, x: torch.Tensor, k: int = tr.N_KEEP) -> torch.Tensor:
+        """Each row's k nearest cluster means (FAISS, Euclidean): candidates before any scoring,
+        and among every scoring's candidates (tr.build_candidates)."""
+        return torch.from_numpy(faiss_index.nearest_k(x, self.params.means, k)).to(self.device)
 
     def _cached(self, key, make):
         """make() once per parameter set (self.params is replaced, never mutated, by every M-step and move)."""
@@ -403,14 +396,18 @@ class Engine:
         """Candidate table (n, C) int64 (-1 = empty) and its log pi_k + log N(x; mu_k, Sigma_k)
         (n, C) (-inf at empty slots) for the local rows (or for other centred rows x)."""
         own = x is None
-        x = self.x if own else x
-        if own and (self.best is None or self.best.shape[0] != x.shape[0]):
-            self.best = self._proxy_best(x)
-        best = self.best if own else self._proxy_best(x)
+        if own:  # the local rows' nearest means, once per parameter set (2 n K d flops)
+            x = self.x
+            nearest = self._cached("nearest", lambda: self._proxy_best(self.x, max(tr.N_KEEP, tr.N_NEAR)))
+            if self.best is None or self.best.shape[0] != x.shape[0]:
+                self.best = nearest[:, : tr.N_KEEP]
+            best = self.best
+        else:  # other rows: their nearest means are their best clusters
+            best, nearest = self._proxy_best(x), None
         rows = self.global_index if own else torch.arange(x.shape[0], device=self.device)
         salt = self.cfg.seed * 1_000_003 + self.epoch
         cand = tr.build_candidates(best, self._cluster_graph(), tr.pseudo_random_clusters(rows, salt, self.n_clusters),
-                                   self.cfg.candidates)
+                                   self.cfg.candidates, nearest)
         return cand, self._scorer(dtype or self.dtype).score(x, cand)
 
     @torch.no_grad()

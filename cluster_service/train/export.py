@@ -24,7 +24,6 @@ def finish_fit(engine, manifest_hash: str | None = None,
 
     Every rank calls it (the tree's statistics and the calibration rows are collectives); every rank
     returns the same model."""
-    engine.refresh_candidates()
     engine.settle(engine.cfg.schedule.settle_steps)
     clusters, log_prob, runner_up, margin = engine.assign_top2()
     tree = engine.cluster_tree(clusters, runner_up)
