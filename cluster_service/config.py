@@ -387,7 +387,8 @@ class FitConfig:
     # Rows per chunk for E-step and statistics: memory is O(chunk * K + K * d^2).
     chunk_size: int = 8192
     # The truncated E-step (core/truncated.py): clusters scored exactly per row (its best ones of
-    # the last scoring, its best cluster's neighbours in the cluster graph, one pseudo-random one)
+    # the last scoring, its nearest means, its best cluster's neighbours in the cluster graph, one
+    # pseudo-random one)
     # once K exceeds 2 x candidates; below that, scoring all K is cheaper. 0 = always all K.
     candidates: int = 16
     prior: PriorConfig = field(default_factory=PriorConfig)
