@@ -84,11 +84,10 @@ class Convergence:
     Fed every epoch's record in order (`observe`). A "round end" is the epoch before the first
     split and every merge epoch. At a round end the fit has converged when K at the last
     stop_rounds + 1 round ends is one number (up to stop_k_tol x K: `k_slack`) and the log
-    marginal likelihood changed by at
-    most stop_tol nats per row and dimension between the first and the last of them. It then
-    stops right away, or after freeze_epochs + 1 settle epochs without moves (the frozen epochs
-    of the last move and one M-step) when the last round changed the partition (a split and a
-    merge back). Decisions come from all-reduced figures only, so every rank of a distributed
+    marginal likelihood changed by at most stop_tol nats per row and dimension between the
+    first and the last of them. It then stops right away, or after freeze_epochs + 1 settle
+    epochs without moves (the frozen epochs of the last move and one M-step) when the last round
+    changed the partition (a split and a merge back). Decisions come from all-reduced figures only, so every rank of a distributed
     fit decides alike. `state`/`from_state` go into checkpoints.
     """
 

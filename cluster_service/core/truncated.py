@@ -149,7 +149,8 @@ def build_candidates(
     The nearest means keep a row from losing its best cluster for good: the graph reaches only
     clusters that compete around the best one's mean, and a broad cluster's tail rows lie far
     from it (at the full-scale proxy's epoch 11, 4 % of rows missed their exact best cluster
-    without them; BENCHMARKS.md, "Candidate sets mid-fit")."""
+    without them; BENCHMARKS.md, "Candidate sets mid-fit"; with them the full-scale fit has no
+    catch-all cluster: "The catch-all was stale candidates")."""
     near = nearest[:, : max(0, min(N_NEAR, n_candidates - N_KEEP - 2))] if nearest is not None else best[:, :0]
     n_nbr = max(1, n_candidates - N_KEEP - near.shape[1] - 1)
     top = best[:, :N_KEEP]
