@@ -87,8 +87,9 @@ class Convergence:
     marginal likelihood changed by at most stop_tol nats per row and dimension between the
     first and the last of them. It then stops right away, or after freeze_epochs + 1 settle
     epochs without moves (the frozen epochs of the last move and one M-step) when the last round
-    changed the partition (a split and a merge back). Decisions come from all-reduced figures only, so every rank of a distributed
-    fit decides alike. `state`/`from_state` go into checkpoints.
+    changed the partition (a split and a merge back). Decisions come from all-reduced figures
+    only, so every rank of a distributed fit decides alike. `state`/`from_state` go into
+    checkpoints.
     """
 
     cfg: ScheduleConfig
