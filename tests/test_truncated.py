@@ -398,3 +398,4 @@ def test_net_weighted_statistics_carry_the_estep_masses(monkeypatch, candidates)
     torch.testing.assert_close(calibrated.count, e_stats.count, rtol=1e-4, atol=1e-2)
     assert float((raw.count - e_stats.count).abs().max()) > 1.0  # the net alone is off
     assert float(calibrated.count.sum()) == pytest.approx(x.shape[0])
+

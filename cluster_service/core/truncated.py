@@ -141,6 +141,11 @@ def pseudo_random_clusters(global_index: torch.Tensor, salt: int, n_clusters: in
     return ((h * 2654435761) & mask) % n_clusters
 
 
+def near_slots(n_candidates: int) -> int:
+    """How many of a row's nearest means `build_candidates` takes at this candidate budget."""
+    return max(0, min(N_NEAR, n_candidates - N_KEEP - 2))
+
+
 def build_candidates(
     best: torch.Tensor, graph: torch.Tensor, random_ids: torch.Tensor, n_candidates: int,
     nearest: torch.Tensor | None = None,
@@ -156,7 +161,7 @@ def build_candidates(
     from it (at the full-scale proxy's epoch 11, 4 % of rows missed their exact best cluster
     without them; BENCHMARKS.md, "Candidate sets mid-fit"; with them the full-scale fit has no
     catch-all cluster: "The catch-all was stale candidates")."""
-    near = nearest[:, : max(0, min(N_NEAR, n_candidates - N_KEEP - 2))] if nearest is not None else best[:, :0]
+    near = nearest[:, : near_slots(n_candidates)] if nearest is not None else best[:, :0]
     n_nbr = max(1, n_candidates - N_KEEP - near.shape[1] - 1)
     top = best[:, :N_KEEP]
     first = best[:, 0].clamp_min(0)
