@@ -154,8 +154,9 @@ class NetConfig:
     # The clustering net's training pass (forward and backward; weights, optimizer, loss and
     # every inference stay float32): "auto" = bfloat16 autocast on the truncated path (K above
     # 2 x candidates, where the (batch, K) head is most of the pass) when the device has fast
-    # bfloat16 matmuls, else float32. Default float32, the reference precision: bfloat16 saved only
-    # ~10 % of the nets' pass at 320k x 128, K 1000 (docs/ARCHITECTURE.md, Performance).
+    # bfloat16 matmuls, else float32. Default float32, the reference precision: bfloat16 saved ~10 %
+    # of the nets' pass at 320k x 128, K 1000 (fourth session), 20 % at 1.28M (15.1 -> 12.0 s, ninth
+    # session, after the one-pass sparse KL); not yet validated by a full-scale fit.
     train_precision: Literal["auto", "float32", "bfloat16"] = "float32"
 
     def validate(self) -> None:
