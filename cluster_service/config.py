@@ -154,10 +154,11 @@ class NetConfig:
     # The clustering net's training pass (forward and backward; weights, optimizer, loss and
     # every inference stay float32): "auto" = bfloat16 autocast on the truncated path (K above
     # 2 x candidates, where the (batch, K) head is most of the pass) when the device has fast
-    # bfloat16 matmuls, else float32. Default float32, the reference precision: bfloat16 saved ~10 %
-    # of the nets' pass at 320k x 128, K 1000 (fourth session), 20 % at 1.28M (15.1 -> 12.0 s, ninth
-    # session, after the one-pass sparse KL); not yet validated by a full-scale fit.
-    train_precision: Literal["auto", "float32", "bfloat16"] = "float32"
+    # bfloat16 matmuls, else float32. Default "auto" since the ninth session: the nets' pass at
+    # 1.28M x 128, K 1000 15.1 -> 12.0 s (after the one-pass sparse KL; ~10 % at 320k before it), the
+    # full-scale proxy fit K 978 / NMI .908 against float32's 987 / .911, the K 37 mixture within
+    # 6.2e-5 of the dense log marginal on 3 seeds (BENCHMARKS.md). "float32" is the reference.
+    train_precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def validate(self) -> None:
         for name in ("cluster_hidden", "sub_hidden", "batch_size", "min_steps_per_epoch"):
