@@ -399,12 +399,12 @@ class Engine:
         if own:  # the local rows' nearest means, once per parameter set (2 n K d flops)
             x = self.x
             first = self.best is None or self.best.shape[0] != x.shape[0]
-            # no scoring yet: the nearest means stand in for the best clusters, and the next N_NEAR
-            # of them fill the nearest-means slots (FAISS's top-k heap grows with k: 11 instead of
-            # 8 adds ~0.3 s to a 1.28M x 1000 search)
+            # only a first scoring searches N_KEEP more (FAISS's top-k heap grows with k: 11
+            # instead of 8 adds ~0.3 s to a 1.28M x 1000 search)
             width = tr.N_KEEP + tr.N_NEAR if first else tr.N_NEAR
             nearest = self._cached(("nearest", width), lambda: self._proxy_best(self.x, width))
-            if first:
+            if first:  # no scoring yet: the nearest means stand in for the best clusters, and the
+                # next N_NEAR of them fill the nearest-means slots
                 self.best, nearest = nearest[:, : tr.N_KEEP].clone(), nearest[:, tr.N_KEEP :]
             best = self.best
         else:  # other rows: their nearest means are their best clusters
