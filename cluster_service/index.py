@@ -26,24 +26,36 @@ def _as_f32(x) -> np.ndarray:
 KMEANS_MAX_POINTS = 256 * 1024
 
 
-def kmeans(x, n_clusters: int, seed: int, n_iter: int = 20, max_points: int = KMEANS_MAX_POINTS) -> np.ndarray:
+def kmeans(x, n_clusters: int, seed: int, n_iter: int = 20, max_points: int = KMEANS_MAX_POINTS,
+           keys: np.ndarray | None = None) -> np.ndarray:
     """FAISS k-means centroids (n_clusters, d) float32; at most `max_points` points are sampled.
 
     Empty clusters are handled by FAISS (it splits large ones); with fewer distinct points than
     clusters the surplus centroids are duplicates, which the first M-step prunes.
+    keys: (n,) int, one pseudo-random key per row (truncated.row_hash of its global index).
+    Given, the sample and the initial centroids are the rows with the smallest keys instead of
+    random positions: a few rows joining or leaving x then move the centroids a little instead
+    of redrawing the start (one row more shifts every later position). The split step's cells
+    need this: a cluster's rows differ by a few boundary rows between worker layouts.
     """
     xs = _as_f32(x)
     n, d = xs.shape
     if n_clusters == 1:
         return xs.mean(0, keepdims=True)
-    if n > max_points:
+    init = None
+    if keys is not None:
+        order = np.argsort(np.asarray(keys), kind="stable")
+        init = xs[order[:n_clusters]]
+        if n > max_points:
+            xs = xs[np.sort(order[:max_points])]
+    elif n > max_points:
         rng = np.random.default_rng(seed)
         xs = xs[np.sort(rng.choice(n, max_points, replace=False))]
     km = faiss.Kmeans(
         d, n_clusters, niter=n_iter, seed=seed, gpu=gpu_available(), verbose=False,
         min_points_per_centroid=1, max_points_per_centroid=max(256, xs.shape[0] // n_clusters + 1),
     )
-    km.train(xs)
+    km.train(xs, init_centroids=init)
     return km.centroids.copy()
 
 

@@ -132,13 +132,19 @@ def cluster_graph(scorer: CandidateScorer, means: torch.Tensor, n_neighbors: int
     return ll.topk(min(n_neighbors, K), dim=1).indices
 
 
-def pseudo_random_clusters(global_index: torch.Tensor, salt: int, n_clusters: int) -> torch.Tensor:
-    """One cluster id per row from a hash of (global row index, salt): the same row gets the same
-    draw in every worker layout. global_index: (n,) int64 -> (n,) int64 in [0, n_clusters)."""
+def row_hash(global_index: torch.Tensor, salt: int) -> torch.Tensor:
+    """A pseudo-random key per row from (global row index, salt): the same row gets the same key
+    in every worker layout. global_index: (n,) int64 -> (n,) int64 in [0, 2^62)."""
     mask = (1 << 62) - 1  # int64 products wrap; keep the hash non-negative
     h = (global_index * 6364136223846793005 + (salt * 1442695040888963407) % mask) & mask
     h = h ^ (h >> 29)
-    return ((h * 2654435761) & mask) % n_clusters
+    return (h * 2654435761) & mask
+
+
+def pseudo_random_clusters(global_index: torch.Tensor, salt: int, n_clusters: int) -> torch.Tensor:
+    """One cluster id per row from `row_hash`: the same row gets the same draw in every worker
+    layout. global_index: (n,) int64 -> (n,) int64 in [0, n_clusters)."""
+    return row_hash(global_index, salt) % n_clusters
 
 
 def near_slots(n_candidates: int) -> int:

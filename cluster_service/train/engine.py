@@ -195,7 +195,7 @@ class Engine:
         n, cap = self.n_global, faiss_index.KMEANS_MAX_POINTS
         pick = np.arange(n) if n <= cap else np.sort(np.random.default_rng(self.cfg.seed).choice(n, cap, replace=False))
         mine = torch.isin(self.global_index, torch.from_numpy(pick).to(self.device))
-        sample, _ = self._global_rows(mine)
+        (sample,) = self._global_rows(mine)
         centroids = None
         if self.comm.rank == 0:
             centroids = faiss_index.kmeans(sample, n_clusters, seed=self.cfg.seed)
@@ -203,24 +203,21 @@ class Engine:
         z = torch.from_numpy(faiss_index.assign_nearest(self.x, centroids)).to(self.device)
         return self.hard_stats(z, centroids.shape[0])
 
-    def _global_rows(self, mask: torch.Tensor, labels: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Rank 0 gets every rank's rows where mask (n_local,) is set, in global row order (with
-        their labels (n_local,) when given), so decisions made on rows do not depend on how they
-        are spread over workers; other ranks get (None, None). In one process: the local rows."""
+    def _global_rows(self, mask: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Rank 0 gets every rank's rows where mask (n_local,) is set, in global row order, with
+        the same rows of each of `columns` ((n_local,) each), so decisions made on rows do not
+        depend on how they are spread over workers; other ranks get Nones. In one process: the
+        local rows. -> (x, *columns)."""
         if self.comm.world_size == 1:
             if bool(mask.all()):
-                return self.x, labels
-            return self.x[mask], None if labels is None else labels[mask]
-        mine = (self.global_index[mask].cpu(), self.x[mask].cpu(), None if labels is None else labels[mask].cpu())
+                return (self.x, *columns)
+            return (self.x[mask], *(c[mask] for c in columns))
+        mine = (self.global_index[mask].cpu(), self.x[mask].cpu(), *(c[mask].cpu() for c in columns))
         parts = self.comm.gather_object(mine)
         if self.comm.rank != 0:
-            return None, None
-        gi = torch.cat([p[0] for p in parts])
-        order = torch.argsort(gi)
-        x = torch.cat([p[1] for p in parts])[order].to(self.device)
-        lab = None if labels is None else torch.cat([p[2] for p in parts])[order].to(self.device)
-        return x, lab
+            return (None,) * (1 + len(columns))
+        order = torch.argsort(torch.cat([p[0] for p in parts]))
+        return tuple(torch.cat([p[i] for p in parts])[order].to(self.device) for i in range(1, 2 + len(columns)))
 
     def hard_stats(self, z: torch.Tensor, n_clusters: int) -> SuffStats:
         """Statistics (n_clusters,) of the local rows with hard labels z (n_local,) int64,
@@ -712,18 +709,22 @@ class Engine:
         """
         K, d, M = self.n_clusters, self.n_features, max(n_cells)
         z = torch.from_numpy(self.assign()[0]).to(self.device)
-        xs, zs = self._global_rows(torch.ones_like(z, dtype=torch.bool), z)  # every row, on rank 0
+        # every row on rank 0, with its key: k-means starts from each cluster's rows of smallest
+        # key, so a boundary row that another worker layout puts in another cluster (float
+        # rounding) rarely changes a cluster's start (index.kmeans)
+        keys = tr.row_hash(self.global_index, self.cfg.seed)
+        xs, zs, keys = self._global_rows(torch.ones_like(z, dtype=torch.bool), z, keys)
         centroids = None
         if self.comm.rank == 0:
             centroids = np.full((K, M, d), np.inf, dtype=np.float32)
-            zc = zs.cpu().numpy()
+            zc, keys = zs.cpu().numpy(), keys.cpu().numpy()
             order = np.argsort(zc, kind="stable")  # rows grouped by cluster once, not K scans of all rows
             bounds = np.searchsorted(zc[order], np.arange(K + 1))
             for k in range(K):
                 rows = order[bounds[k] : bounds[k + 1]]
                 m = min(n_cells[k], rows.size // 2)
                 if m >= 2:
-                    centroids[k, :m] = faiss_index.kmeans(xs[rows], m, seed=self.cfg.seed + k)
+                    centroids[k, :m] = faiss_index.kmeans(xs[rows], m, seed=self.cfg.seed + k, keys=keys[rows])
                 elif rows.size:
                     centroids[k, 0] = xs[rows].mean(0).float().cpu().numpy()
         centroids = torch.from_numpy(self.comm.broadcast_object(centroids)).to(self.device, self.dtype)
