@@ -2,7 +2,8 @@
 
 `datasets.make_imagenet_proxy` (1.28M x 128, unit rows, 1,000 components) -> nine tenths as
 Parquet shards -> `cluster-service fit shards/` in one process and with `--workers 2` ->
-`cluster-service assign` of the held-back tenth. Each command is its own process (wall time and
+`cluster-service assign` of the held-back tenth; the fits' agreement (ARI of the fit rows against
+the first fit: one process, when run). Each command is its own process (wall time and
 peak RSS per command); FAISS k-means given the true K is the peer, measured in the same run.
 
     python -m cluster_service.bench.imagenet_proxy [--n 1280000] [--k 1000] [--workers 1,2] [--work DIR]
@@ -49,6 +50,8 @@ def _assigned(out_dir: Path, ids: np.ndarray) -> np.ndarray:
 
 def bench_imagenet_proxy(n: int = 1_280_000, workers: tuple[int, ...] = (1, 2), work: str | None = None,
                          n_clusters: int = 1000) -> list[dict]:
+    from sklearn.metrics import adjusted_rand_score
+
     from cluster_service import index
     from cluster_service.datasets import make_imagenet_proxy
     from cluster_service.io.shards import write_shards
@@ -63,6 +66,7 @@ def bench_imagenet_proxy(n: int = 1_280_000, workers: tuple[int, ...] = (1, 2), 
         write_shards(root / "held", held, x[held], y[held], rows_per_shard=65_536)
     cli = str(Path(sys.executable).with_name("cluster-service"))
     rows = []
+    first = None  # the first run's assignment of the fit rows: the others' ARI against it
     for w in workers:
         run_dir = root / f"fit-w{w}"
         cmd = [cli, "fit", str(root / "train"), "--out", str(run_dir), "--no-report", "--quiet", "--no-tracking"]
@@ -70,6 +74,7 @@ def bench_imagenet_proxy(n: int = 1_280_000, workers: tuple[int, ...] = (1, 2), 
         wall, rss = _run(cmd)
         summary = json.loads((run_dir / "summary.json").read_text())
         fit_z = _assigned(run_dir, train)
+        first = fit_z if first is None else first
         held_z = None
         a_wall, a_rss = _run([cli, "assign", str(run_dir), str(root / "held"), "--out", str(root / f"assign-w{w}"),
                               "--local", "--quiet"])
@@ -80,7 +85,8 @@ def bench_imagenet_proxy(n: int = 1_280_000, workers: tuple[int, ...] = (1, 2), 
                      **{f"held-out {k}": v for k, v in _scores(y[held], held_z).items()},
                      "epochs": summary.get("epochs"), "fit wall s": round(wall, 1), "assign wall s": round(a_wall, 1),
                      "peak RSS GiB (one process)": round(max(rss, a_rss), 2) if w == 1 else "per worker: see note",
-                     "stopped": summary.get("stopped", "")})
+                     "stopped": summary.get("stopped", ""),
+                     "fit ARI vs the first fit": round(float(adjusted_rand_score(first, fit_z)), 4)})
     t = time.perf_counter()
     centroids = index.kmeans(x[train], k_true, seed=0)
     km_fit = index.assign_nearest(x[train], centroids)
@@ -89,7 +95,7 @@ def bench_imagenet_proxy(n: int = 1_280_000, workers: tuple[int, ...] = (1, 2), 
                  "true K": k_true, **{f"fit {k}": v for k, v in _scores(y[train], km_fit).items()},
                  **{f"held-out {k}": v for k, v in _scores(y[held], km_held).items()},
                  "epochs": "", "fit wall s": round(time.perf_counter() - t, 1), "assign wall s": "",
-                 "peak RSS GiB (one process)": "", "stopped": ""})
+                 "peak RSS GiB (one process)": "", "stopped": "", "fit ARI vs the first fit": ""})
     return rows
 
 
