@@ -13,9 +13,11 @@ Sections (each a function returning markdown):
             3 seeds, mean (min-max)
   krecovery_large  (opt-in: --sections krecovery_large) the same for the 200k x 64, K 200 mixture:
             about an hour on 2 cores
-  truncation  dense vs truncated E-step fits, same seed (bench.truncation); truncation_large
-            (opt-in) the same on the 200-component mixture
-  workers   one process vs 2 Ray Train workers: K and the agreement of their assignments
+  truncation  dense vs truncated E-step fits, same seed (bench.truncation), and the dense fit of the
+            data moved by one float rounding step (the floor); truncation_large (opt-in) the same on
+            the 200-component mixture, without the floor
+  workers   one process vs 2 Ray Train workers: K and the agreement of their assignments, beside
+            the one-process fit at another thread count (the floor)
   imagenet_proxy  (opt-in) the whole job (shards, fit in one process and with --workers 2, assign of
             a held-back tenth) on datasets.make_imagenet_proxy, vs FAISS k-means given the true K
   pipeline  the smoke ImageNet pipeline's stage times (cluster_service.bench.pipeline)
