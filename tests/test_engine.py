@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cluster_service.config import FitConfig
+from cluster_service.core.gaussian import row_argmax
 from cluster_service.core.schedule import build_plan
 from cluster_service.datasets import load_digits_pca, make_mixture
 from cluster_service.report.evaluate import score
@@ -362,3 +363,20 @@ def test_delete_move_removes_a_catch_all_and_keeps_the_true_clusters():
     z, _ = eng.assign()
     assert score(y, z).ari > 0.99
     assert eng.delete_step() == (4, 0)  # the true clusters: deleting any one loses evidence
+
+
+@pytest.mark.parametrize("K", [5, 64, 1000, 1093])
+def test_row_argmax_is_torch_argmax_ties_included(K):
+    """The block-maxima argmax gives torch's index (the first maximum) on distinct values, on
+    heavy ties (values rounded to halves) and on all-equal rows, for K a multiple of the block
+    width, with a remainder, and below two blocks."""
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(513, K, generator=g)
+    for m in (x, (x * 2).round(), torch.zeros_like(x), x.to(torch.bfloat16), -x.abs()):
+        assert torch.equal(row_argmax(m), m.argmax(1))
+    # the maximum in the remainder columns only, and tied between a block and the remainder
+    y = torch.zeros(3, K)
+    y[0, -1] = 1.0
+    y[1, 0] = y[1, -1] = 1.0
+    y[2, K // 2] = y[2, -1] = 1.0
+    assert torch.equal(row_argmax(y), y.argmax(1))

@@ -29,6 +29,31 @@ def iter_chunks(n: int, rows: int) -> Iterator[slice]:
         yield slice(start, min(n, start + rows))
 
 
+# Block width of row_argmax: 32 float32 lanes (two AVX-512 registers) per block maximum.
+_ARGMAX_BLOCK = 32
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(1) of a (n, K) matrix, the same index on ties (the first maximum), through block
+    maxima on CPU: torch's CPU argmax over the last dimension is a scalar loop, its amax is
+    vectorised. The first block holding the row's maximum, then the first maximum inside it
+    (1024 x 1000 float32 logits, 1 thread: 0.77 -> 0.40 ms; two per row and epoch at 1.28M x 1000).
+    Rows with NaN may differ from argmax (which treats NaN as the maximum)."""
+    n, K = x.shape
+    nb = K // _ARGMAX_BLOCK
+    if x.device.type != "cpu" or nb < 2 or not x.is_contiguous():
+        return x.argmax(1)
+    w = _ARGMAX_BLOCK
+    head = x.as_strided((n, nb, w), (K, w, 1))  # the first nb * w columns, no copy
+    blk = head.amax(2).argmax(1)
+    idx = blk * w + head.gather(1, blk.view(n, 1, 1).expand(n, 1, w))[:, 0].argmax(1)
+    if K > nb * w:  # the last K % w columns win only with a strictly larger value (first index)
+        t = x[:, nb * w:].argmax(1)
+        later = x.gather(1, (t + nb * w)[:, None])[:, 0] > x.gather(1, idx[:, None])[:, 0]
+        idx = torch.where(later, t + nb * w, idx)
+    return idx
+
+
 class WhitenedGaussians:
     """Precomputed whitening of K Gaussians for fast log-densities in a compute dtype.
 

@@ -224,7 +224,8 @@ def log_marginal_likelihood(prior: NIWPrior, stats: SuffStats) -> torch.Tensor:
     d = prior.n_features
     N = stats.count
     prior_logdet = logdet_from_cholesky(safe_cholesky(prior.nu * prior.psi, "prior scale"))
-    post_logdet = logdet_from_cholesky(safe_cholesky(post.nu[..., None, None] * post.psi, "posterior scale"))
+    # in place on the posterior's own psi (a fresh (..., d, d) temporary is 131 MB at K 1000, d 128)
+    post_logdet = logdet_from_cholesky(safe_cholesky(post.psi.mul_(post.nu[..., None, None]), "posterior scale"))
     nu = torch.as_tensor(prior.nu, dtype=STAT_DTYPE, device=N.device)
     return (
         -0.5 * N * d * math.log(math.pi)
@@ -265,7 +266,7 @@ def map_estimate(prior: NIWPrior, stats: SuffStats) -> tuple[torch.Tensor, torch
     """
     post = posterior(prior, stats)
     d = prior.n_features
-    cov = (post.nu / (post.nu + d + 2))[..., None, None] * post.psi
+    cov = post.psi.mul_((post.nu / (post.nu + d + 2))[..., None, None])  # in place (log_marginal_likelihood)
     return post.mean, safe_cholesky(cov, "M-step covariance")
 
 

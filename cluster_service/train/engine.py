@@ -31,6 +31,7 @@ from cluster_service.core.gaussian import (
     chunk_rows,
     iter_chunks,
     log_joint,
+    row_argmax,
     stats_chunk_rows,
 )
 from cluster_service.core.hierarchy import MergeTree, merge_tree
@@ -480,7 +481,7 @@ class Engine:
                 if use_estep:
                     z = index.gather(1, log_target.argmax(-1, keepdim=True))[:, 0] if sparse else log_target.argmax(-1)
                 else:
-                    z = logits.detach().argmax(-1)
+                    z = row_argmax(logits.detach())
                 pending.append((xb, z))
                 if len(pending) == sub_every or s == steps - 1:
                     tot_sub += self._subnet_step(pending, sub_means, B)
@@ -564,7 +565,7 @@ class Engine:
         for sl in iter_chunks(self.x.shape[0], rows):
             xc = self.x[sl]
             log_r = self.log_responsibilities(xc, use_estep)
-            z = log_r.argmax(-1)  # the net's own best cluster (subclusters), before any calibration
+            z = row_argmax(log_r)  # the net's own best cluster (subclusters), before any calibration
             if log_c is not None:
                 log_r = torch.log_softmax(log_r + log_c.to(log_r.dtype), -1)
             if not (dense or subclusters):
@@ -637,7 +638,7 @@ class Engine:
                 # them over those slots, so the logits serve (no log-softmax over all K: 1 s an epoch
                 # at 1.28M x 1000)
                 logits = self.net_logits(self.x[sl])
-                z[sl] = logits.argmax(1)
+                z[sl] = row_argmax(logits)
                 rows, bins, w = tr.truncate(*tr.on_candidates(logits, table[0][sl], z[sl]), self.min_weight)
             pairs.append((rows + sl.start, bins, w))
             if subclusters:
