@@ -40,17 +40,16 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     (1024 x 1000 float32 logits, 1 thread: 0.77 -> 0.40 ms; two per row and epoch at 1.28M x 1000).
     Rows with NaN may differ from argmax (which treats NaN as the maximum)."""
     n, K = x.shape
-    nb = K // _ARGMAX_BLOCK
+    w = _ARGMAX_BLOCK
+    nb = K // w
     if x.device.type != "cpu" or nb < 2 or not x.is_contiguous():
         return x.argmax(1)
-    w = _ARGMAX_BLOCK
     head = x.as_strided((n, nb, w), (K, w, 1))  # the first nb * w columns, no copy
-    blk = head.amax(2).argmax(1)
+    top, blk = head.amax(2).max(1)
     idx = blk * w + head.gather(1, blk.view(n, 1, 1).expand(n, 1, w))[:, 0].argmax(1)
     if K > nb * w:  # the last K % w columns win only with a strictly larger value (first index)
-        t = x[:, nb * w:].argmax(1)
-        later = x.gather(1, (t + nb * w)[:, None])[:, 0] > x.gather(1, idx[:, None])[:, 0]
-        idx = torch.where(later, t + nb * w, idx)
+        tail, t = x[:, nb * w:].max(1)
+        idx = torch.where(tail > top, t + nb * w, idx)
     return idx
 
 
