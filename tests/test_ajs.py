@@ -10,11 +10,13 @@ import math
 
 import numpy as np
 import pytest
+import scipy.special
+import scipy.stats
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster_service.core.nets import ajs_loss, kl_loss, sparse_kl_loss
+from cluster_service.core.nets import ajs_loss, candidate_kl_loss, kl_loss
 
 
 def naive_ajs(logits: torch.Tensor, target: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -138,19 +140,48 @@ def test_properties_on_random_distributions(case):
     assert val == pytest.approx(back, abs=1e-10)
 
 
-def test_sparse_kl_equals_kl_on_the_dense_target():
-    """Targets on a few clusters per row (empty slots -1 / -inf): the same loss and gradient as
-    kl_loss on the (n, K) target that is -inf off those clusters."""
-    g = torch.Generator().manual_seed(0)
-    n, K, C = 64, 50, 6
-    logits = torch.randn(n, K, generator=g, dtype=torch.float64, requires_grad=True)
+def _sparse_target(g, n, K, C):
     index = torch.stack([torch.randperm(K, generator=g)[:C] for _ in range(n)])
-    index[:5, -2:] = -1
-    log_t = torch.randn(n, C, generator=g, dtype=torch.float64).masked_fill(index < 0, -math.inf)
+    index = torch.cat([index, torch.full((n, 2), -1)], 1)  # empty slots
+    log_t = torch.randn(n, C + 2, generator=g, dtype=torch.float64).masked_fill(index < 0, -math.inf)
     log_t = log_t - torch.logsumexp(log_t, 1, keepdim=True)
     dense = torch.full((n, K + 1), -math.inf, dtype=torch.float64)
     dense.scatter_(1, torch.where(index < 0, K, index), log_t)
-    a, b = kl_loss(logits, dense[:, :K]), sparse_kl_loss(logits, index, log_t)
+    return index, log_t, dense[:, :K]
+
+
+def test_candidate_kl_is_kl_when_the_candidates_hold_every_cluster():
+    """Every cluster a candidate (in a shuffled order, with empty slots): the same loss and
+    gradient as kl_loss on the (n, K) target."""
+    g = torch.Generator().manual_seed(0)
+    n, K = 64, 12
+    logits = torch.randn(n, K, generator=g, dtype=torch.float64, requires_grad=True)
+    index, log_t, dense = _sparse_target(g, n, K, K)
+    a, b = kl_loss(logits, dense), candidate_kl_loss(logits, index, log_t)
     torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
     ga, gb = (torch.autograd.grad(v.sum(), logits)[0] for v in (a, b))
     torch.testing.assert_close(gb, ga, rtol=1e-12, atol=1e-12)
+
+
+def test_candidate_kl_conditions_the_net_on_the_candidates():
+    """A few candidates per row: kl_loss against the net's responsibilities renormalised over the
+    candidates (its logits -inf elsewhere); no gradient off the candidates, so raising an
+    off-candidate logit changes nothing; and not the dense loss with the target 0 off the
+    candidates (which pushes that mass to 0)."""
+    g = torch.Generator().manual_seed(1)
+    n, K, C = 64, 50, 6
+    logits = torch.randn(n, K, generator=g, dtype=torch.float64, requires_grad=True)
+    index, log_t, dense = _sparse_target(g, n, K, C)
+    on = dense > -math.inf
+    # scipy's KL(p || q) of each row's target and its logits' softmax over the candidates
+    conditioned = torch.tensor([scipy.stats.entropy(dense[i, on[i]].exp().numpy(),
+                                                    scipy.special.softmax(logits[i, on[i]].detach().numpy()))
+                                for i in range(n)], dtype=torch.float64)
+    b = candidate_kl_loss(logits, index, log_t)
+    torch.testing.assert_close(b, conditioned, rtol=1e-12, atol=1e-12)
+    grad = torch.autograd.grad(b.sum(), logits)[0]
+    assert torch.all(grad[~on] == 0) and torch.all((grad.abs() * on).sum(1) > 0)
+    torch.testing.assert_close(grad.sum(1), torch.zeros(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    moved = logits.detach() + 5.0 * (~on)
+    torch.testing.assert_close(candidate_kl_loss(moved, index, log_t), b.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.all(kl_loss(logits, dense) > b + 1e-3)

@@ -39,10 +39,10 @@ from cluster_service.core.nets import (
     ClusterNet,
     SubclusterNets,
     ajs_loss,
+    candidate_kl_loss,
     kl_loss,
     resize_cluster_net,
     resize_subnets,
-    sparse_kl_loss,
     subcluster_loss,
 )
 from cluster_service.core.niw import (
@@ -471,7 +471,7 @@ class Engine:
                     index, log_target = table[0][loc], table[1][loc].float()
                 else:
                     log_target = self._dense_targets(table, loc).float()
-            per_row = sparse_kl_loss(logits, index, log_target) if sparse else loss_fn(logits, log_target)
+            per_row = candidate_kl_loss(logits, index, log_target) if sparse else loss_fn(logits, log_target)
             loss = per_row.sum() * (world / B)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
