@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster_service.core.nets import ajs_loss, candidate_kl_loss, kl_loss
+from cluster_service.core.nets import ajs_loss, candidate_logits, kl_loss
 
 
 def naive_ajs(logits: torch.Tensor, target: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -150,14 +150,16 @@ def _sparse_target(g, n, K, C):
     return index, log_t, dense[:, :K]
 
 
-def test_candidate_kl_is_kl_when_the_candidates_hold_every_cluster():
+@pytest.mark.parametrize("loss", ["kl", "ajs"])
+def test_candidate_losses_are_dense_when_the_candidates_hold_every_cluster(loss):
     """Every cluster a candidate (in a shuffled order, with empty slots): the same loss and
-    gradient as kl_loss on the (n, K) target."""
+    gradient as on the (n, K) logits and target."""
     g = torch.Generator().manual_seed(0)
     n, K = 64, 12
     logits = torch.randn(n, K, generator=g, dtype=torch.float64, requires_grad=True)
     index, log_t, dense = _sparse_target(g, n, K, K)
-    a, b = kl_loss(logits, dense), candidate_kl_loss(logits, index, log_t)
+    fn = kl_loss if loss == "kl" else (lambda a, b: ajs_loss(a, b, 0.3))
+    a, b = fn(logits, dense), fn(candidate_logits(logits, index), log_t)
     torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
     ga, gb = (torch.autograd.grad(v.sum(), logits)[0] for v in (a, b))
     torch.testing.assert_close(gb, ga, rtol=1e-12, atol=1e-12)
@@ -177,11 +179,27 @@ def test_candidate_kl_conditions_the_net_on_the_candidates():
     conditioned = torch.tensor([scipy.stats.entropy(dense[i, on[i]].exp().numpy(),
                                                     scipy.special.softmax(logits[i, on[i]].detach().numpy()))
                                 for i in range(n)], dtype=torch.float64)
-    b = candidate_kl_loss(logits, index, log_t)
+    b = kl_loss(candidate_logits(logits, index), log_t)
     torch.testing.assert_close(b, conditioned, rtol=1e-12, atol=1e-12)
     grad = torch.autograd.grad(b.sum(), logits)[0]
     assert torch.all(grad[~on] == 0) and torch.all((grad.abs() * on).sum(1) > 0)
     torch.testing.assert_close(grad.sum(1), torch.zeros(n, dtype=torch.float64), rtol=0, atol=1e-12)
     moved = logits.detach() + 5.0 * (~on)
-    torch.testing.assert_close(candidate_kl_loss(moved, index, log_t), b.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kl_loss(candidate_logits(moved, index), log_t), b.detach(), rtol=1e-12, atol=1e-12)
     assert torch.all(kl_loss(logits, dense) > b + 1e-3)
+
+
+def test_candidate_ajs_is_the_skew_js_of_the_conditioned_net():
+    """The alpha-JS loss on candidate logits: naive_ajs of the target and the net's softmax over
+    each row's candidates; no gradient off the candidates."""
+    g = torch.Generator().manual_seed(2)
+    n, K, C, alpha = 32, 40, 5, 0.3
+    logits = torch.randn(n, K, generator=g, dtype=torch.float64, requires_grad=True)
+    index, log_t, dense = _sparse_target(g, n, K, C)
+    on = dense > -math.inf
+    b = ajs_loss(candidate_logits(logits, index), log_t, alpha)
+    for i in range(n):
+        ref = naive_ajs(logits[i, on[i]].detach(), dense[i, on[i]].exp(), alpha)
+        assert float(b[i].detach()) == pytest.approx(float(ref), abs=1e-12)
+    grad = torch.autograd.grad(b.sum(), logits)[0]
+    assert torch.all(grad[~on] == 0) and torch.all(torch.isfinite(grad))

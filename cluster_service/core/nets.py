@@ -155,25 +155,28 @@ def kl_loss(logits: torch.Tensor, log_target: torch.Tensor) -> torch.Tensor:
     return (torch.special.xlogy(p, p) - p * log_r).sum(-1)
 
 
-def candidate_kl_loss(logits: torch.Tensor, index: torch.Tensor, log_target: torch.Tensor) -> torch.Tensor:
-    """`kl_loss` for targets given on a few clusters per row (the truncated E-step's candidates),
-    taken against the net's responsibilities conditioned on those clusters: KL(r^E_i || r_i | C_i)
-    with r_i | C_i = softmax of the logits at C_i. logits: (n, K); index: (n, C) int64 cluster ids
-    (-1 = empty slot, distinct within a row); log_target: (n, C) log r^E normalised over the
-    candidates (-inf at empty slots) -> (n,). Equals `kl_loss` when C_i holds every cluster.
+# The logit of an empty candidate slot: finite, so that its softmax weight is exactly 0 and no
+# 0 * -inf appears in either loss; far below any net's logit.
+EMPTY_SLOT_LOGIT = -1e30
+
+
+def candidate_logits(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The logits of each row's candidate clusters, for a loss against targets given on those
+    clusters only (the truncated E-step's): kl_loss or ajs_loss of (candidate_logits, log r^E over
+    the candidates) compares the target with the net's responsibilities conditioned on the
+    candidates, r_i | C_i = softmax of the logits at C_i. logits: (n, K); index: (n, C) int64
+    cluster ids, -1 = empty slot -> (n, C), EMPTY_SLOT_LOGIT at empty slots (no gradient there).
+    When C_i holds every cluster the loss is the dense one.
 
     Why conditioned: the truncated E-step knows r^E only up to the mass off C_i. The dense loss
-    with the target set to 0 off C_i pushes the net's mass off C_i to 0 and puts it on C_i
-    instead: on the 200k x 64, K 200 mixture 5 % of rows had more than 1e-2 of E-step mass off
-    their candidates, and the nets trained that way ended 2.7e-4 nats per row and dimension from
-    the dense fit (its float-rounding floor 3.4e-5). Conditioned, the row teaches the net the
-    ratios on C_i only, the gradient off C_i is 0, and the net's mass there comes from the rows
-    that have those clusters as candidates: 4.7e-5 from dense (BENCHMARKS.md, "The nets'
-    targets conditioned on the candidates"). The gradient touches the C_i gathered logits only."""
-    lc = logits.gather(1, index.clamp_min(0)).masked_fill(index < 0, -math.inf)
-    p = log_target.exp()  # 0 at empty slots
-    log_q = torch.log_softmax(lc, dim=-1).masked_fill(index < 0, 0.0)  # 0 * -inf would be NaN
-    return (torch.special.xlogy(p, p) - p * log_q).sum(-1)
+    with the target set to 0 off C_i pushes the net's mass off C_i to 0 and onto C_i instead: on
+    the 200k x 64, K 200 mixture 5 % of rows had more than 1e-2 of E-step mass off their
+    candidates, and the net trained that way ended 2.7e-4 nats per row and dimension from the
+    dense fit (its float-rounding floor 3.4e-5). Conditioned, a row teaches the net the ratios
+    on C_i only, the gradient off C_i is 0, and the net's mass there comes from the rows that have
+    those clusters as candidates: 4.7e-5 from dense (BENCHMARKS.md, "The nets' targets
+    conditioned on the candidates"). The loss touches the (n, C) gathered logits only."""
+    return logits.gather(1, index.clamp_min(0)).masked_fill(index < 0, EMPTY_SLOT_LOGIT)
 
 
 def ajs_loss(logits: torch.Tensor, log_target: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:

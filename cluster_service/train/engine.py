@@ -39,7 +39,7 @@ from cluster_service.core.nets import (
     ClusterNet,
     SubclusterNets,
     ajs_loss,
-    candidate_kl_loss,
+    candidate_logits,
     kl_loss,
     resize_cluster_net,
     resize_subnets,
@@ -422,14 +422,6 @@ class Engine:
         self.best = cand.gather(1, order.indices).masked_fill(~torch.isfinite(order.values), -1)
         return cand, log_joint_c - torch.logsumexp(log_joint_c, dim=1, keepdim=True)
 
-    def _dense_targets(self, table: tuple[torch.Tensor, torch.Tensor], loc: torch.Tensor) -> torch.Tensor:
-        """(len(loc), K) log r^E of local rows loc from the sparse table, -inf off the candidates."""
-        cand, log_r = table[0][loc], table[1][loc]
-        K = self.n_clusters
-        out = torch.full((loc.shape[0], K + 1), -math.inf, dtype=log_r.dtype, device=self.device)
-        out.scatter_(1, torch.where(cand < 0, K, cand), log_r)  # empty slots land in the spare column
-        return out[:, :K]
-
     # ---- the named steps --------------------------------------------------------------------
 
     def train_nets(self, plan: EpochPlan, use_estep: bool,
@@ -449,7 +441,6 @@ class Engine:
         logw = self.params.log_weights.float()
         sub_means = self.sub_params.means.float()
         world = self.comm.world_size
-        sparse = table is not None and cfg.loss == "kl"  # the KL needs the targets on their candidates only
         amp = self._train_autocast()
         loss_fn = kl_loss if cfg.loss == "kl" else (lambda a, b: ajs_loss(a, b, cfg.ajs_alpha))
         tot_cl = tot_sub = 0.0
@@ -467,11 +458,9 @@ class Engine:
             with torch.no_grad():
                 if table is None:
                     log_target = torch.log_softmax(g.log_prob(xb) + logw, dim=-1)
-                elif sparse:
+                else:  # targets on the candidates: the loss conditions the net on them
                     index, log_target = table[0][loc], table[1][loc].float()
-                else:
-                    log_target = self._dense_targets(table, loc).float()
-            per_row = candidate_kl_loss(logits, index, log_target) if sparse else loss_fn(logits, log_target)
+            per_row = loss_fn(logits if table is None else candidate_logits(logits, index), log_target)
             loss = per_row.sum() * (world / B)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -479,7 +468,8 @@ class Engine:
             tot_cl += float(loss.detach()) / world
             if plan.train_subnets:
                 if use_estep:
-                    z = index.gather(1, log_target.argmax(-1, keepdim=True))[:, 0] if sparse else log_target.argmax(-1)
+                    z = log_target.argmax(-1)
+                    z = z if table is None else index.gather(1, z[:, None])[:, 0]
                 else:
                     z = row_argmax(logits.detach())
                 pending.append((xb, z))
