@@ -141,63 +141,90 @@ def test_properties_on_random_distributions(case):
 
 
 def _sparse_target(g, n, K, C):
+    """Targets on C random clusters a row (and 2 empty slots): (index (n, C + 2), log target over
+    them plus the rest's -inf (n, C + 3), the same target dense (n, K))."""
     index = torch.stack([torch.randperm(K, generator=g)[:C] for _ in range(n)])
     index = torch.cat([index, torch.full((n, 2), -1)], 1)  # empty slots
     log_t = torch.randn(n, C + 2, generator=g, dtype=torch.float64).masked_fill(index < 0, -math.inf)
     log_t = log_t - torch.logsumexp(log_t, 1, keepdim=True)
     dense = torch.full((n, K + 1), -math.inf, dtype=torch.float64)
     dense.scatter_(1, torch.where(index < 0, K, index), log_t)
-    return index, log_t, dense[:, :K]
+    return index, torch.nn.functional.pad(log_t, (0, 1), value=-math.inf), dense[:, :K]
 
 
+def _losses(alpha=0.3):
+    return {"kl": kl_loss, "ajs": lambda a, b: ajs_loss(a, b, alpha)}
+
+
+@pytest.mark.parametrize("hold", [True, False])
 @pytest.mark.parametrize("loss", ["kl", "ajs"])
-def test_candidate_losses_are_dense_when_the_candidates_hold_every_cluster(loss):
+def test_candidate_losses_are_dense_when_the_candidates_hold_every_cluster(loss, hold):
     """Every cluster a candidate (in a shuffled order, with empty slots): the same loss and
-    gradient as on the (n, K) logits and target."""
+    gradient as on the (n, K) logits and target, whether the rest is held or not."""
     g = torch.Generator().manual_seed(0)
     n, K = 64, 12
     logits = torch.randn(n, K, generator=g, dtype=torch.float64, requires_grad=True)
     index, log_t, dense = _sparse_target(g, n, K, K)
-    fn = kl_loss if loss == "kl" else (lambda a, b: ajs_loss(a, b, 0.3))
-    a, b = fn(logits, dense), fn(candidate_logits(logits, index), log_t)
+    fn = _losses()[loss]
+    a, b = fn(logits, dense), fn(candidate_logits(logits, index, torch.full((n,), hold)), log_t)
     torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
     ga, gb = (torch.autograd.grad(v.sum(), logits)[0] for v in (a, b))
     torch.testing.assert_close(gb, ga, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("loss", ["kl", "ajs"])
+def test_candidate_losses_with_the_rest_held_are_the_dense_losses(loss):
+    """A few candidates a row, the rest held: the dense loss on all K logits with the target 0 off
+    the candidates, value and gradient (the net's mass off the candidates is pushed to 0)."""
+    g = torch.Generator().manual_seed(3)
+    n, K, C = 64, 50, 6
+    logits = torch.randn(n, K, generator=g, dtype=torch.float64, requires_grad=True)
+    index, log_t, dense = _sparse_target(g, n, K, C)
+    fn = _losses()[loss]
+    a, b = fn(logits, dense), fn(candidate_logits(logits, index, torch.ones(n, dtype=torch.bool)), log_t)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    ga, gb = (torch.autograd.grad(v.sum(), logits)[0] for v in (a, b))
+    torch.testing.assert_close(gb, ga, rtol=1e-12, atol=1e-12)
+    assert torch.all(ga[dense == -math.inf] > 0)  # every off-candidate logit pushed down
+
+
 def test_candidate_kl_conditions_the_net_on_the_candidates():
-    """A few candidates per row: kl_loss against the net's responsibilities renormalised over the
-    candidates (its logits -inf elsewhere); no gradient off the candidates, so raising an
-    off-candidate logit changes nothing; and not the dense loss with the target 0 off the
-    candidates (which pushes that mass to 0)."""
+    """A few candidates a row, the rest not held: kl_loss against the net's responsibilities
+    renormalised over the candidates (scipy); no gradient off the candidates, so raising an
+    off-candidate logit changes nothing; below the dense loss with the target 0 off them. Rows
+    held and not held in one batch each get their own loss."""
     g = torch.Generator().manual_seed(1)
     n, K, C = 64, 50, 6
     logits = torch.randn(n, K, generator=g, dtype=torch.float64, requires_grad=True)
     index, log_t, dense = _sparse_target(g, n, K, C)
     on = dense > -math.inf
-    # scipy's KL(p || q) of each row's target and its logits' softmax over the candidates
     conditioned = torch.tensor([scipy.stats.entropy(dense[i, on[i]].exp().numpy(),
                                                     scipy.special.softmax(logits[i, on[i]].detach().numpy()))
                                 for i in range(n)], dtype=torch.float64)
-    b = kl_loss(candidate_logits(logits, index), log_t)
+    free = torch.zeros(n, dtype=torch.bool)
+    b = kl_loss(candidate_logits(logits, index, free), log_t)
     torch.testing.assert_close(b, conditioned, rtol=1e-12, atol=1e-12)
     grad = torch.autograd.grad(b.sum(), logits)[0]
     assert torch.all(grad[~on] == 0) and torch.all((grad.abs() * on).sum(1) > 0)
     torch.testing.assert_close(grad.sum(1), torch.zeros(n, dtype=torch.float64), rtol=0, atol=1e-12)
     moved = logits.detach() + 5.0 * (~on)
-    torch.testing.assert_close(kl_loss(candidate_logits(moved, index), log_t), b.detach(), rtol=1e-12, atol=1e-12)
-    assert torch.all(kl_loss(logits, dense) > b + 1e-3)
+    torch.testing.assert_close(kl_loss(candidate_logits(moved, index, free), log_t), b.detach(), rtol=1e-12, atol=1e-12)
+    dense_loss = kl_loss(logits, dense)
+    assert torch.all(dense_loss > b + 1e-3)
+    mixed = torch.arange(n) % 2 == 0
+    both = kl_loss(candidate_logits(logits, index, mixed), log_t)
+    torch.testing.assert_close(both, torch.where(mixed, dense_loss, b), rtol=1e-12, atol=1e-12)
 
 
 def test_candidate_ajs_is_the_skew_js_of_the_conditioned_net():
-    """The alpha-JS loss on candidate logits: naive_ajs of the target and the net's softmax over
-    each row's candidates; no gradient off the candidates."""
+    """The alpha-JS loss on candidate logits, the rest not held: naive_ajs of the target and the
+    net's softmax over each row's candidates; no gradient off the candidates."""
     g = torch.Generator().manual_seed(2)
     n, K, C, alpha = 32, 40, 5, 0.3
     logits = torch.randn(n, K, generator=g, dtype=torch.float64, requires_grad=True)
     index, log_t, dense = _sparse_target(g, n, K, C)
     on = dense > -math.inf
-    b = ajs_loss(candidate_logits(logits, index), log_t, alpha)
+    b = ajs_loss(candidate_logits(logits, index, torch.zeros(n, dtype=torch.bool)), log_t, alpha)
     for i in range(n):
         ref = naive_ajs(logits[i, on[i]].detach(), dense[i, on[i]].exp(), alpha)
         assert float(b[i].detach()) == pytest.approx(float(ref), abs=1e-12)

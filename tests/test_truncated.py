@@ -416,3 +416,23 @@ def test_net_weighted_statistics_carry_the_estep_masses(monkeypatch, candidates)
     assert float((raw.count - e_stats.count).abs().max()) > 1.0  # the net alone is off
     assert float(calibrated.count.sum()) == pytest.approx(x.shape[0])
 
+
+
+def test_tail_held_by_the_mass_past_a_rows_best_candidates():
+    """A row's tail is held when its candidates past its best TAIL_FROM hold under TAIL_MASS of its
+    mass, whatever the slot order; rows with at most TAIL_FROM candidates always are."""
+    C = 2 * tr.TAIL_FROM
+    decayed = torch.cat([torch.full((tr.TAIL_FROM,), 1.0), torch.full((C - tr.TAIL_FROM,), 1e-5)])
+    spread = torch.ones(C)
+    edge_in = torch.cat([torch.full((tr.TAIL_FROM,), 1.0), torch.full((C - tr.TAIL_FROM,), 0.5 * tr.TAIL_MASS)])
+    edge_out = torch.cat([torch.full((tr.TAIL_FROM,), 1.0), torch.full((C - tr.TAIL_FROM,), 2.0 * tr.TAIL_MASS)])
+    p = torch.stack([decayed, spread, edge_in, edge_out])
+    log_r = torch.log(p / p.sum(1, keepdim=True))
+    tail = (p / p.sum(1, keepdim=True))[:, tr.TAIL_FROM:].sum(1)
+    expect = tail < tr.TAIL_MASS
+    assert expect.tolist() == [True, False, True, False]
+    shuffled = log_r[:, torch.randperm(C, generator=torch.Generator().manual_seed(0))]
+    assert tr.tail_held(shuffled).tolist() == expect.tolist()
+    few = torch.full((2, C), -math.inf)
+    few[:, : tr.TAIL_FROM] = math.log(1 / tr.TAIL_FROM)
+    assert tr.tail_held(few).all()

@@ -160,23 +160,37 @@ def kl_loss(logits: torch.Tensor, log_target: torch.Tensor) -> torch.Tensor:
 EMPTY_SLOT_LOGIT = -1e30
 
 
-def candidate_logits(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The logits of each row's candidate clusters, for a loss against targets given on those
-    clusters only (the truncated E-step's): kl_loss or ajs_loss of (candidate_logits, log r^E over
-    the candidates) compares the target with the net's responsibilities conditioned on the
-    candidates, r_i | C_i = softmax of the logits at C_i. logits: (n, K); index: (n, C) int64
-    cluster ids, -1 = empty slot -> (n, C), EMPTY_SLOT_LOGIT at empty slots (no gradient there).
-    When C_i holds every cluster the loss is the dense one.
+def candidate_logits(logits: torch.Tensor, index: torch.Tensor, hold_rest: torch.Tensor) -> torch.Tensor:
+    """The logits of each row's candidate clusters and, last, of the rest (every other cluster),
+    for a loss against targets given on the candidates only (the truncated E-step's, with a
+    target 0 appended for the rest): kl_loss or ajs_loss of (candidate_logits, that target).
+    logits: (n, K); index: (n, C) int64 cluster ids, -1 = empty slot; hold_rest: (n,) bool
+    -> (n, C + 1), EMPTY_SLOT_LOGIT at empty slots (no gradient there).
 
-    Why conditioned: the truncated E-step knows r^E only up to the mass off C_i. The dense loss
-    with the target set to 0 off C_i pushes the net's mass off C_i to 0 and onto C_i instead: on
-    the 200k x 64, K 200 mixture 5 % of rows had more than 1e-2 of E-step mass off their
-    candidates, and the net trained that way ended 2.7e-4 nats per row and dimension from the
-    dense fit (its float-rounding floor 3.4e-5). Conditioned, a row teaches the net the ratios
-    on C_i only, the gradient off C_i is 0, and the net's mass there comes from the rows that have
-    those clusters as candidates: 4.7e-5 from dense (BENCHMARKS.md, "The nets' targets
-    conditioned on the candidates"). The loss touches the (n, C) gathered logits only."""
-    return logits.gather(1, index.clamp_min(0)).masked_fill(index < 0, EMPTY_SLOT_LOGIT)
+    - hold_rest: the rest's logit is log sum_{k not in C_i} exp(logit_k), so the softmax over
+      the C + 1 slots is the net's responsibilities over all K and the loss is the dense one
+      with the target 0 off C_i (exactly, for both losses: off C_i their terms are linear in r_k).
+      The net's mass off the candidates is pushed to 0.
+    - otherwise the rest is an empty slot: the loss compares the target with the net's
+      responsibilities conditioned on C_i, and the net's mass off C_i is left where it is.
+
+    Which rows (`truncated.tail_held`): the target is 0 off C_i only because the truncated E-step
+    does not score those clusters. Where a row's posterior has decayed inside C_i, the mass off
+    them is smaller still and the dense target is ~0 there: hold it (ImageNet-50 MoCo, 2.5k x 128:
+    with no row held the nets keep 0.3-2.5 % of their mass off the candidates and the fits end
+    ~0.1 nats per row and dimension below dense on 8 seeds of 8). Where it has not (a row among
+    many overlapping clusters), the mass off C_i is unknown and may be large: pushing it to 0 puts
+    it on C_i and trains sharper responsibilities than the dense E-step's (the 200k x 64, K 200
+    mixture with every row held: 2.7e-4 nats per row and dimension from dense, 8x the dense fit's
+    float-rounding floor). BENCHMARKS.md, "The nets' targets off the candidates"."""
+    lc = logits.gather(1, index.clamp_min(0)).masked_fill(index < 0, EMPTY_SLOT_LOGIT)
+    K = logits.shape[1]
+    off = torch.nn.functional.pad(logits, (0, 1), value=EMPTY_SLOT_LOGIT)  # empty slots mask the spare column
+    off = off.scatter(1, torch.where(index < 0, K, index), EMPTY_SLOT_LOGIT)  # finite: no NaN gradient
+    rest = torch.logsumexp(off, 1, keepdim=True)
+    hold = hold_rest & ((index >= 0).sum(1) < K)  # and some cluster is off the candidates
+    rest = torch.where(hold[:, None], rest, torch.full_like(rest, EMPTY_SLOT_LOGIT))
+    return torch.cat([lc, rest], 1)
 
 
 def ajs_loss(logits: torch.Tensor, log_target: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
