@@ -422,7 +422,7 @@ def test_tail_held_by_the_mass_past_a_rows_best_candidates():
     """A row's tail is held when its candidates past its best TAIL_FROM hold under TAIL_MASS of its
     mass, whatever the slot order; rows with at most TAIL_FROM candidates always are."""
     C = 2 * tr.TAIL_FROM
-    decayed = torch.cat([torch.full((tr.TAIL_FROM,), 1.0), torch.full((C - tr.TAIL_FROM,), 1e-5)])
+    decayed = torch.cat([torch.full((tr.TAIL_FROM,), 1.0), torch.full((C - tr.TAIL_FROM,), 1e-3 * tr.TAIL_MASS)])
     spread = torch.ones(C)
     edge_in = torch.cat([torch.full((tr.TAIL_FROM,), 1.0), torch.full((C - tr.TAIL_FROM,), 0.5 * tr.TAIL_MASS)])
     edge_out = torch.cat([torch.full((tr.TAIL_FROM,), 1.0), torch.full((C - tr.TAIL_FROM,), 2.0 * tr.TAIL_MASS)])

@@ -35,10 +35,12 @@ N_NEAR = 8
 MIN_WEIGHT = 1e-6
 # A row's posterior has decayed inside its candidates when those past its best TAIL_FROM hold less
 # than TAIL_MASS of its mass (`tail_held`): the nets' loss then holds the mass off the candidates to
-# the target's 0 (nets.candidate_logits). With 16 candidates, half of them; 1e-3 of the mass is 10x
-# the E-step mass a row misses on average at a fitted K 37 mixture (2.6e-4).
+# the target's 0 (nets.candidate_logits). TAIL_FROM: half the default 16 candidates. TAIL_MASS: the
+# smallest weight the statistics keep, so a held row's rest is below what any statistic would see.
+# Measured (BENCHMARKS.md, "The nets' targets off the candidates"): with 1e-3 instead, too many rows
+# of the K 200 mixture are held and its fit stays 2.2e-4 from dense (1e-6: 2.4e-5).
 TAIL_FROM = 8
-TAIL_MASS = 1e-3
+TAIL_MASS = MIN_WEIGHT
 # The per-cluster loops (scoring, statistics) take a cluster's rows this many at a time: the
 # gathered block and its matmul output stay in the core's cache between the gather, the matmul
 # and the reduction (1.28M x 128, K 1000, 14 candidates a row: 7.1 s -> 5.3 s a scoring pass; a
