@@ -417,7 +417,6 @@ def test_net_weighted_statistics_carry_the_estep_masses(monkeypatch, candidates)
     assert float(calibrated.count.sum()) == pytest.approx(x.shape[0])
 
 
-
 def test_tail_held_by_the_mass_past_a_rows_best_candidates():
     """A row's tail is held when its candidates past its best TAIL_FROM hold under TAIL_MASS of its
     mass, whatever the slot order; rows with at most TAIL_FROM candidates always are."""

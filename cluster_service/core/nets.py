@@ -191,9 +191,8 @@ def candidate_logits(logits: torch.Tensor, index: torch.Tensor, hold_rest: torch
     K = logits.shape[1]
     off = torch.nn.functional.pad(logits, (0, 1), value=EMPTY_SLOT_LOGIT)  # empty slots mask the spare column
     off = off.scatter(1, torch.where(index < 0, K, index), EMPTY_SLOT_LOGIT)  # finite: no NaN gradient
-    rest = torch.logsumexp(off, 1, keepdim=True)
-    hold = hold_rest & ((index >= 0).sum(1) < K)  # and some cluster is off the candidates
-    rest = torch.where(hold[:, None], rest, torch.full_like(rest, EMPTY_SLOT_LOGIT))
+    rest = torch.logsumexp(off, 1, keepdim=True)  # EMPTY_SLOT_LOGIT where the candidates hold all K
+    rest = torch.where(hold_rest[:, None], rest, torch.full_like(rest, EMPTY_SLOT_LOGIT))
     return torch.cat([lc, rest], 1)
 
 

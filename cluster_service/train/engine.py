@@ -458,11 +458,13 @@ class Engine:
             with torch.no_grad():
                 if table is None:
                     log_target = torch.log_softmax(g.log_prob(xb) + logw, dim=-1)
-                else:  # targets on the candidates, and 0 on the rest where the row's tail is held
+                else:  # targets on the candidates, and 0 on the rest (held where the row's tail is)
                     index, log_target = table[0][loc], table[1][loc].float()
-                    hold = tr.tail_held(log_target)
-                    log_target = torch.nn.functional.pad(log_target, (0, 1), value=-math.inf)
-            per_row = loss_fn(logits if table is None else candidate_logits(logits, index, hold), log_target)
+            if table is None:
+                per_row = loss_fn(logits, log_target)
+            else:
+                rest_target = torch.nn.functional.pad(log_target, (0, 1), value=-math.inf)
+                per_row = loss_fn(candidate_logits(logits, index, tr.tail_held(log_target)), rest_target)
             loss = per_row.sum() * (world / B)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -470,10 +472,8 @@ class Engine:
             tot_cl += float(loss.detach()) / world
             if plan.train_subnets:
                 if use_estep:
-                    if table is None:
-                        z = log_target.argmax(-1)
-                    else:
-                        z = index.gather(1, log_target[:, :-1].argmax(-1, keepdim=True))[:, 0]
+                    z = log_target.argmax(-1)
+                    z = z if table is None else index.gather(1, z[:, None])[:, 0]
                 else:
                     z = row_argmax(logits.detach())
                 pending.append((xb, z))
