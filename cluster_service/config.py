@@ -95,7 +95,7 @@ class PriorConfig:
     # "pooled" mode with the evidence start: psi = s * pooled_scale * W (+ floor) for each s
     # here is tried, and the DP evidence of the starting partition picks one. Scales below 1 are
     # tried only when the start's cells are under-determined (fewer than 2 (d + 2) points per
-    # cell; Engine.evidence_scales), whose pooled scatter overstates the clusters' spread; none
+    # cell; train.start.evidence_scales), whose pooled scatter overstates the clusters' spread; none
     # above 1, where the evidence over-splits. Measured effects: docs/ARCHITECTURE.md, "K inference".
     pooled_evidence_scales: tuple[float, ...] = (0.00390625, 0.015625, 0.0625, 0.25, 1.0)
     # "data_diag" / "fixed" modes: fraction of the data variance (or absolute scale) a single

@@ -100,7 +100,7 @@ def mixture_modes(means: np.ndarray, chol: np.ndarray, log_weights: np.ndarray, 
 
 def bordering_pairs(model, x: np.ndarray) -> list[tuple[int, int]]:
     """Pairs (i, j), i < j, where some row of x (n, d) has one as its MAP cluster and the other as
-    its runner-up (what Engine.cluster_tree counts as bordering)."""
+    its runner-up (what export.cluster_tree counts as bordering)."""
     top = np.argpartition(-model.log_joint(x), 1, axis=1)[:, :2]  # the two best, either order
     return sorted({(int(min(a, b)), int(max(a, b))) for a, b in np.unique(top, axis=0)})
 

@@ -63,11 +63,10 @@ def _log_score(prior: NIWPrior, stats: SuffStats) -> torch.Tensor:
 
 
 def merge_tree(
-    prior: NIWPrior, alpha: float, stats: SuffStats, stop_below: float | None = None,
+    prior: NIWPrior, alpha: float, stats: SuffStats,
     adjacency: torch.Tensor | np.ndarray | None = None, max_partners: int | None = MAX_PARTNERS,
 ) -> MergeTree:
-    """Greedy agglomeration: merge the pair with the highest log H_m until one cluster is left,
-    or, with `stop_below`, until the best log H_m is below it.
+    """Greedy agglomeration: merge the pair with the highest log H_m until one cluster is left.
 
     stats: batch shape (K,) with counts > 0. log H_m(i, j) = lgamma(N_ij) + log f(X_ij)
     - lgamma(N_i) - log f(X_i) - lgamma(N_j) - log f(X_j) - log alpha. Cost: K^2 / 2 union
@@ -76,7 +75,7 @@ def merge_tree(
     _PAIR_CHUNK union statistics at a time.
 
     adjacency: optional (K, K), which clusters border each other and how strongly (bool, or
-    weights such as Engine.cluster_tree's count of rows on the border; 0 / False = not
+    weights such as export.cluster_tree's count of rows on the border; 0 / False = not
     bordering). Only bordering pairs merge; a merged node borders what either part bordered
     (weights add); when no bordering pair is left (separate components), any pair may merge.
     Why: without it, small clusters far apart merge with each other first (a broad Gaussian
@@ -138,7 +137,7 @@ def merge_tree(
             best = int(torch.argmax(ratio))
         i, j = divmod(best, K)
         r = float(ratio[i, j])
-        if not math.isfinite(r) or (stop_below is not None and r < stop_below):
+        if not math.isfinite(r):
             break
         i, j = min(i, j), max(i, j)
         # the merged node's partners: its parts' best-scoring partners (before their rows are reset)

@@ -33,13 +33,10 @@ N_KEEP = 3
 N_NEAR = 8
 # Responsibilities below this are left out of the statistics (the row's best always counts).
 MIN_WEIGHT = 1e-6
-# A row's posterior has decayed inside its candidates when those past its best TAIL_FROM hold less
-# than TAIL_MASS of its mass (`tail_held`): the nets' loss then holds the mass off the candidates to
-# the target's 0 (nets.candidate_logits). TAIL_FROM: half the default 16 candidates. TAIL_MASS: the
-# smallest weight the statistics keep, so a held row's rest is below what any statistic would see.
-# Measured (BENCHMARKS.md, "The nets' targets off the candidates"): with 1e-3 instead, too many rows
-# of the K 200 mixture are held and its fit stays 2.2e-4 from dense (1e-6: 2.4e-5).
-TAIL_FROM = 8
+# A row's posterior has decayed inside its candidates when those past its best half hold less than
+# TAIL_MASS of its mass (`tail_held`): the nets' loss then holds the mass off the candidates to the
+# target's 0 (nets.candidate_logits). TAIL_MASS is the smallest weight the statistics keep, so a held
+# row's rest is below what any statistic would see.
 TAIL_MASS = MIN_WEIGHT
 # The per-cluster loops (scoring, statistics) take a cluster's rows this many at a time: the
 # gathered block and its matmul output stay in the core's cache between the gather, the matmul
@@ -216,12 +213,12 @@ def truncate(
     return rows, index[rows, slots], w[rows, slots]
 
 
-def tail_held(log_r: torch.Tensor) -> torch.Tensor:
+def tail_held(log_r: torch.Tensor, tail_from: int) -> torch.Tensor:
     """Rows whose posterior has decayed inside their candidates: the candidates past the row's
-    best TAIL_FROM hold less than TAIL_MASS of its mass. log_r: (n, C) log-responsibilities
-    normalised over the candidates (-inf at empty slots) -> (n,) bool."""
+    best tail_from (half the candidate budget) hold less than TAIL_MASS of its mass. log_r: (n, C)
+    log-responsibilities normalised over the candidates (-inf at empty slots) -> (n,) bool."""
     p = log_r.exp().sort(dim=1, descending=True).values
-    return p[:, TAIL_FROM:].sum(1) < TAIL_MASS
+    return p[:, tail_from:].sum(1) < TAIL_MASS
 
 
 def on_candidates(log_r: torch.Tensor, cand: torch.Tensor, best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

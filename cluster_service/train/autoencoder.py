@@ -182,7 +182,7 @@ def rebase_engine(old: Engine, codes: torch.Tensor, cfg: FitConfig, global_index
     state["epoch"], state["frozen_until"] = 0, -1
     new.load_state_dict(state)
     stats, sub_stats = new.accumulate(use_estep=True)
-    new.m_step(new.reduce_stats(stats), new.reduce_stats(sub_stats), clusters=True, subclusters=True)
+    new.m_step(new.rows.reduce_stats(stats), new.rows.reduce_stats(sub_stats), clusters=True, subclusters=True)
     return new
 
 
