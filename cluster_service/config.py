@@ -154,10 +154,8 @@ class NetConfig:
     # The clustering net's training pass (forward and backward; weights, optimizer, loss and
     # every inference stay float32): "auto" = bfloat16 autocast on the truncated path (K above
     # 2 x candidates, where the (batch, K) head is most of the pass) when the device has fast
-    # bfloat16 matmuls, else float32. Default "auto" since the ninth session: the nets' pass at
-    # 1.28M x 128, K 1000 15.1 -> 12.0 s (after the one-pass sparse KL; ~10 % at 320k before it), the
-    # full-scale proxy fit K 978 / NMI .908 against float32's 987 / .911, the K 37 mixture within
-    # 6.2e-5 of the dense log marginal on 3 seeds (BENCHMARKS.md). "float32" is the reference.
+    # bfloat16 matmuls, else float32: a faster pass that leaves K and NMI where float32 puts them
+    # (BENCHMARKS.md). "float32" is the reference.
     train_precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def validate(self) -> None:
@@ -199,10 +197,8 @@ class MoveConfig:
     # Delete proposals each merge round: this many of the largest clusters (by hard count) are
     # tested for removal, their rows going to their runner-up clusters (moves.propose_deletes,
     # accepted by the change of the CRP x NIW evidence). Aimed at a catch-all: a broad cluster
-    # that absorbs the tails of many components, which the net-weighted M-step grew at ImageNet
-    # scale (1.15M x 128, K ~900). Measured there, it is not the remedy: deletes were accepted at
-    # epochs 30 and 40 and the next M-steps regrew one (docs/ARCHITECTURE.md, "A catch-all
-    # cluster"); on the small sets it changes no K. 0 = off.
+    # that absorbs the tails of many components (at ImageNet scale the next M-steps regrew it, so
+    # it is a guard, not the remedy: docs/ARCHITECTURE.md); on the small sets it changes no K. 0 = off.
     delete_largest: int = 2
 
     def validate(self) -> None:

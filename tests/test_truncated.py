@@ -10,8 +10,9 @@ import torch
 from scipy.stats import multivariate_normal
 
 from cluster_service.config import FitConfig
+from cluster_service.core import gaussian
 from cluster_service.core import truncated as tr
-from cluster_service.core.gaussian import add_weighted_stats_
+from cluster_service.core.gaussian import WhitenedGaussians, add_grouped_stats_, add_weighted_stats_, blocks
 from cluster_service.core.niw import STAT_DTYPE, GaussianParams, SuffStats
 from cluster_service.core.schedule import EpochPlan
 from cluster_service.datasets import make_overlap_mixture
@@ -32,7 +33,7 @@ def test_candidate_scores_match_scipy():
     x = torch.randn(n, d, dtype=STAT_DTYPE, generator=torch.Generator().manual_seed(1)) * 3
     cand = torch.randint(0, K, (n, 3), generator=torch.Generator().manual_seed(2))
     cand[::5, 2] = -1  # empty slots score -inf
-    got = tr.CandidateScorer(p, STAT_DTYPE).score(x, cand)
+    got = WhitenedGaussians(p, STAT_DTYPE).score_pairs(x, cand)
     cov = (p.chol @ p.chol.transpose(-1, -2)).numpy()
     for i in range(n):
         for j in range(3):
@@ -55,7 +56,7 @@ def test_sparse_stats_equal_dense_when_candidates_cover_all_clusters():
     index = torch.arange(K).expand(n, K)
     rows, bins, w = tr.truncate(index, log_r, min_weight=0.0)
     sparse = SuffStats.zeros((K,), d)
-    tr.add_sparse_stats_(sparse, x, rows, bins, w)
+    add_grouped_stats_(sparse, x, rows, bins, w)
     torch.testing.assert_close(sparse.count, dense.count, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(sparse.sum, dense.sum, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(sparse.scatter, dense.scatter, rtol=1e-12, atol=1e-10)
@@ -91,15 +92,15 @@ def test_net_weights_on_candidates_add_the_nets_best_once_and_keep_its_normalisa
 
 
 def test_subcluster_stats_equal_the_hard_weighted_dense_ones():
-    """add_sub_stats_: row i adds r_ij (1, x, x x^T) to subcluster (z_i, j), checked against an
-    explicit sum over rows in float64."""
+    """add_grouped_stats_ with two weight columns (the subclusters): row i adds r_ij (1, x, x x^T)
+    to subcluster (z_i, j), checked against an explicit sum over rows in float64."""
     g = torch.Generator().manual_seed(5)
     K, d, n = 4, 3, 300
     x = torch.randn(n, d, generator=g, dtype=STAT_DTYPE)
     z = torch.randint(0, K - 1, (n,), generator=g)  # cluster K-1 gets no rows
     r = torch.softmax(torch.randn(n, 2, generator=g, dtype=STAT_DTYPE), 1)
     got = SuffStats.zeros((K, 2), d)
-    tr.add_sub_stats_(got, x, z, r)
+    add_grouped_stats_(got, x, torch.arange(n), z, r)
     onehot = torch.zeros(n, K, 2, dtype=STAT_DTYPE)
     onehot[torch.arange(n), z] = r
     torch.testing.assert_close(got.count, onehot.sum(0))
@@ -148,7 +149,7 @@ def test_cluster_graph_lists_itself_first_then_the_overlapping_cluster():
     means = torch.tensor([[0.0, 0.0], [0.5, 0.0], [10.0, 0.0], [10.4, 0.0]], dtype=STAT_DTYPE)
     chol = torch.eye(2, dtype=STAT_DTYPE).expand(4, 2, 2).clone()
     p = GaussianParams(torch.full((4,), -math.log(4), dtype=STAT_DTYPE), means, chol)
-    graph = tr.cluster_graph(tr.CandidateScorer(p, STAT_DTYPE), means, 2)
+    graph = tr.cluster_graph(WhitenedGaussians(p, STAT_DTYPE), means, 2)
     assert graph.tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
 
 
@@ -253,7 +254,7 @@ def test_subnets_step_once_per_rows_per_net_times_k_rows():
 
 def test_blocks_cover_each_bin_in_order_at_most_block_at_a_time():
     keys = torch.tensor([3, 0, 3, 1, 3, 3, 0, 3, 3], dtype=torch.int64)
-    got = list(tr.blocks(keys, 5, block=2))
+    got = list(blocks(keys, 5, block=2))
     assert all(pos.numel() <= 2 for _, pos in got)
     assert [k for k, _ in got] == sorted(k for k, _ in got)  # bins ascending
     for k in range(5):
@@ -275,15 +276,15 @@ def test_blocked_scoring_and_statistics_equal_one_block(monkeypatch):
     r = torch.softmax(torch.randn(n, 2, generator=g, dtype=STAT_DTYPE), 1)
 
     def run():
-        scores = tr.CandidateScorer(p, STAT_DTYPE).score(x, cand)
+        scores = WhitenedGaussians(p, STAT_DTYPE).score_pairs(x, cand)
         rows, bins, w = tr.truncate(cand, log_r, 0.0)
         stats, sub = SuffStats.zeros((K,), d), SuffStats.zeros((K, 2), d)
-        tr.add_sparse_stats_(stats, x, rows, bins, w)
-        tr.add_sub_stats_(sub, x, z, r)
+        add_grouped_stats_(stats, x, rows, bins, w)
+        add_grouped_stats_(sub, x, torch.arange(n), z, r)
         return scores, stats, sub
 
     whole = run()
-    monkeypatch.setattr(tr, "BLOCK_ROWS", 7)
+    monkeypatch.setattr(gaussian, "BLOCK_ROWS", 7)
     blocked = run()
     torch.testing.assert_close(blocked[0], whole[0], rtol=1e-12, atol=1e-12)
     for a, b in ((blocked[1], whole[1]), (blocked[2], whole[2])):
@@ -351,7 +352,7 @@ def test_stale_candidates_recover_the_exact_map_at_the_next_scoring():
     stale = torch.tensor([0, 1, 2]).expand(x.shape[0], -1).clone()
     rand = tr.pseudo_random_clusters(torch.arange(x.shape[0]), 0, 40)
     without = tr.build_candidates(stale, eng.estep.cluster_graph(eng.params), rand, 8)
-    log_j = eng.estep.scorer(eng.params, torch.float64).score(eng.x, without)
+    log_j = eng.estep.scorer(eng.params, torch.float64).score_pairs(eng.x, without)
     z_without = without.gather(1, log_j.argmax(1, keepdim=True))[:, 0].numpy()
     assert (z_without == z_exact).mean() < 0.5
     eng.estep.best = stale

@@ -100,7 +100,7 @@ def merge_tree(
     single = _log_score(prior, SuffStats(c, s, S))  # (K,)
     log_alpha = math.log(alpha)
     # ratio[i, j]: log H_m of the pair, -inf where not (yet) scored. With an adjacency only the
-    # bordering pairs are scored (at K 1000 all K^2 / 2 pairs were 52 GB of union statistics);
+    # bordering pairs are scored (all K^2 / 2 pairs' union statistics do not fit at large K);
     # the other pairs are scored only if the bordering ones run out (separate components).
     ratio = torch.full((K, K), -math.inf, dtype=c.dtype, device=dev)
 

@@ -85,8 +85,7 @@ def latent_cluster_loss(z: torch.Tensor, engine: Engine) -> torch.Tensor:
     trained with, so `net.loss` selects the method end to end (the alpha-JS paper's setting).
     """
     zc = z - engine.shift.to(z.dtype)
-    g = WhitenedGaussians(engine.params.means, engine.params.chol, z.dtype)
-    log_joint = g.log_prob(zc) + engine.params.log_weights.to(z.dtype)  # (n, K)
+    log_joint = WhitenedGaussians(engine.params, z.dtype).log_joint(zc)  # (n, K)
     with torch.no_grad():
         log_p = torch.log_softmax(unwrap(engine.cluster_net).eval()(zc.detach()), -1)  # (n, K)
     if engine.cfg.net.loss == "kl":

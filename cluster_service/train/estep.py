@@ -29,6 +29,7 @@ from cluster_service.config import FitConfig
 from cluster_service.core import truncated as tr
 from cluster_service.core.gaussian import (
     WhitenedGaussians,
+    add_grouped_stats_,
     add_hard_stats_,
     add_weighted_stats_,
     chunk_rows,
@@ -161,13 +162,12 @@ class DenseScores:
         self.estep, self.params = estep, params
 
     @cached_property
-    def _train_gaussians(self) -> tuple[WhitenedGaussians, torch.Tensor]:
-        return WhitenedGaussians(self.params.means, self.params.chol, torch.float32), self.params.log_weights.float()
+    def _train_gaussians(self) -> WhitenedGaussians:
+        return WhitenedGaussians(self.params, torch.float32)
 
     def targets(self, loc: torch.Tensor, xb: torch.Tensor) -> DenseTargets:
         """The net's targets for the local rows loc (b,) whose float32 values are xb (b, d)."""
-        g, logw = self._train_gaussians
-        return DenseTargets(torch.log_softmax(g.log_prob(xb) + logw, dim=-1))
+        return DenseTargets(torch.log_softmax(self._train_gaussians.log_joint(xb), dim=-1))
 
     def log_densities(self, use_estep: bool) -> int:
         """(row, cluster) log-densities of an epoch on these scores, all ranks: the nets'
@@ -282,7 +282,7 @@ class TruncatedEStep(DenseEStep):
         # each local row's best clusters of the last scoring, best first, (n_local, B) int64,
         # -1 = none; None until the first scoring (then the FAISS-nearest means)
         self.best: torch.Tensor | None = None
-        # what is derived once per parameter set: its CandidateScorers by dtype, the cluster graph, nearest means
+        # what is derived once per parameter set: its whitened Gaussians by dtype, the cluster graph, nearest means
         self._derived: tuple[GaussianParams | None, dict] = (None, {})
 
     def truncates(self, n_clusters: int) -> bool:
@@ -310,9 +310,9 @@ class TruncatedEStep(DenseEStep):
             self._derived[1][key] = make()
         return self._derived[1][key]
 
-    def scorer(self, params: GaussianParams, dtype: torch.dtype) -> tr.CandidateScorer:
-        """params' CandidateScorer in dtype (whitened once per parameter set)."""
-        return self._cached(params, dtype, lambda: tr.CandidateScorer(params, dtype))
+    def scorer(self, params: GaussianParams, dtype: torch.dtype) -> WhitenedGaussians:
+        """params' whitened Gaussians in dtype (once per parameter set)."""
+        return self._cached(params, dtype, lambda: WhitenedGaussians(params, dtype))
 
     def cluster_graph(self, params: GaussianParams) -> torch.Tensor:
         return self._cached(params, "graph", lambda: tr.cluster_graph(self.scorer(params, self.dtype), params.means,
@@ -334,7 +334,7 @@ class TruncatedEStep(DenseEStep):
         salt = self.seed * 1_000_003 + epoch
         rand = tr.pseudo_random_clusters(self.rows.global_index, salt, params.n_clusters)
         cand = tr.build_candidates(self.best, self.cluster_graph(params), rand, self.n_candidates, nearest)
-        return cand, self.scorer(params, dtype or self.dtype).score(x, cand)
+        return cand, self.scorer(params, dtype or self.dtype).score_pairs(x, cand)
 
     @torch.no_grad()
     def assign_top2(self, params: GaussianParams, epoch: int) -> Top2:
@@ -431,11 +431,11 @@ class CandidateScores:
         if not use_estep and e.net_mass == "estep":
             w = tr.reweight(rows, bins, w, self._mass_calibration(rows, bins, w), n)
         stats = SuffStats.zeros((K,), d, device=dev)
-        tr.add_sparse_stats_(stats, x, rows, bins, w, dtype)
+        add_grouped_stats_(stats, x, rows, bins, w, dtype)
         if not subclusters:
             return stats, None
         sub = SuffStats.zeros((K, 2), d, device=dev)
-        tr.add_sub_stats_(sub, x, z, r_sub, dtype)
+        add_grouped_stats_(sub, x, torch.arange(n, device=dev), z, r_sub, dtype)
         return stats, sub
 
     def _mass_calibration(self, rows: torch.Tensor, bins: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from cluster_service import index as faiss_index
 from cluster_service.core import moves as mv
 from cluster_service.core import truncated as tr
-from cluster_service.core.gaussian import add_hard_stats_, iter_chunks, stats_chunk_rows
+from cluster_service.core.gaussian import add_grouped_stats_, add_hard_stats_, iter_chunks, stats_chunk_rows
 from cluster_service.core.niw import STAT_DTYPE, SuffStats
 
 
@@ -67,7 +67,7 @@ def cell_stats(engine, n_cells: list[int]) -> SuffStats:
         bins[sl] = zc * M + torch.nan_to_num(dist, nan=math.inf).argmin(-1)
     # summed grouped by cell: K M cells of a few rows each per chunk would be many tiny matmuls
     stats = SuffStats.zeros((K * M,), d, device=engine.device)
-    tr.add_sparse_stats_(stats, engine.x, torch.arange(n, device=engine.device), bins,
+    add_grouped_stats_(stats, engine.x, torch.arange(n, device=engine.device), bins,
                          torch.ones(n, dtype=STAT_DTYPE, device=engine.device))
     stats = engine.rows.reduce_stats(stats)
     return SuffStats(stats.count.reshape(K, M), stats.sum.reshape(K, M, d), stats.scatter.reshape(K, M, d, d))
