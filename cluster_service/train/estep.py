@@ -5,7 +5,7 @@
         scores.statistics(net, subnets, use_estep, ..)  weighted statistics of clusters and subclusters
         scores.log_densities(use_estep)                 (row, cluster) densities it evaluates, all ranks
     estep.assign_top2(params, epoch)                  exact MAP and runner-up cluster of every local row
-    estep.remap(source, absorbed)                     the change-of-K event
+    estep.remap(source, absorbed, n_old)              the change-of-K event
     estep.reset() / state_dict() / load_state_dict()  a new partition; its checkpoint state
 
 `DenseEStep` scores every row against all K clusters. `TruncatedEStep` scores each row's candidate
