@@ -245,9 +245,8 @@ class ScheduleConfig:
     stop_rounds: int = 2
     stop_tol: float = 1e-3
     # "The same K" at those round ends: within stop_k_tol x K, rounded down, so exactly the same
-    # below 1 / stop_k_tol clusters. At K ~1,000 each round's Metropolis-Hastings draws accept a
-    # few moves either way for ever (the full-scale proxy: K 928, 923, 922, 924, 923, 922 at the
-    # round ends from epoch 50 to 100, never equal three times), which no K < 100 sees.
+    # below 1 / stop_k_tol clusters: at K ~1,000 each round's Metropolis-Hastings draws accept a
+    # few moves either way for ever, so an exact K never repeats (BENCHMARKS.md, the full-scale fit).
     stop_k_tol: float = 0.01
     # EM steps (E-step-weighted M-steps, no moves, no nets) after the last epoch, before the MAP
     # assignment: they remove what the nets' float rounding left in the parameters, so one
@@ -378,16 +377,16 @@ class FitConfig:
     # Each cluster's total weight in a net-weighted M-step. "estep": held to the E-step's (the
     # net's responsibilities with each cluster's output bias at its calibration optimum, the
     # stationary point of the KL to the targets in that bias, found by a few Sinkhorn steps).
-    # "net": the net's as it is (DeepDPM as published). At K ~1,000 the net follows its targets
-    # loosely and "net" lets one broad cluster gather ~2x its E-step mass, epoch after epoch
-    # (BENCHMARKS.md, "Net mass held to the E-step's").
+    # "net": the net's as it is (DeepDPM as published); at large K the net follows its targets
+    # loosely and "net" lets a broad cluster gather mass epoch after epoch (BENCHMARKS.md).
     net_mass: Literal["estep", "net"] = "estep"
     # Rows per chunk for E-step and statistics: memory is O(chunk * K + K * d^2).
     chunk_size: int = 8192
-    # The truncated E-step (core/truncated.py): clusters scored exactly per row (its best ones of
-    # the last scoring, its nearest means, its best cluster's neighbours in the cluster graph, one
-    # pseudo-random one)
-    # once K exceeds 2 x candidates; below that, scoring all K is cheaper. 0 = always all K.
+    # The truncated E-step (train/estep.TruncatedEStep, core/truncated.py): this many clusters
+    # scored exactly per row (its best ones of the last scoring, its nearest means, its best
+    # cluster's neighbours in the cluster graph, one pseudo-random one) once K exceeds
+    # 2 x candidates; below that, scoring all K is cheaper. The nets hold a row's mass off its
+    # candidates where the half of them past its best holds almost none. 0 = always all K.
     candidates: int = 16
     prior: PriorConfig = field(default_factory=PriorConfig)
     net: NetConfig = field(default_factory=NetConfig)

@@ -80,8 +80,8 @@ def merge_tree(
     (weights add); when no bordering pair is left (separate components), any pair may merge.
     Why: without it, small clusters far apart merge with each other first (a broad Gaussian
     over a few hundred scattered rows costs less than putting them in the tail of a tight large
-    cluster), and a coarse cut then joins two true classes through them (MNIST UMAP, measured
-    in docs/ARCHITECTURE.md, "Merge hierarchy").
+    cluster), and a coarse cut then joins two true classes through them (docs/ARCHITECTURE.md,
+    "Merge hierarchy").
 
     max_partners: with an adjacency, a cluster that borders more than max_partners others is
     scored against some of them only (None: all of them): at the start, the pairs where one is
@@ -89,10 +89,9 @@ def merge_tree(
     against its parts' 2 x max_partners best-scoring partners and its max_partners // 4
     strongest borders. A merged node inherits the union of its parts' borders; without the cap
     the large nodes near the root border almost every cluster and the tree scores ~K^2 / 2
-    unions (K 1000, d 128: ~500k Cholesky factors, many minutes). Where no cluster borders more
-    than the cap, the tree is the exact greedy one. Measured against the exact tree on the
-    ImageNet proxy's true components (docs/ARCHITECTURE.md, "The merge tree at large K"): K 600, d 128,
-    1/5 of the unions, 4.9x faster, cuts at K/2, K/5, K/20 with ARI .991, .977, 1.0.
+    unions. Where no cluster borders more than the cap, the tree is the exact greedy one; where
+    some do, its cuts stay close to the exact tree's (docs/ARCHITECTURE.md, "The merge tree at
+    large K").
     """
     K = int(stats.count.shape[0])
     dev = stats.count.device

@@ -97,8 +97,7 @@ class FittedModel:
 
     def _log_joint_blocks(self, x: np.ndarray, chunk_size: int = 65536, device: str | torch.device = "cpu"):
         """(row slice, (rows, K) float64 log-joint) block by block: x (n, d) is checked and the
-        Gaussians whitened once; predict never holds the whole (n, K) matrix (10 GB at
-        1.28M rows and K 1000)."""
+        Gaussians whitened once; predict never holds the whole (n, K) matrix."""
         self.check_features(x)
         dev = torch.device(device)
         g = WhitenedGaussians(GaussianParams(*(torch.from_numpy(a).to(dev, torch.float64)
