@@ -277,7 +277,8 @@ class TruncatedEStep(DenseEStep):
     def __init__(self, cfg: FitConfig, rows: Rows, dtype: torch.dtype):
         super().__init__(cfg, rows, dtype)
         self.n_candidates, self.seed = cfg.candidates, cfg.seed
-        self.tail_from = cfg.candidates // 2  # the nets hold a row's rest where its tail past half its candidates is
+        # the nets hold a row's mass off its candidates to 0 where its candidates past the best half hold almost none
+        self.tail_from = cfg.candidates // 2
         self.min_weight = tr.MIN_WEIGHT  # the statistics leave out smaller responsibilities
         # each local row's best clusters of the last scoring, best first, (n_local, B) int64,
         # -1 = none; None until the first scoring (then the FAISS-nearest means)
