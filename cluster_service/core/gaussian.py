@@ -125,9 +125,15 @@ class WhitenedGaussians:
         maha = y.view(x.shape[0], self.n_clusters, self.n_features).square().sum(-1)
         return self.log_norm - 0.5 * maha
 
-    def log_joint(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (n, d) -> log pi_k + log N(x; mu_k, Sigma_k): (n, K)."""
-        return self.log_prob(x) + self.log_weights
+    def log_joint(self, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """x: (n, d) -> log pi_k + log N(x; mu_k, Sigma_k): (n, K); with chunk_size, a chunk of rows
+        at a time (chunk_rows: the (rows, K d) intermediate stays within the element budget)."""
+        if chunk_size is None:
+            return self.log_prob(x) + self.log_weights
+        out = torch.empty(x.shape[0], self.n_clusters, dtype=self.dtype, device=x.device)
+        for sl in iter_chunks(x.shape[0], chunk_rows(self.n_clusters * self.n_features, chunk_size)):
+            out[sl] = self.log_prob(x[sl]) + self.log_weights
+        return out
 
     def score_pairs(self, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         """x: (n, d); cand: (n, C) int64 cluster ids (-1 = empty slot) -> (n, C) log pi_k +
@@ -153,12 +159,7 @@ class WhitenedGaussians:
 
 def log_joint(x: torch.Tensor, params: GaussianParams, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
     """log pi_k + log N(x_i; mu_k, Sigma_k) for all points, chunked. x: (n, d) -> (n, K) in dtype."""
-    g = WhitenedGaussians(params, dtype)
-    rows = chunk_rows(g.n_clusters * g.n_features, chunk_size)
-    out = torch.empty(x.shape[0], g.n_clusters, dtype=dtype, device=x.device)
-    for sl in iter_chunks(x.shape[0], rows):
-        out[sl] = g.log_joint(x[sl])
-    return out
+    return WhitenedGaussians(params, dtype).log_joint(x, chunk_size)
 
 
 def stats_chunk_rows(n_features: int, n_clusters: int, chunk_size: int) -> int:

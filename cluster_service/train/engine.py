@@ -46,7 +46,7 @@ from cluster_service.core.niw import (
 from cluster_service.core.schedule import Convergence, EpochPlan
 from cluster_service.train import move_steps, start
 from cluster_service.train.comm import LocalComm, unwrap
-from cluster_service.train.estep import Scores, estep_log_responsibilities, make_estep, net_log_responsibilities
+from cluster_service.train.estep import Scores, make_estep, net_log_responsibilities
 from cluster_service.train.rows import Rows
 
 # The subnets take one optimizer step per this many rows per subnet (see train_nets).
@@ -272,7 +272,7 @@ class Engine:
     def log_responsibilities(self, x: torch.Tensor, use_estep: bool) -> torch.Tensor:
         """log r_ik for centred rows x (n, d): the clustering net's (DeepDPM) or the E-step's. -> (n, K)."""
         if use_estep:
-            return estep_log_responsibilities(x, self.params, self.dtype, self.cfg.chunk_size)
+            return self.estep.log_responsibilities(self.params, x)
         return net_log_responsibilities(unwrap(self.cluster_net), x, self.dtype)
 
     @torch.no_grad()

@@ -7,6 +7,7 @@
     estep.assign_top2(params, epoch)                  exact MAP and runner-up cluster of every local row
     estep.remap(source, absorbed, n_old)              the change-of-K event
     estep.reset() / state_dict() / load_state_dict()  a new partition; its checkpoint state
+    estep.scorer(params, dtype)                       a parameter set's Gaussians, built once: every density
 
 `DenseEStep` scores every row against all K clusters. `TruncatedEStep` scores each row's candidate
 set (core/truncated) and keeps each row's best clusters between parameter sets; below 2 x
@@ -19,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -34,7 +34,6 @@ from cluster_service.core.gaussian import (
     add_weighted_stats_,
     chunk_rows,
     iter_chunks,
-    log_joint,
     row_argmax,
     stats_chunk_rows,
 )
@@ -55,12 +54,6 @@ def net_log_responsibilities(net: torch.nn.Module, x: torch.Tensor, dtype: torch
     """log r_ik of the clustering net (un-wrapped: a DDP forward is a collective) for rows x (n, d) -> (n, K)."""
     net.eval()
     return torch.log_softmax(net(x.float()).to(dtype), -1)
-
-
-def estep_log_responsibilities(x: torch.Tensor, params: GaussianParams, dtype: torch.dtype,
-                               chunk_size: int) -> torch.Tensor:
-    """log r^E_ik = log pi_k + log N(x_i; mu_k, Sigma_k), normalised over k, for rows x (n, d) -> (n, K)."""
-    return torch.log_softmax(log_joint(x, params, dtype, chunk_size), -1)
 
 
 # ---- the nets' targets for a mini-batch ------------------------------------------------------------
@@ -107,6 +100,26 @@ class DenseEStep:
     def __init__(self, cfg: FitConfig, rows: Rows, dtype: torch.dtype):
         self.rows, self.dtype = rows, dtype
         self.chunk_size, self.net_mass = cfg.chunk_size, cfg.net_mass
+        # what is derived once per parameter set (params are replaced, never mutated, by every
+        # M-step and move): its whitened Gaussians by dtype; the truncated E-step's graph and nearest means
+        self._derived: tuple[GaussianParams | None, dict] = (None, {})
+
+    def _cached(self, params: GaussianParams, key, make):
+        """make() once per parameter set."""
+        if self._derived[0] is not params:
+            self._derived = (params, {})
+        if key not in self._derived[1]:
+            self._derived[1][key] = make()
+        return self._derived[1][key]
+
+    def scorer(self, params: GaussianParams, dtype: torch.dtype) -> WhitenedGaussians:
+        """params' whitened Gaussians in dtype (once per parameter set): every density of the E-step."""
+        return self._cached(params, dtype, lambda: WhitenedGaussians(params, dtype))
+
+    def log_responsibilities(self, params: GaussianParams, x: torch.Tensor) -> torch.Tensor:
+        """log r^E_ik = log pi_k + log N(x_i; mu_k, Sigma_k) normalised over k, for centred rows
+        x (n, d) -> (n, K) in the compute dtype."""
+        return torch.log_softmax(self.scorer(params, self.dtype).log_joint(x, self.chunk_size), -1)
 
     def truncates(self, n_clusters: int) -> bool:
         """Whether this E-step scores candidate sets instead of all n_clusters."""
@@ -125,7 +138,7 @@ class DenseEStep:
         """Exact MAP assignment argmax_k log pi_k + log N(x; mu_k, Sigma_k) of the local rows, its
         log-joint, and each row's runner-up cluster (itself when K = 1) with its margin (best
         log-joint minus the runner-up's; +inf without one). float64. -> four (n,) arrays."""
-        x, K = self.rows.x, params.n_clusters
+        x, K, g = self.rows.x, params.n_clusters, self.scorer(params, STAT_DTYPE)
         n, dev = x.shape[0], x.device
         cluster = torch.empty(n, dtype=torch.int64, device=dev)
         second = torch.empty(n, dtype=torch.int64, device=dev)
@@ -133,7 +146,7 @@ class DenseEStep:
         margin = torch.full((n,), math.inf, dtype=STAT_DTYPE, device=dev)
         # chunk by chunk: never the whole (n, K) float64 matrix
         for sl in iter_chunks(n, chunk_rows(K * x.shape[1], self.chunk_size)):
-            top = log_joint(x[sl], params, STAT_DTYPE, self.chunk_size).topk(min(2, K), dim=-1)
+            top = g.log_joint(x[sl], self.chunk_size).topk(min(2, K), dim=-1)
             cluster[sl], best[sl], second[sl] = top.indices[:, 0], top.values[:, 0], top.indices[:, -1]
             if K > 1:
                 margin[sl] = top.values[:, 0] - top.values[:, 1]
@@ -161,13 +174,9 @@ class DenseScores:
     def __init__(self, estep: DenseEStep, params: GaussianParams):
         self.estep, self.params = estep, params
 
-    @cached_property
-    def _train_gaussians(self) -> WhitenedGaussians:
-        return WhitenedGaussians(self.params, torch.float32)
-
     def targets(self, loc: torch.Tensor, xb: torch.Tensor) -> DenseTargets:
         """The net's targets for the local rows loc (b,) whose float32 values are xb (b, d)."""
-        return DenseTargets(torch.log_softmax(self._train_gaussians.log_joint(xb), dim=-1))
+        return DenseTargets(torch.log_softmax(self.estep.scorer(self.params, torch.float32).log_joint(xb), dim=-1))
 
     def log_densities(self, use_estep: bool) -> int:
         """(row, cluster) log-densities of an epoch on these scores, all ranks: the nets'
@@ -177,7 +186,7 @@ class DenseScores:
     def _log_r(self, x: torch.Tensor, use_estep: bool, net: torch.nn.Module) -> torch.Tensor:
         e = self.estep
         if use_estep:
-            return estep_log_responsibilities(x, self.params, e.dtype, e.chunk_size)
+            return e.log_responsibilities(self.params, x)
         return net_log_responsibilities(net, x, e.dtype)
 
     @torch.no_grad()
@@ -283,8 +292,6 @@ class TruncatedEStep(DenseEStep):
         # each local row's best clusters of the last scoring, best first, (n_local, B) int64,
         # -1 = none; None until the first scoring (then the FAISS-nearest means)
         self.best: torch.Tensor | None = None
-        # what is derived once per parameter set: its whitened Gaussians by dtype, the cluster graph, nearest means
-        self._derived: tuple[GaussianParams | None, dict] = (None, {})
 
     def truncates(self, n_clusters: int) -> bool:
         """Candidates pay once K > 2 x candidates (below, one dense matmul per chunk is cheaper
@@ -302,18 +309,6 @@ class TruncatedEStep(DenseEStep):
         self.best = cand.gather(1, order.indices).masked_fill(~torch.isfinite(order.values), -1)
         table = CandidateTable(cand, log_joint_c - torch.logsumexp(log_joint_c, dim=1, keepdim=True))
         return CandidateScores(self, params, table)
-
-    def _cached(self, params: GaussianParams, key, make):
-        """make() once per parameter set (params are replaced, never mutated, by every M-step and move)."""
-        if self._derived[0] is not params:
-            self._derived = (params, {})
-        if key not in self._derived[1]:
-            self._derived[1][key] = make()
-        return self._derived[1][key]
-
-    def scorer(self, params: GaussianParams, dtype: torch.dtype) -> WhitenedGaussians:
-        """params' whitened Gaussians in dtype (once per parameter set)."""
-        return self._cached(params, dtype, lambda: WhitenedGaussians(params, dtype))
 
     def cluster_graph(self, params: GaussianParams) -> torch.Tensor:
         return self._cached(params, "graph", lambda: tr.cluster_graph(self.scorer(params, self.dtype), params.means,
