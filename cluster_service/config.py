@@ -24,6 +24,9 @@ CHECKPOINT_EVERY = 5  # epochs between Ray Train checkpoints of a distributed fi
 TOP_M = 16  # `assign --method shortlist`: candidate clusters rescored exactly per row
 EXPERIMENT = "cluster_service"  # MLflow experiment of fits and jobs
 NOVELTY_FPR = 0.01  # `assign`: share of training-like rows flagged novel (serve.novelty)
+# Cosine similarity (of mean-centred rows) at which `duplicates` calls two rows near-duplicates:
+# measured on planted duplicates in the ImageNet proxy (BENCHMARKS.md, "Near-duplicates").
+DUPLICATE_THRESHOLD = 0.95
 
 
 class ConfigError(ValueError):

@@ -1,13 +1,67 @@
-"""Epoch progress of a fit that runs elsewhere (Ray Train workers): rank 0 appends its epoch records
-to RUN_DIR/progress.jsonl (`ProgressFile`), the driver tails the file (`follow_progress`) into a
-progress bar (`cluster-service fit --workers N`) or job-log lines (`epoch_printer`)."""
+"""Progress that reads in any log.
+
+A fit that runs elsewhere (Ray Train workers): rank 0 appends its epoch records to
+RUN_DIR/progress.jsonl (`ProgressFile`), the driver tails the file (`follow_progress`) into a progress
+bar (`cluster-service fit --workers N`) or job-log lines (`epoch_printer`). Where the output is not a
+terminal (nohup, a Ray job's driver log, Kubernetes logs) the CLI prints plain lines instead of a bar:
+one per epoch (`epoch_line`), and for row counts (assign, extract) one every `RateLines.every_s`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+# Seconds between two plain progress lines of assign and extract (a line per batch floods a log).
+LINE_EVERY_S = 30.0
+
+
+def duration(seconds: float) -> str:
+    """Seconds as a person reads them: 42s, 3m05s, 1h02m."""
+    s = int(round(max(seconds, 0.0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def epoch_line(rec: dict, epochs: int, elapsed: float) -> str:
+    """One epoch record as a plain log line: epoch, K, loss, elapsed and the ETA at the planned epochs
+    (an upper bound: the fit may stop early once K and the marginal settle)."""
+    done = rec["epoch"] + 1
+    eta = "done" if rec.get("stopped") or done >= epochs else "<= " + duration(elapsed / done * (epochs - done))
+    return (f"fit: epoch {done}/{epochs} K={rec['n_clusters']} loss={rec['loss_cluster']:.3f} "
+            f"elapsed {duration(elapsed)} ETA {eta}")
+
+
+class RateLines:
+    """`(done, total)` -> a plain line (rows done, rate, ETA) at most every `every_s` seconds, and the
+    last one; for assign and extract where the output is not a terminal."""
+
+    def __init__(self, what: str, unit: str = "rows", every_s: float = LINE_EVERY_S,
+                 emit: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.what, self.unit, self.every_s, self.clock = what, unit, every_s, clock
+        self.emit = emit or (lambda line: print(line, flush=True))
+        self.start = self.clock()
+        self.last = self.start
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = self.clock()
+        finished = total is not None and done >= total
+        if now - self.last < self.every_s and not finished:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        of = f"/{total}" if total else ""
+        eta = ("done" if finished else duration((total - done) / rate) if total and rate > 0 else "?")
+        self.emit(f"{self.what}: {done}{of} {self.unit}, {rate:,.0f} {self.unit}/s, "
+                  f"elapsed {duration(elapsed)} ETA {eta}")
 
 
 class ProgressFile:
@@ -23,14 +77,14 @@ class ProgressFile:
                 f.write(json.dumps(record.as_dict()) + "\n")
 
 
-def epoch_printer(epochs: int):
-    """A progress feed for job logs: one line per ~5% of the epochs, and the last."""
-    step = max(1, epochs // 20)
+def epoch_printer(epochs: int, emit: Callable[[str], None] | None = None):
+    """A progress feed for logs (job drivers, `fit` when the output is not a terminal): one
+    `epoch_line` per epoch record, rank 0's in a distributed fit."""
+    emit = emit or (lambda line: print(line, flush=True))
+    start = time.monotonic()
 
     def show(rec: dict) -> None:
-        if (rec["epoch"] + 1) % step == 0 or rec["epoch"] + 1 == epochs:
-            print(f"fit: epoch {rec['epoch'] + 1}/{epochs} K={rec['n_clusters']} "
-                  f"loss={rec['loss_cluster']:.3f} log_marginal={rec['log_marginal']:.4g}", flush=True)
+        emit(epoch_line(rec, epochs, time.monotonic() - start))
 
     return show
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from cluster_service import index
 from cluster_service.io.atomic import atomic_path
+from cluster_service.io.features import data_column
 
 REPORT = "report.html"
 THUMB_PX = 96
@@ -86,26 +87,6 @@ def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | No
 
 
 # ---- data ---------------------------------------------------------------------------------------
-
-
-def data_column(data: str | None, ids: np.ndarray, column: str) -> np.ndarray | None:
-    """The data's `path` (object, "" where unknown) or `label` (int64, -1 where unknown) of every
-    assignment row (n,), joined by id; None when the data has no such column (io.features.read_column:
-    paths come from shard directories only, labels also from array files and tables)."""
-    from cluster_service.io.features import read_column
-
-    missing = "" if column == "path" else -1
-    if not data or not Path(data).exists():
-        return None
-    found = read_column(data, column)
-    if found is None:
-        return None
-    all_ids, values = found
-    order = np.argsort(all_ids, kind="stable")
-    pos = np.clip(np.searchsorted(all_ids[order], ids), 0, all_ids.size - 1)
-    out = values[order][pos]
-    out[all_ids[order][pos] != ids] = missing
-    return out
 
 
 def label_composition(labels: np.ndarray, top: int = 3) -> tuple[int, list[tuple[int, int]]]:
