@@ -32,10 +32,6 @@ SIZES = (240, 160, 120, 80)  # four clusters, unequal, so balanced shares differ
 N_EXACT, N_NOISY, N_MISS, N_FAR = 8, 8, 8, 3
 
 
-def run(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=600, **kw)
-
-
 def copy_at(z: np.ndarray, cos: float, rng) -> np.ndarray:
     """A vector at cosine `cos` to z (d,), with z's length."""
     u = z / np.linalg.norm(z)
@@ -67,6 +63,26 @@ def planted_data(root: Path):
                "misses": {(int(s), n + N_EXACT + N_NOISY + j) for j, s in enumerate(src[N_EXACT + N_NOISY:])},
                "far": set(range(x.shape[0] - N_FAR, x.shape[0]))}
     return x, labels, planted
+
+
+def run_inprocess(capsys, monkeypatch, *args) -> subprocess.CompletedProcess:
+    """The CLI's main() in this process: the same exit codes and messages, no interpreter start-up."""
+    from cluster_service.ops import cli
+
+    monkeypatch.setattr(sys, "argv", ["cluster-service", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, " ".join(captured.err.split()))
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """cli("duplicates", RUN, ...) -> CompletedProcess (returncode, stdout, stderr on one line)."""
+    return lambda *args: run_inprocess(capsys, monkeypatch, *args)
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +120,9 @@ def test_fit_sent_to_a_file_prints_a_progress_line_every_epoch(fitted):
     assert not re.search(r"seconds\s*│?\s*\d+\.\d{3,}", fitted["log"])  # the summary's seconds are readable
 
 
-def test_duplicates_finds_exactly_the_planted_copies_and_not_the_near_misses(fitted):
+def test_duplicates_finds_exactly_the_planted_copies_and_not_the_near_misses(fitted, cli):
     run_dir = fitted["run"]
-    r = run("duplicates", run_dir, "--no-report")
+    r = cli("duplicates", run_dir, "--no-report")
     assert r.returncode == 0, r.stderr
     t = pq.read_table(run_dir / "duplicates.parquet").to_pandas()
     assert list(t.columns) == ["id", "group", "representative", "similarity", "cluster", "path"]
@@ -133,9 +149,9 @@ def test_grouping_does_not_chain():
     assert all(m == r or (min(m, r), max(m, r)) in pairs for m, r in zip(members, reps, strict=True))
 
 
-def test_outliers_ranks_the_planted_far_rows_first(fitted):
+def test_outliers_ranks_the_planted_far_rows_first(fitted, cli):
     run_dir = fitted["run"]
-    r = run("outliers", run_dir, "--per-cluster", "5", "--top", "10", "--no-report")
+    r = cli("outliers", run_dir, "--per-cluster", "5", "--top", "10", "--no-report")
     assert r.returncode == 0, r.stderr
     t = pq.read_table(run_dir / "outliers.parquet").to_pandas()
     top = t[t.rank_overall.notna()].sort_values("rank_overall")
@@ -154,14 +170,14 @@ def test_balanced_counts_share_evenly_and_give_the_capped_rest_to_the_others():
     assert balanced_counts(np.array([3, 0, 9]), 12).tolist() == [3, 0, 9]
 
 
-def test_sample_is_balanced_over_clusters_and_tree_level_without_duplicates(fitted):
+def test_sample_is_balanced_over_clusters_and_tree_level_without_duplicates(fitted, cli):
     run_dir = fitted["run"]
     if not (run_dir / "duplicates.parquet").exists():
-        assert run("duplicates", run_dir, "--no-report").returncode == 0
+        assert cli("duplicates", run_dir, "--no-report").returncode == 0
     assigned = pq.read_table(run_dir / "assignments.parquet").to_pandas()
     sizes = assigned.cluster.value_counts().sort_index()
     n = 4 * int(sizes.min()) // 2  # every cluster can give n / K
-    r = run("sample", run_dir, "--n", n, "--no-report")
+    r = cli("sample", run_dir, "--n", n, "--no-report")
     assert r.returncode == 0, r.stderr
     s = pq.read_table(run_dir / "sample.parquet").to_pandas()
     assert list(s.columns) == ["id", "path", "cluster"] and len(s) == n and s.id.is_unique
@@ -171,7 +187,7 @@ def test_sample_is_balanced_over_clusters_and_tree_level_without_duplicates(fitt
     assert not set(s.id) & set(dup.id[dup.id != dup.representative])  # one row per duplicate group at most
     assert (s.cluster.values == assigned.cluster.values[s.id.values]).all()
     # over the tree's 2 groups first: equal group shares though the groups hold different clusters
-    r = run("sample", run_dir, "--n", 40, "--level", 2, "--drop-outliers", "--no-report")
+    r = cli("sample", run_dir, "--n", 40, "--level", 2, "--drop-outliers", "--no-report")
     assert r.returncode == 0, r.stderr
     s = pq.read_table(run_dir / "sample.parquet").to_pandas()
     assert s.group.value_counts().tolist() == [20, 20]
@@ -179,58 +195,60 @@ def test_sample_is_balanced_over_clusters_and_tree_level_without_duplicates(fitt
     assert not set(s.id) & novel
 
 
-def test_export_of_a_cluster_and_a_level(fitted, tmp_path):
+def test_export_of_a_cluster_and_a_level(fitted, tmp_path, cli):
     run_dir = fitted["run"]
     clusters = pq.read_table(run_dir / "assignments.parquet").column("cluster").to_numpy()
-    r = run("export", run_dir, "--cluster", 1, "--out", tmp_path / "c1")
+    r = cli("export", run_dir, "--cluster", 1, "--out", tmp_path / "c1")
     assert r.returncode == 0, r.stderr
     links = sorted((tmp_path / "c1" / "cluster_00001").iterdir())
     assert len(links) == (clusters == 1).sum()
     assert {os.path.realpath(p) for p in links} == {fitted["paths"][i] for i in np.flatnonzero(clusters == 1)}
-    r = run("export", run_dir, "--level", 2, "--out", tmp_path / "l2.csv")
+    r = cli("export", run_dir, "--level", 2, "--out", tmp_path / "l2.csv")
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(tmp_path / "l2.csv")))
     assert len(rows) == clusters.size and {r["group"] for r in rows} == {"0", "1"}
     assert all(r["path"] == fitted["paths"][int(r["id"])] for r in rows)
 
 
-def test_bad_input_is_refused_clearly_and_writes_nothing(fitted, tmp_path):
-    from cluster_service.datasets import make_mixture
-
+def test_bad_input_is_refused_clearly_and_writes_nothing(fitted, tmp_path, cli):
     run_dir = fitted["run"]
     for args, message in [(["duplicates", run_dir, "--threshold", "0"], "--threshold must be in (0, 1]"),
                           (["duplicates", run_dir, "--threshold", "1.5"], "--threshold must be in (0, 1]"),
                           (["sample", run_dir, "--n", "0"], "--n must be > 0"),
-                          (["sample", run_dir, "--n", "100000"], f"more than the"),
+                          (["sample", run_dir, "--n", "100000", "--keep-duplicates"],
+                           f"--n 100000 is more than the {fitted['x'].shape[0]} rows of {run_dir}"),
                           (["export", run_dir, "--cluster", "99", "--out", tmp_path / "x"], "--cluster must be in"),
+                          (["export", run_dir, "--out", tmp_path / "x"], "give exactly one of --cluster K or --level L"),
                           (["outliers", "runs:/abc/model"], "an MLflow URI holds only the model"),
                           (["outliers", tmp_path / "nope"], "no such run directory")]:
         before = sorted(p.name for p in run_dir.iterdir())
-        r = run(*args)
-        err = " ".join(r.stderr.split())
-        assert r.returncode != 0 and message in err, (args, err)
+        r = cli(*args)
+        assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
         assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing new, nothing half-written
-    assert str(run_dir) in " ".join(run("sample", run_dir, "--n", "100000").stderr.split())
-    # a run whose data has no image paths: export says why; outliers still work and say the gallery is skipped
-    x, y = make_mixture(300, 4, 2, seed=0, separation=12)
-    np.savez(tmp_path / "m.npz", X=x, y=y)
-    assert run("fit", tmp_path / "m.npz", "--out", tmp_path / "r", *FAST_FIT, "--quiet").returncode == 0
-    r = run("export", tmp_path / "r", "--cluster", 0, "--out", tmp_path / "e")
-    assert r.returncode != 0 and "carries no image paths" in r.stderr and str(tmp_path / "m.npz") in r.stderr
+    assert not (tmp_path / "x").exists()
+    # the same run with its data as an array file (no image paths): export says why; outliers write
+    # their table and the report says why its gallery is skipped
+    no_paths = tmp_path / "run"
+    shutil.copytree(run_dir, no_paths)
+    np.savez(tmp_path / "x.npz", X=fitted["x"])
+    summary = json.loads((no_paths / "summary.json").read_text())
+    (no_paths / "summary.json").write_text(json.dumps({**summary, "data": str(tmp_path / "x.npz")}))
+    r = cli("export", no_paths, "--cluster", 0, "--out", tmp_path / "e")
+    assert r.returncode != 0 and "carries no image paths" in r.stderr and str(tmp_path / "x.npz") in r.stderr
     assert not (tmp_path / "e").exists()
-    r = run("outliers", tmp_path / "r")
+    r = cli("outliers", no_paths)
     assert r.returncode == 0 and "gallery skipped" in r.stdout
-    assert "gallery skipped" in (tmp_path / "r" / "report.html").read_text()
+    assert "gallery skipped" in (no_paths / "report.html").read_text()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (make browser installs Debian's)")
-def test_report_map_and_sections_render_in_headless_chromium(fitted, tmp_path):
+def test_report_map_and_sections_render_in_headless_chromium(fitted, tmp_path, cli):
     from PIL import Image
 
     run_dir = fitted["run"]
     for cmd in (["duplicates"], ["outliers"], ["sample", "--n", "40"]):
-        assert run(cmd[0], run_dir, *cmd[1:], "--no-report").returncode == 0
-    r = run("gallery", run_dir)
+        assert cli(cmd[0], run_dir, *cmd[1:], "--no-report").returncode == 0
+    r = cli("gallery", run_dir)
     assert r.returncode == 0, r.stderr
     page = (run_dir / "report.html").read_text()
     k = json.loads((run_dir / "summary.json").read_text())["k_found"]
