@@ -268,7 +268,8 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="where to write the demo runs")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
-    """Cluster a generated 12-cluster mixture and sklearn's digits, starting from K=1."""
+    """Cluster a generated 12-cluster mixture and sklearn's digits, starting from K=1; then find their
+    near-duplicates and outliers, draw a balanced sample, and write the report with its map."""
     from cluster_service.datasets import load_digits_pca, make_mixture
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,8 +284,16 @@ def demo(
         console.print(f"[bold]{name}[/]: {data_dir / (name + '.npz')}")
         summary = run_fit(data_dir / f"{name}.npz", out_dir / name, cfg)
         print_summary(summary, f"demo: {name}")
-        out.print(f"report: {out_dir / name / 'report.html'} (open it in a browser, or in the MLflow run)")
-    out.print(f"outputs under {out_dir}/ ({runs.MODEL_DIR}/, {runs.ASSIGNMENTS}, {runs.HISTORY}, {runs.SUMMARY})")
+        run_dir = str(out_dir / name)
+        # 16-d data: a cosine of .95 is common between rows that are merely close (the default is
+        # measured on 128-d embeddings), so the demo asks for near-exact copies
+        duplicates(run_dir, threshold=0.999, neighbours=3, data=None, no_report=True, quiet=True)
+        outliers(run_dir, per_cluster=10, top=100, no_report=True)
+        sample(run_dir, n=500, level=None, drop_outliers=True, keep_duplicates=False, seed=seed, no_report=False)
+        out.print(f"export skipped: the demo's data ({data_dir / (name + '.npz')}) has no image paths", soft_wrap=True)
+    out.print(f"outputs under {out_dir}/<mixture|digits>/: {runs.MODEL_DIR}/, {runs.ASSIGNMENTS}, {runs.HISTORY}, "
+              f"{runs.SUMMARY}, {runs.DUPLICATES}, {runs.OUTLIERS}, {runs.SAMPLE}, report.html "
+              "(its map, galleries and a section per command)", soft_wrap=True)
     out.print("MLflow runs (params, per-epoch metrics, plots): `make mlflow-ui`, then http://127.0.0.1:5000")
 
 
