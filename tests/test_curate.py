@@ -218,7 +218,7 @@ def test_bad_input_is_refused_clearly_and_writes_nothing(fitted, tmp_path, cli):
                           (["sample", run_dir, "--n", "100000", "--keep-duplicates"],
                            f"--n 100000 is more than the {fitted['x'].shape[0]} rows of {run_dir}"),
                           (["export", run_dir, "--cluster", "99", "--out", tmp_path / "x"], "--cluster must be in"),
-                          (["export", run_dir, "--out", tmp_path / "x"], "give exactly one of --cluster K or --level L"),
+                          (["export", run_dir, "--out", tmp_path / "x"], "exactly one of --cluster K or --level L"),
                           (["outliers", "runs:/abc/model"], "an MLflow URI holds only the model"),
                           (["outliers", tmp_path / "nope"], "no such run directory")]:
         before = sorted(p.name for p in run_dir.iterdir())

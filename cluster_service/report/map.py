@@ -58,7 +58,8 @@ def layout_2d(points: np.ndarray, seed: int = 0, method: str | None = None) -> t
 def map_points(means: np.ndarray, x: np.ndarray | None, clusters: np.ndarray, n_rows: int = MAP_ROWS,
                seed: int = 0, method: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """Lay out means (K, d) with a seeded sample of rows x (n, d) (None or another d: means only).
-    -> (mean xy (K, 2), row xy (r, 2), row cluster (r,), the layout used). x and clusters (n,) are in the same row order."""
+    -> (mean xy (K, 2), row xy (r, 2), row cluster (r,), the layout used); x and clusters (n,) share
+    their row order."""
     k = means.shape[0]
     rows = np.zeros(0, np.int64)
     if x is not None and x.shape[1] == means.shape[1]:
