@@ -191,8 +191,11 @@ def test_sample_is_balanced_over_clusters_and_tree_level_without_duplicates(fitt
     assert r.returncode == 0, r.stderr
     s = pq.read_table(run_dir / "sample.parquet").to_pandas()
     assert s.group.value_counts().tolist() == [20, 20]
-    novel = set(assigned.id[assigned.novel])
-    assert not set(s.id) & novel
+    from cluster_service.curate.outliers import outlier_scores
+    from cluster_service.curate.run import open_run
+
+    score, _ = outlier_scores(open_run(run_dir))
+    assert (score > 0.99).sum() >= N_FAR and not set(s.id) & set(np.flatnonzero(score > 0.99))
 
 
 def test_export_of_a_cluster_and_a_level(fitted, tmp_path, cli):

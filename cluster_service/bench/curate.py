@@ -8,6 +8,8 @@
     python -m cluster_service.bench.curate moco
         the same on ImageNet-50 MoCo (../shared/data), whose 2,501 rows hold 1,507 distinct ones:
         the repeated rows count as duplicates too.
+    python -m cluster_service.bench.curate synthetic-run DIR --n 128000 --k 100
+        a run directory without a fit (`synthetic_run`) to time the commands on
     python -m cluster_service.bench.curate commands RUN_DIR
         seconds of `duplicates`, `outliers`, `sample` and `export` on a run, each as its own process.
 
@@ -22,6 +24,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -126,9 +129,66 @@ def bench_commands(run_dir: str) -> dict:
     return times
 
 
+def spherical_mixture(n: int, k: int, d: int = 128, noise: float = 0.12, seed: int = 0):
+    """A fast stand-in for the ImageNet proxy: k random unit means, rows = mean + N(0, noise^2 I),
+    L2-normalised (two rows of a component at cosine ~.35, as the proxy's). -> x (n, d) float32, y (n,)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(k, d))
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    y = rng.integers(0, k, n)
+    x = (means[y] + noise * rng.normal(size=(n, d))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, y
+
+
+def synthetic_run(out: str | Path, n: int, k: int, seed: int = 0) -> Path:
+    """A run directory without a fit, for timing the commands: `spherical_mixture` with 1 % of each
+    planted kind, written as shards with (absent) image paths; the model is the components' own
+    Gaussians (sample mean and covariance of their rows), its merge tree and novelty calibration
+    built as a fit builds them; assignments by that model."""
+    import torch
+
+    from cluster_service.core.hierarchy import merge_tree
+    from cluster_service.core.niw import NIWPrior, SuffStats
+    from cluster_service.io.runs import write_run, write_summary
+    from cluster_service.io.shards import write_shards
+    from cluster_service.serve.model import FittedModel
+
+    out = Path(out)
+    base, y = spherical_mixture(int(n / 1.03), k, seed=seed)
+    x, origin, kind, source = plant(base, 0.01, seed)
+    y = np.concatenate([y, y[source[base.shape[0]:]]])
+    paths = np.array([f"{out}/images/img_{i:07d}.jpg" for i in range(x.shape[0])])
+    write_shards(out / "shards", np.arange(x.shape[0]), x, y, paths=paths)
+    d = x.shape[1]
+    xd = x.astype(np.float64)
+    count = np.bincount(y, minlength=k).astype(np.float64)
+    total = np.zeros((k, d))
+    np.add.at(total, y, xd)
+    scatter = np.stack([xd[y == c].T @ xd[y == c] for c in range(k)])
+    means = total / count[:, None]
+    cov = scatter / count[:, None, None] - means[:, :, None] * means[:, None, :] + 1e-4 * np.eye(d)
+    within = (cov * count[:, None, None]).sum(0) / count.sum()
+    prior = NIWPrior(1.0, d + 2.0, torch.from_numpy(xd.mean(0)), torch.from_numpy(within))
+    tree = merge_tree(prior, 1.0, SuffStats(*(torch.from_numpy(a) for a in (count, total, scatter))))
+    model = FittedModel(log_weights=np.log(count / count.sum()), means=means, chol=np.linalg.cholesky(cov),
+                        prior={"alpha": 1.0, "kappa": 1.0, "nu": d + 2.0, "mean": xd.mean(0), "psi": within},
+                        tree_linkage=tree.linkage, tree_log_ratios=tree.log_ratios, version="synthetic")
+    clusters, log_prob, margin = (np.empty(x.shape[0], t) for t in (np.int64, np.float64, np.float64))
+    for sl, lj in model._log_joint_blocks(x):
+        top2 = np.sort(lj, axis=1)[:, -2:]
+        clusters[sl], log_prob[sl], margin[sl] = lj.argmax(1), top2[:, 1], top2[:, 1] - top2[:, 0]
+    model.calibrate_novelty(clusters, log_prob)
+    write_run(out / "run", model, np.arange(x.shape[0]), clusters, log_prob, margin, {}, [])
+    write_summary(out / "run", {"n_samples": x.shape[0], "n_features": d, "k_found": k,
+                                "data": str((out / "shards").resolve()), "synthetic": "components as the model"})
+    np.savez(out / "truth.npz", origin=origin, kind=kind, source=source)
+    return out / "run"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["duplicates", "moco", "commands"])
+    p.add_argument("what", choices=["duplicates", "moco", "commands", "synthetic-run"])
     p.add_argument("run_dir", nargs="?")
     p.add_argument("--n", type=int, default=1_280_000)
     p.add_argument("--k", type=int, default=1000)
@@ -139,6 +199,8 @@ def main(argv=None) -> None:
         bench_proxy(a.n, a.k, ts)
     elif a.what == "moco":
         bench_moco(thresholds=ts)
+    elif a.what == "synthetic-run":
+        print(synthetic_run(a.run_dir, a.n, a.k))
     else:
         print(json.dumps(bench_commands(a.run_dir)))
 

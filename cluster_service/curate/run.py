@@ -29,8 +29,6 @@ class FittedRun:
     ids: np.ndarray  # (n,) int64 or object (str ids)
     clusters: np.ndarray  # (n,) int64
     log_prob: np.ndarray  # (n,) float64 log pi_k + log N(x; mu_k, Sigma_k)
-    novelty: np.ndarray  # (n,) float64, NaN without a calibration
-    novel: np.ndarray  # (n,) bool
     data: str | None  # the data the run was fitted on (summary.json's "data")
     paths: np.ndarray | None  # (n,) object image paths ("" unknown), None when the data has none
     _x: np.ndarray | None = field(default=None, repr=False)
@@ -83,16 +81,13 @@ def open_run(run: str | os.PathLike, data: str | os.PathLike | None = None) -> F
     if not runs.is_complete(run_dir):
         raise FileNotFoundError(f"{run_dir}: not a complete run directory (no {runs.SUMMARY}; did the fit finish?)")
     model = load_model(runs.model_dir(run_dir))
-    table = runs.read_assignments(run_dir, ["id", "cluster", "log_prob", "novelty", "novel"])
+    table = runs.read_assignments(run_dir, ["id", "cluster", "log_prob"])
     ids = table.column("id").to_numpy(zero_copy_only=False)
     data = str(data) if data is not None else runs.read_summary(run_dir).get("data")
-    novelty = table.column("novelty").to_numpy(zero_copy_only=False)
     return FittedRun(
         run_dir=run_dir, model=model, ids=ids,
         clusters=table.column("cluster").to_numpy().astype(np.int64),
         log_prob=table.column("log_prob").to_numpy().astype(np.float64),
-        novelty=np.asarray(novelty, dtype=np.float64),
-        novel=table.column("novel").to_numpy(zero_copy_only=False).astype(bool),
         data=data, paths=data_column(data, ids, "path"),
     )
 

@@ -476,7 +476,7 @@ def outliers(
 ) -> None:
     """Calibrated outlier scores (the model's novelty: 1 - the row's tail probability among its cluster's
     training rows by log-density). Writes RUN_DIR/outliers.parquet: the top rows per cluster and overall."""
-    from cluster_service.curate.outliers import top_outliers
+    from cluster_service.curate.outliers import flagged, top_outliers
     from cluster_service.curate.run import open_run
     from cluster_service.io.atomic import write_parquet_atomic
 
@@ -487,8 +487,8 @@ def outliers(
     path = write_parquet_atomic(table, run.run_dir / runs.OUTLIERS)
     scores = table.column("score").to_numpy()
     out.print(f"{path}: {table.num_rows} rows (top {per_cluster} per cluster, top {top} overall); "
-              f"scores {scores.min():.3f}-{scores.max():.3f}; {int(run.novel.sum())} of {run.n_rows} rows flagged "
-              f"novel at the model's 1% rate", soft_wrap=True)
+              f"scores {scores.min():.3f}-{scores.max():.3f}; {int(flagged(run).sum())} of {run.n_rows} rows in "
+              f"their cluster's {NOVELTY_FPR:.0%} tail", soft_wrap=True)
     if run.paths is None:
         out.print(f"gallery skipped: {run.why_no_paths()}", soft_wrap=True)
     _refresh_report(run.run_dir, no_report)
@@ -499,7 +499,8 @@ def sample(
     run_dir: RunArg,
     n: Annotated[int, typer.Option("--n", help="rows to draw")],
     level: Annotated[int | None, typer.Option(help="balance over the groups of this merge-tree level first")] = None,
-    drop_outliers: Annotated[bool, typer.Option("--drop-outliers", help="leave out rows flagged novel")] = False,
+    drop_outliers: Annotated[bool, typer.Option("--drop-outliers", help=(
+        "leave out the rows in their cluster's 1% tail (the outliers command's score > .99)"))] = False,
     keep_duplicates: Annotated[bool, typer.Option("--keep-duplicates", help=(
         "draw without duplicates.parquet (by default all but one row of each duplicate group is left out, "
         "so run `duplicates` first)"))] = False,
@@ -508,6 +509,7 @@ def sample(
 ) -> None:
     """A sample balanced over the clusters (or over a merge-tree level, then its clusters). Writes
     RUN_DIR/sample.parquet (id, path, cluster[, group])."""
+    from cluster_service.curate.outliers import flagged
     from cluster_service.curate.run import open_run
     from cluster_service.curate.sample import draw_sample, rows_of_ids, sample_table
     from cluster_service.io.atomic import write_parquet_atomic
@@ -526,15 +528,15 @@ def sample(
         ids, reps = (dup.column(c).to_numpy(zero_copy_only=False) for c in ("id", "representative"))
         exclude[rows_of_ids(run, ids[ids != reps])] = True
     n_dup = int(exclude.sum())
-    if drop_outliers:
-        exclude |= run.novel
+    outlier = flagged(run) if drop_outliers else np.zeros(run.n_rows, bool)
+    exclude |= outlier
     rows, group = draw_sample(run, n, level, exclude, seed)
     table = sample_table(run, rows, group)
     path = write_parquet_atomic(table, run.run_dir / runs.SAMPLE)
     counts = np.bincount(run.clusters[rows], minlength=run.n_clusters)
     used = counts[counts > 0]
     out.print(f"{path}: {rows.size} rows from {used.size} of {run.n_clusters} clusters (per cluster {used.min()}-"
-              f"{used.max()}); left out: {n_dup} duplicate(s)" + (f", {int(run.novel.sum())} outlier(s)"
+              f"{used.max()}); left out: {n_dup} duplicate(s)" + (f", {int(outlier.sum())} outlier(s)"
                                                                   if drop_outliers else ""), soft_wrap=True)
     if run.paths is None:
         out.print(f"path column empty: {run.why_no_paths()}", soft_wrap=True)
