@@ -155,7 +155,8 @@ def test_outliers_ranks_the_planted_far_rows_first(fitted, cli):
     assert r.returncode == 0, r.stderr
     t = pq.read_table(run_dir / "outliers.parquet").to_pandas()
     top = t[t.rank_overall.notna()].sort_values("rank_overall")
-    assert len(top) == 10 and set(top.id[:N_FAR]) == fitted["planted"]["far"]
+    assert len(top) == 10 and set(top.id[:N_FAR]) == fitted["planted"]["far"], top[["id", "cluster", "score",
+                                                                                  "log_density"]]
     assert (top.score.diff().dropna() <= 0).all() and top.score.iloc[0] > 0.99
     assigned = pq.read_table(run_dir / "assignments.parquet").to_pandas()
     sizes = assigned.cluster.value_counts()

@@ -5,8 +5,8 @@ cluster's training rows by log N(x; mu_k, Sigma_k), each training row scored as 
 run's own rows are training rows, so each is scored held out too (its leave-one-out density against
 the held-out quantiles, the calibration's own comparison; its in-sample density would flatter it:
 with 3 rows per dimension no row of a 128-d cluster reached the 1 % tail). A score of .99 means 99 %
-of the cluster's training rows are more typical; rows beyond every stored quantile score 1 and are
-ordered among themselves by their log-density (lowest first).
+of the cluster's training rows are more typical; rows with the same score to 3 decimals (those
+beyond every stored quantile score 1) are ordered by their log-density (lowest first).
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ def flagged(run: FittedRun, fpr: float = NOVELTY_FPR) -> np.ndarray:
 
 
 def rank_outliers(score: np.ndarray, log_density: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """`rows` most unusual first: highest score, then lowest log-density."""
-    return rows[np.lexsort((log_density[rows], -score[rows]))]
+    """`rows` most unusual first: highest score to 3 decimals, then lowest log-density. (Scores are
+    interpolated between 12 stored quantiles; a cluster's least typical training row sits at its
+    lowest quantile and scores 1 - 1e-6 or so, not 1, which must not put it behind a row of another
+    cluster that is far less unusual.)"""
+    return rows[np.lexsort((log_density[rows], -np.round(score[rows], 3)))]
 
 
 def top_outliers(run: FittedRun, per_cluster: int, overall: int):
