@@ -157,7 +157,7 @@ def test_outliers_ranks_the_planted_far_rows_first(fitted, cli):
     top = t[t.rank_overall.notna()].sort_values("rank_overall")
     assert len(top) == 10 and set(top.id[:N_FAR]) == fitted["planted"]["far"], top[["id", "cluster", "score",
                                                                                   "log_density"]]
-    assert (top.score.diff().dropna() <= 0).all() and top.score.iloc[0] > 0.99
+    assert (top.score.round(3).diff().dropna() <= 0).all() and top.score.iloc[0] > 0.99  # ties: by log-density
     assigned = pq.read_table(run_dir / "assignments.parquet").to_pandas()
     sizes = assigned.cluster.value_counts()
     per = t.groupby("cluster").rank_in_cluster.apply(lambda r: set(r[r <= 5]))
