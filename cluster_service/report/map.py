@@ -89,7 +89,8 @@ def map_svg(mean_xy: np.ndarray, row_xy: np.ndarray, row_cluster: np.ndarray, si
         parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="1.6" fill="{colour[c]}" fill-opacity="0.35"/>'
                   for a, b, c in zip(px, py, row_cluster, strict=True)]
     mx, my = place(mean_xy)
-    radius = 3 + 17 * np.sqrt(sizes / max(int(sizes.max()), 1))
+    largest = float(np.clip(120 / np.sqrt(max(len(sizes), 1)), 4, 20))  # K 36 and fewer: 20 px; K 1,000: 4
+    radius = 2 + largest * np.sqrt(sizes / max(int(sizes.max()), 1))
     for k in np.argsort(-sizes, kind="stable"):  # large first, so small clusters stay clickable on top
         circle = (f'<circle class="mean" cx="{mx[k]:.1f}" cy="{my[k]:.1f}" r="{radius[k]:.1f}" fill="{colour[k]}" '
                   f'fill-opacity="0.8" stroke="#222" stroke-width="0.8"><title>cluster {k}: {int(sizes[k])} rows, '
