@@ -275,3 +275,19 @@ def test_report_map_and_sections_render_in_headless_chromium(fitted, tmp_path, c
     rgb = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int64)
     colourful = (rgb.max(2) - rgb.min(2)) > 60  # the map's coloured means and dots (the page is grey text)
     assert colourful[300:1100].mean() > 0.003, colourful.mean()
+
+
+def test_rate_lines_come_every_interval_with_rate_and_eta_and_at_the_end():
+    from cluster_service.ops.progress import RateLines, epoch_line
+
+    now, lines = [0.0], []
+    show = RateLines("assign", "rows", every_s=30, emit=lines.append, clock=lambda: now[0])
+    for done, t in [(100, 10), (200, 30), (300, 40), (400, 60), (500, 65)]:
+        now[0] = t
+        show(done, 500)
+    assert lines == ["assign: 200/500 rows, 7 rows/s, elapsed 30s ETA 45s",
+                     "assign: 400/500 rows, 7 rows/s, elapsed 1m00s ETA 15s",
+                     "assign: 500/500 rows, 8 rows/s, elapsed 1m05s ETA done"]
+    rec = {"epoch": 9, "n_clusters": 12, "loss_cluster": 0.5}
+    assert epoch_line(rec, 40, 100.0) == "fit: epoch 10/40 K=12 loss=0.500 elapsed 1m40s ETA <= 5m00s"
+    assert epoch_line({**rec, "stopped": "converged"}, 40, 100.0).endswith("ETA done")
