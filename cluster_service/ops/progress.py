@@ -32,9 +32,13 @@ def duration(seconds: float) -> str:
 
 def epoch_line(rec: dict, epochs: int, elapsed: float) -> str:
     """One epoch record as a plain log line: epoch, K, loss, elapsed and the ETA at the planned epochs
-    (an upper bound: the fit may stop early once K and the marginal settle)."""
+    (an upper bound: the fit may stop early once K and the marginal settle; the last line then counts
+    the epochs run and says why it stopped, as the bar does)."""
     done = rec["epoch"] + 1
-    eta = "done" if rec.get("stopped") or done >= epochs else "<= " + duration(elapsed / done * (epochs - done))
+    if rec.get("stopped"):  # the last epoch: the planned epochs were a cap
+        epochs, eta = done, f"done ({rec['stopped']})"
+    else:
+        eta = "done" if done >= epochs else "<= " + duration(elapsed / done * (epochs - done))
     return (f"fit: epoch {done}/{epochs} K={rec['n_clusters']} loss={rec['loss_cluster']:.3f} "
             f"elapsed {duration(elapsed)} ETA {eta}")
 
