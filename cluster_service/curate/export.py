@@ -36,24 +36,34 @@ def export_rows(run: FittedRun, cluster: int | None = None, level: int | None = 
     return rows, group[run.clusters]
 
 
-def export_csv(run: FittedRun, rows: np.ndarray, label: np.ndarray, out: str | os.PathLike, what: str) -> Path:
-    """CSV: id, path, cluster, and `what` (cluster or group) when that is a level's group."""
+def resolved(path: str, root: str | os.PathLike | None) -> str:
+    """An image path as a labelling tool opens it: relative ones under `root` (else the working
+    directory), made absolute; "" stays "" (unknown)."""
+    if not path:
+        return path
+    return os.path.abspath(Path(root) / path if root is not None and not Path(path).is_absolute() else path)
+
+
+def export_csv(run: FittedRun, rows: np.ndarray, label: np.ndarray, out: str | os.PathLike, what: str,
+               root: str | os.PathLike | None = None) -> Path:
+    """CSV: id, path (absolute), cluster, and `what` (cluster or group) when that is a level's group."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["id", "path", "cluster", *([what] if what != "cluster" else [])])
     for r, g in zip(rows, label, strict=True):
-        w.writerow([run.ids[r], run.paths[r], run.clusters[r], *([g] if what != "cluster" else [])])
+        w.writerow([run.ids[r], resolved(run.paths[r], root), run.clusters[r], *([g] if what != "cluster" else [])])
     return write_text_atomic(buf.getvalue(), out)
 
 
-def export_links(run: FittedRun, rows: np.ndarray, label: np.ndarray, out: str | os.PathLike, what: str) -> Path:
+def export_links(run: FittedRun, rows: np.ndarray, label: np.ndarray, out: str | os.PathLike, what: str,
+                 root: str | os.PathLike | None = None) -> Path:
     """OUT/<what>_NNNNN/<id><suffix> -> the image, one sub-folder per cluster or group; rows without
     a path are left out. OUT is replaced whole."""
     with atomic_dir(out) as tmp:
         for g in np.unique(label):
             (tmp / f"{what}_{int(g):05d}").mkdir()
         for r, g in zip(rows, label, strict=True):
-            src = run.paths[r]
+            src = resolved(run.paths[r], root)
             if src:
-                os.symlink(os.path.abspath(src), tmp / f"{what}_{int(g):05d}" / f"{run.ids[r]}{Path(src).suffix}")
+                os.symlink(src, tmp / f"{what}_{int(g):05d}" / f"{run.ids[r]}{Path(src).suffix}")
     return Path(out)

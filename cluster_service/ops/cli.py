@@ -549,6 +549,7 @@ def export(
     out_path: Annotated[Path, typer.Option("--out", help="folder of symlinks, or a .csv file")],
     cluster: Annotated[int | None, typer.Option(help="export this cluster")] = None,
     level: Annotated[int | None, typer.Option(help="export every group of this merge-tree level")] = None,
+    images: Annotated[Path | None, typer.Option(help="root for relative image paths in the shards")] = None,
 ) -> None:
     """Export a cluster, or every group of a merge-tree level, for labelling tools: OUT ending in .csv
     gets id, path, cluster[, group]; any other OUT becomes a folder of symlinks to the images, one
@@ -562,10 +563,10 @@ def export(
     rows, label = export_rows(run, cluster, level)
     what = "cluster" if cluster is not None else "group"
     if out_path.suffix == ".csv":
-        path = export_csv(run, rows, label, out_path, what)
+        path = export_csv(run, rows, label, out_path, what, images)
         out.print(f"{path}: {rows.size} rows", soft_wrap=True)
     else:
-        path = export_links(run, rows, label, out_path, what)
+        path = export_links(run, rows, label, out_path, what, images)
         out.print(f"{path}/: {int((run.paths[rows] != '').sum())} links in {np.unique(label).size} folder(s)",
                   soft_wrap=True)
 
