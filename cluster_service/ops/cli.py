@@ -282,7 +282,7 @@ def demo(
     cfg = FitConfig().replace(seed=seed)
     for name in ("mixture", "digits"):
         console.print(f"[bold]{name}[/]: {data_dir / (name + '.npz')}")
-        summary = run_fit(data_dir / f"{name}.npz", out_dir / name, cfg)
+        summary = run_fit(data_dir / f"{name}.npz", out_dir / name, cfg, progress=lambda epochs: FitProgress(epochs))
         print_summary(summary, f"demo: {name}")
         run_dir = str(out_dir / name)
         # 16-d data: a cosine of .95 is common between rows that are merely close (the default is
