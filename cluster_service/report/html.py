@@ -6,7 +6,11 @@
                             (Bhattacharyya coefficient), its label composition (majority label
                             and purity) when the data has labels, and, when the data's shards
                             carry image paths, a gallery: the most typical members (highest log-density), the
-                            least certain (lowest margin) and a few at random.
+                            least certain (lowest margin) and a few at random. Near the top, a 2-D
+                            map of the clusters (report.map); after the training figures, a section
+                            each for the curation commands' outputs (duplicates.parquet,
+                            outliers.parquet, sample.parquet; export), with galleries when the
+                            data has image paths.
 
 Thumbnails are made in a process pool and cached under RUN_DIR/thumbs/ (a rebuild reuses them);
 images that cannot be read are listed in the report, never fatal. Matplotlib figures are rendered
@@ -261,13 +265,15 @@ def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 def curated_rows(run_dir: Path, ids: np.ndarray) -> dict:
     """The curation outputs of the run (io.runs.read_curated) and the rows their galleries show:
-    {"duplicates": table | None, "groups": [rows of a shown group], "outliers": table | None,
-    "outlier_rows": rows, "sample": table | None, "thumb_rows": every row to make a thumbnail of}."""
+    {"duplicates": table | None, "groups": [rows of a shown group], "group_ids": [its group],
+    "outliers": table | None, "outliers_top": the overall top rows, "outlier_rows": their rows,
+    "sample": table | None, "thumb_rows": every row to make a thumbnail of}."""
     from cluster_service.io import runs
 
     found = {"duplicates": runs.read_curated(run_dir, runs.DUPLICATES),
              "outliers": runs.read_curated(run_dir, runs.OUTLIERS),
-             "sample": runs.read_curated(run_dir, runs.SAMPLE), "groups": [], "outlier_rows": np.zeros(0, np.int64)}
+             "sample": runs.read_curated(run_dir, runs.SAMPLE), "groups": [], "group_ids": [],
+             "outlier_rows": np.zeros(0, np.int64)}
     dup = found["duplicates"]
     if dup is not None and dup.num_rows:
         group = dup.column("group").to_numpy()
@@ -275,6 +281,7 @@ def curated_rows(run_dir: Path, ids: np.ndarray) -> dict:
         sizes = np.bincount(group)
         for g in np.argsort(-sizes, kind="stable")[:SHOW_GROUPS]:
             found["groups"].append(dup_rows[group == g][:SHOW_MEMBERS])  # representative first
+            found["group_ids"].append(int(g))
     out = found["outliers"]
     if out is not None and out.num_rows:
         overall = out.filter(out.column("rank_overall").is_valid())
@@ -333,13 +340,12 @@ def curation_sections(run_dir, curated, ids, clusters, sizes, paths, thumbs, dat
         if curated["groups"]:
             body += "<table><tr><td>group</td><td>rows</td><td>representative</td><td>cluster</td></tr>"
             counts = np.bincount(group)
-            for rows in curated["groups"]:
-                g = int(group[_rows_of(dup.column("id").to_numpy(zero_copy_only=False), ids[rows[:1]])[0]])
+            for g, rows in zip(curated["group_ids"], curated["groups"], strict=True):
                 body += (f"<tr><td>{g}</td><td>{int(counts[g])}</td><td>{html.escape(str(ids[rows[0]]))}</td>"
                          f'<td><a href="#c{int(clusters[rows[0]])}">{int(clusters[rows[0]])}</a></td></tr>')
             body += "</table>"
-            body += no_paths or "".join(_thumb_strip(f"group {i}", rows, thumbs)
-                                        for i, rows in enumerate(curated["groups"]))
+            body += no_paths or "".join(_thumb_strip(f"group {g}", rows, thumbs)
+                                        for g, rows in zip(curated["group_ids"], curated["groups"], strict=True))
     out.append(f'<section id="duplicates"><h2>Near-duplicates</h2>{body}</section>')
     table = curated["outliers"]
     body = f'<p class="note">not run: <code>cluster-service outliers {name}</code></p>'
