@@ -289,6 +289,7 @@ def test_rate_lines_come_every_interval_with_rate_and_eta_and_at_the_end():
                      "assign: 400/500 rows, 7 rows/s, elapsed 1m00s ETA 15s",
                      "assign: 500/500 rows, 8 rows/s, elapsed 1m05s ETA done"]
     rec = {"epoch": 9, "n_clusters": 12, "loss_cluster": 0.5}
-    assert epoch_line(rec, 40, 100.0) == "fit: epoch 10/40 K=12 loss=0.500 elapsed 1m40s ETA <= 5m00s"
+    assert epoch_line(rec, 40, 100.0, 10.0) == "fit: epoch 10/40 K=12 loss=0.500 elapsed 1m40s ETA <= 5m00s"
+    assert epoch_line(rec, 40, 100.0).endswith("ETA ?")  # the first line: the start's minutes are no epoch
     assert epoch_line({**rec, "stopped": "converged"}, 40, 100.0).startswith("fit: epoch 10/10 K=12")
     assert epoch_line({**rec, "stopped": "converged"}, 40, 100.0).endswith("ETA done (converged)")

@@ -30,15 +30,18 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def epoch_line(rec: dict, epochs: int, elapsed: float) -> str:
+def epoch_line(rec: dict, epochs: int, elapsed: float, per_epoch: float | None = None) -> str:
     """One epoch record as a plain log line: epoch, K, loss, elapsed and the ETA at the planned epochs
-    (an upper bound: the fit may stop early once K and the marginal settle; the last line then counts
-    the epochs run and says why it stopped, as the bar does)."""
+    from `per_epoch` seconds ("?" until known: the first epoch's time includes the start, minutes at
+    scale); an upper bound, since the fit may stop early once K and the marginal settle; the last line
+    then counts the epochs run and says why it stopped, as the bar does."""
     done = rec["epoch"] + 1
     if rec.get("stopped"):  # the last epoch: the planned epochs were a cap
         epochs, eta = done, f"done ({rec['stopped']})"
+    elif done >= epochs:
+        eta = "done"
     else:
-        eta = "done" if done >= epochs else "<= " + duration(elapsed / done * (epochs - done))
+        eta = "?" if per_epoch is None else "<= " + duration(per_epoch * (epochs - done))
     return (f"fit: epoch {done}/{epochs} K={rec['n_clusters']} loss={rec['loss_cluster']:.3f} "
             f"elapsed {duration(elapsed)} ETA {eta}")
 
@@ -86,9 +89,13 @@ def epoch_printer(epochs: int, emit: Callable[[str], None] | None = None):
     `epoch_line` per epoch record, rank 0's in a distributed fit."""
     emit = emit or (lambda line: print(line, flush=True))
     start = time.monotonic()
+    first: list[tuple[int, float]] = []  # (epoch, time) of the first record: epochs after it are timed
 
     def show(rec: dict) -> None:
-        emit(epoch_line(rec, epochs, time.monotonic() - start))
+        now = time.monotonic()
+        first[:] = first or [(rec["epoch"], now)]
+        timed = rec["epoch"] - first[0][0]
+        emit(epoch_line(rec, epochs, now - start, (now - first[0][1]) / timed if timed > 0 else None))
 
     return show
 
