@@ -24,6 +24,13 @@ CHECKPOINT_EVERY = 5  # epochs between Ray Train checkpoints of a distributed fi
 TOP_M = 16  # `assign --method shortlist`: candidate clusters rescored exactly per row
 EXPERIMENT = "cluster_service"  # MLflow experiment of fits and jobs
 NOVELTY_FPR = 0.01  # `assign`: share of training-like rows flagged novel (serve.novelty)
+# Cosine similarity (of mean-centred rows) at which `duplicates` calls two rows near-duplicates:
+# measured on planted duplicates in the ImageNet proxy (BENCHMARKS.md, "Near-duplicates").
+DUPLICATE_THRESHOLD = 0.95
+# The report's 2-D map: "auto" (UMAP where umap-learn is installed, else PCA), "umap" or "pca";
+# the environment variable overrides it (the tests set pca: UMAP's numba compile costs 30-40 s a process).
+MAP_LAYOUT_ENV = "CLUSTER_SERVICE_MAP_LAYOUT"
+MAP_LAYOUT = "auto"
 
 
 class ConfigError(ValueError):

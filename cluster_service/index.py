@@ -133,3 +133,18 @@ class MipsIndex:
             q = np.ascontiguousarray(np.concatenate([q, np.zeros((q.shape[0], 1), np.float32)], axis=1))
         _, idx = self.index.search(q, k)
         return idx
+
+
+def pairs_within(queries, keys, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (query, key) pair whose inner product is at least `threshold`, by exact range search
+    (CPU: FAISS range search has no GPU flat index). queries (n, d), keys (m, d) ->
+    (query row (p,) int64, key row (p,) int64, inner product (p,) float32), query by query."""
+    q, k = _as_f32(queries), _as_f32(keys)
+    index = faiss.IndexFlatIP(k.shape[1])
+    index.add(k)
+    # range search keeps products strictly above the radius; float32 rounding may put an exact copy
+    # a hair under 1, so search a little wider and cut at the threshold less that rounding
+    lims, sims, idx = index.range_search(q, threshold - 1e-5)
+    rows = np.repeat(np.arange(q.shape[0], dtype=np.int64), np.diff(lims.astype(np.int64)))
+    keep = sims >= threshold - 1e-6
+    return rows[keep], idx[keep].astype(np.int64), sims[keep]

@@ -2,6 +2,7 @@
 functions) of cluster_service/ and feature_extraction/ with `ast`:
 
     core <- train <- runtime <- ops;  serve on core and io;  everything may use io and config;
+    curate (duplicates, outliers, samples, export) on serve, core and index, used by ops and bench;
     report (evaluation, plots, the run report; reads models via serve) only from runtime, ops and bench;
     bench sits on top (it measures ops);  only ops and bench import feature_extraction;
     mlflow only in runtime/tracking.py and serve/pyfunc.py;  torch.distributed only in train/comm.py;
@@ -22,9 +23,10 @@ ALLOWED = {
     "serve": {"serve", "core", "index"},
     "train": {"train", "core", "serve", "index"},
     "report": {"report", "serve", "index"},  # the run report reads the model directory
+    "curate": {"curate", "serve", "core", "index"},  # duplicates, outliers, samples, export of a run
     "runtime": {"runtime", "train", "serve", "core", "report", "index"},
-    "ops": {"ops", "runtime", "train", "serve", "core", "report", "index", "datasets"},
-    "bench": {"bench", "ops", "runtime", "train", "serve", "core", "report", "index", "datasets"},
+    "ops": {"ops", "runtime", "train", "serve", "core", "report", "curate", "index", "datasets"},
+    "bench": {"bench", "ops", "runtime", "train", "serve", "core", "report", "curate", "index", "datasets"},
     "index": set(),
     "config": set(),
     "datasets": set(),

@@ -92,6 +92,24 @@ def read_column(path: str | os.PathLike, column: str) -> tuple[np.ndarray, np.nd
     return found
 
 
+def data_column(data: str | os.PathLike | None, ids: np.ndarray, column: str) -> np.ndarray | None:
+    """The data's `path` (object, "" where unknown) or `label` (int64, -1 where unknown) of every
+    row of `ids` (n,), joined by id; None when the data is not given, gone, or has no such column
+    (`read_column`: paths come from shard directories only, labels also from array files and tables)."""
+    missing = "" if column == "path" else -1
+    if not data or not Path(data).exists():
+        return None
+    found = read_column(data, column)
+    if found is None:
+        return None
+    all_ids, values = found
+    order = np.argsort(all_ids, kind="stable")
+    pos = np.clip(np.searchsorted(all_ids[order], ids), 0, all_ids.size - 1)
+    out = values[order][pos]
+    out[all_ids[order][pos] != ids] = missing
+    return out
+
+
 def read_labels(path: str | os.PathLike) -> np.ndarray | None:
     """The data's labels (n,) int64 in row order (-1 where unknown), or None (`read_column`)."""
     found = read_column(path, "label")

@@ -6,6 +6,9 @@
     RUN_DIR/history.json         one record per epoch (EpochRecord.as_dict)
     RUN_DIR/lineage.json         an update's old -> new cluster ids (also in model/)
     RUN_DIR/summary.json         written last: its presence marks the run complete
+    RUN_DIR/duplicates.parquet   `cluster-service duplicates` (cluster_service.curate.duplicates)
+    RUN_DIR/outliers.parquet     `cluster-service outliers` (cluster_service.curate.outliers)
+    RUN_DIR/sample.parquet       `cluster-service sample` (cluster_service.curate.sample)
 
 Every file is written under a temporary name and renamed, so a killed writer never leaves half files.
 Readers name these files through this module only (`model_dir`, `read_assignments`, `read_history`,
@@ -30,6 +33,9 @@ CONFIG = "config.json"
 HISTORY = "history.json"
 LINEAGE = "lineage.json"
 SUMMARY = "summary.json"
+DUPLICATES = "duplicates.parquet"
+OUTLIERS = "outliers.parquet"
+SAMPLE = "sample.parquet"
 
 
 def assignments_table(
@@ -152,3 +158,11 @@ def read_lineage(run_dir: str | os.PathLike) -> dict | None:
     """An update's lineage.json, or None for a run that is not an update."""
     path = Path(run_dir) / LINEAGE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_curated(run_dir: str | os.PathLike, name: str) -> pa.Table | None:
+    """RUN_DIR/`name` (DUPLICATES, OUTLIERS or SAMPLE), or None when that command has not run."""
+    import pyarrow.parquet as pq
+
+    path = Path(run_dir) / name
+    return pq.read_table(path) if path.is_file() else None

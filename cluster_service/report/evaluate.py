@@ -62,6 +62,6 @@ def run_summary(n_samples: int, n_features: int, k_found: int, seconds: float, h
 
     summary = {"n_samples": int(n_samples), "n_features": int(n_features), "k_found": int(k_found),
                "seconds": round(seconds, 2), **stop_summary(history), "out": str(out), **extra}
-    if scores is not None:
-        summary.update(scores.as_dict())
+    if scores is not None:  # scores to 4 decimals: what a person compares (the third moves between seeds)
+        summary.update({k: round(v, 4) if isinstance(v, float) else v for k, v in scores.as_dict().items()})
     return summary

@@ -6,7 +6,11 @@
                             (Bhattacharyya coefficient), its label composition (majority label
                             and purity) when the data has labels, and, when the data's shards
                             carry image paths, a gallery: the most typical members (highest log-density), the
-                            least certain (lowest margin) and a few at random.
+                            least certain (lowest margin) and a few at random. Near the top, a 2-D
+                            map of the clusters (report.map); after the training figures, a section
+                            each for the curation commands' outputs (duplicates.parquet,
+                            outliers.parquet, sample.parquet; export), with galleries when the
+                            data has image paths.
 
 Thumbnails are made in a process pool and cached under RUN_DIR/thumbs/ (a rebuild reuses them);
 images that cannot be read are listed in the report, never fatal. Matplotlib figures are rendered
@@ -27,6 +31,7 @@ import numpy as np
 
 from cluster_service import index
 from cluster_service.io.atomic import atomic_path
+from cluster_service.io.features import data_column
 
 REPORT = "report.html"
 THUMB_PX = 96
@@ -34,10 +39,12 @@ THUMB_PX = 96
 
 def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | None = None,
                  per_cluster: int = 12, max_clusters: int = 200, out: str | os.PathLike | None = None,
-                 montage_dir: str | os.PathLike | None = None) -> Path:
+                 montage_dir: str | os.PathLike | None = None, map_layout: str | None = None) -> Path:
     """Write RUN_DIR/report.html (or `out`); returns its path. `images_root` resolves relative image
     paths of the shards (default: as written by extraction, absolute). With `montage_dir` (and image
-    paths in the shards) also one PNG per cluster there, the same strips as its gallery panel."""
+    paths in the shards) also one PNG per cluster there, the same strips as its gallery panel.
+    map_layout: the map's layout (report.map.layout_method). The sections of `duplicates`, `outliers`
+    and `sample` appear when their Parquet files are in the run directory."""
     from cluster_service.io import runs
     from cluster_service.io.atomic import write_text_atomic
     from cluster_service.report import plots
@@ -60,9 +67,11 @@ def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | No
     paths = data_column(summary.get("data"), ids, "path")
     labels = data_column(summary.get("data"), ids, "label")
     thumbs, missing = {}, []
+    curated = curated_rows(run_dir, ids)
     if paths is not None:
         picks = {c: gallery_rows(members[c], log_prob, margin, c, per_cluster) for c in order}
-        wanted = sorted({int(i) for rows in picks.values() for group in rows.values() for i in group})
+        wanted = sorted({int(i) for rows in picks.values() for group in rows.values() for i in group}
+                        | {int(i) for rows in curated["thumb_rows"] for i in rows})
         files = {i: _resolve(paths[i], images_root) for i in wanted}
         thumbs, missing = make_thumbnails(list(files.values()), run_dir / "thumbs")
         thumbs = {i: thumbs.get(f) for i, f in files.items()}
@@ -79,33 +88,15 @@ def build_report(run_dir: str | os.PathLike, images_root: str | os.PathLike | No
     if montage_dir is not None and paths is not None:
         for c in order:
             write_montage(Path(montage_dir) / f"cluster_{int(c):05d}.png", int(c), sizes, picks[c], thumbs)
-    page = _page(run_dir, summary, figures, panels, order, sizes, missing)
+    the_map = map_section(model, summary.get("data"), ids, clusters, sizes, {int(c) for c in order}, map_layout)
+    sections = curation_sections(run_dir, curated, ids, clusters, sizes, paths, thumbs, summary.get("data"))
+    page = _page(run_dir, summary, figures, panels, order, sizes, missing, the_map, sections)
     out = Path(out) if out else run_dir / REPORT
     write_text_atomic(page, out)
     return out
 
 
 # ---- data ---------------------------------------------------------------------------------------
-
-
-def data_column(data: str | None, ids: np.ndarray, column: str) -> np.ndarray | None:
-    """The data's `path` (object, "" where unknown) or `label` (int64, -1 where unknown) of every
-    assignment row (n,), joined by id; None when the data has no such column (io.features.read_column:
-    paths come from shard directories only, labels also from array files and tables)."""
-    from cluster_service.io.features import read_column
-
-    missing = "" if column == "path" else -1
-    if not data or not Path(data).exists():
-        return None
-    found = read_column(data, column)
-    if found is None:
-        return None
-    all_ids, values = found
-    order = np.argsort(all_ids, kind="stable")
-    pos = np.clip(np.searchsorted(all_ids[order], ids), 0, all_ids.size - 1)
-    out = values[order][pos]
-    out[all_ids[order][pos] != ids] = missing
-    return out
 
 
 def label_composition(labels: np.ndarray, top: int = 3) -> tuple[int, list[tuple[int, int]]]:
@@ -259,12 +250,141 @@ def _panel(c, sizes, dens, neighbours, picks, thumbs, composition=None) -> str:
     return f'<section class="cluster" id="c{c}"><h3>cluster {c}</h3>{stats}{gallery}</section>'
 
 
+# ---- the map and the curation commands' sections ---------------------------------------------------
+
+SHOW_GROUPS = 6  # duplicate groups drawn (largest first)
+SHOW_MEMBERS = 8  # members drawn per duplicate group
+SHOW_OUTLIERS = 24  # outliers in the table and gallery
+
+
+def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Positions in `ids` (n,) of each of `wanted` (m,) (all present)."""
+    order = np.argsort(ids, kind="stable")
+    return order[np.clip(np.searchsorted(ids[order], wanted), 0, max(ids.size - 1, 0))]
+
+
+def curated_rows(run_dir: Path, ids: np.ndarray) -> dict:
+    """The curation outputs of the run (io.runs.read_curated) and the rows their galleries show:
+    {"duplicates": table | None, "groups": [rows of a shown group], "group_ids": [its group],
+    "outliers": table | None, "outliers_top": the overall top rows, "outlier_rows": their rows,
+    "sample": table | None, "thumb_rows": every row to make a thumbnail of}."""
+    from cluster_service.io import runs
+
+    found = {"duplicates": runs.read_curated(run_dir, runs.DUPLICATES),
+             "outliers": runs.read_curated(run_dir, runs.OUTLIERS),
+             "sample": runs.read_curated(run_dir, runs.SAMPLE), "groups": [], "group_ids": [],
+             "outlier_rows": np.zeros(0, np.int64)}
+    dup = found["duplicates"]
+    if dup is not None and dup.num_rows:
+        group = dup.column("group").to_numpy()
+        dup_rows = _rows_of(ids, dup.column("id").to_numpy(zero_copy_only=False))
+        sizes = np.bincount(group)
+        for g in np.argsort(-sizes, kind="stable")[:SHOW_GROUPS]:
+            found["groups"].append(dup_rows[group == g][:SHOW_MEMBERS])  # representative first
+            found["group_ids"].append(int(g))
+    out = found["outliers"]
+    if out is not None and out.num_rows:
+        overall = out.filter(out.column("rank_overall").is_valid())
+        found["outliers_top"] = (overall if overall.num_rows else out).slice(0, SHOW_OUTLIERS)
+        found["outlier_rows"] = _rows_of(ids, found["outliers_top"].column("id").to_numpy(zero_copy_only=False))
+    found["thumb_rows"] = [*found["groups"], found["outlier_rows"]]
+    return found
+
+
+def map_section(model, data, ids, clusters, sizes, linked: set[int], layout: str | None) -> str:
+    """The 2-D map (report.map): the means and a sample of the data's rows, coloured by the merge tree's
+    level of at most 10 groups."""
+    from cluster_service.io.features import load_features
+    from cluster_service.report import map as cmap
+
+    x, row_clusters = None, clusters
+    if data and Path(data).exists():
+        feats = load_features(data)
+        x = feats.x
+        row_clusters = clusters[_rows_of(ids, feats.ids)] if feats.ids.shape != ids.shape or (
+            feats.ids != ids).any() else clusters
+    k = model.n_clusters
+    if model.tree_linkage is not None and len(model.tree_linkage) == k - 1:
+        level = min(k, len(cmap.PALETTE))
+        group, level_name = model.cut(level), f"the merge tree cut at {level} groups"
+    else:
+        group, level_name = np.arange(k) % len(cmap.PALETTE), "cluster (no merge tree)"
+    mean_xy, row_xy, row_c, method = cmap.map_points(model.means, x, row_clusters, method=layout)
+    svg = cmap.map_svg(mean_xy, row_xy, row_c, sizes, group, linked, level_name)
+    rows = f"and {row_xy.shape[0]} of the rows" if row_xy.size else "(the data is not there: means only)"
+    return (f'<h2 id="map">Map</h2><p class="note">cluster means (area: rows) {rows}, laid out by {method}; '
+            f"click a cluster for its panel</p>{svg}")
+
+
+def _thumb_strip(name: str, rows, thumbs) -> str:
+    imgs = "".join(f'<img src="{_jpeg(thumbs.get(int(i)))}" alt="row {int(i)}">' for i in rows if thumbs.get(int(i)))
+    return f'<div class="strip"><span>{html.escape(name)}</span>{imgs}</div>' if imgs else ""
+
+
+def curation_sections(run_dir, curated, ids, clusters, sizes, paths, thumbs, data) -> list[str]:
+    """The sections of duplicates.parquet, outliers.parquet, sample.parquet and export (each says which
+    command writes it when it is missing, and why galleries are skipped when the data has no paths)."""
+    no_paths = (f'<p class="note">gallery skipped: the data ({html.escape(str(data))}) carries no image '
+                "paths</p>") if paths is None else ""
+    name = html.escape(str(run_dir))
+    out = []
+    dup = curated["duplicates"]
+    body = f'<p class="note">not run: <code>cluster-service duplicates {name}</code></p>'
+    if dup is not None:
+        group = dup.column("group").to_numpy()
+        n_groups = int(group.max()) + 1 if group.size else 0
+        sim = dup.column("similarity").to_numpy()
+        body = (f"<p>{n_groups} group(s) holding {dup.num_rows} of {ids.size} rows; {dup.num_rows - n_groups} "
+                f"could go (all but each group's representative); lowest similarity to a representative "
+                f"{(sim.min() if sim.size else float('nan')):.3f}</p>")
+        if curated["groups"]:
+            body += "<table><tr><td>group</td><td>rows</td><td>representative</td><td>cluster</td></tr>"
+            counts = np.bincount(group)
+            for g, rows in zip(curated["group_ids"], curated["groups"], strict=True):
+                body += (f"<tr><td>{g}</td><td>{int(counts[g])}</td><td>{html.escape(str(ids[rows[0]]))}</td>"
+                         f'<td><a href="#c{int(clusters[rows[0]])}">{int(clusters[rows[0]])}</a></td></tr>')
+            body += "</table>"
+            body += no_paths or "".join(_thumb_strip(f"group {g}", rows, thumbs)
+                                        for g, rows in zip(curated["group_ids"], curated["groups"], strict=True))
+    out.append(f'<section id="duplicates"><h2>Near-duplicates</h2>{body}</section>')
+    table = curated["outliers"]
+    body = f'<p class="note">not run: <code>cluster-service outliers {name}</code></p>'
+    if table is not None:
+        top = curated.get("outliers_top")
+        body = (f"<p>{table.num_rows} rows: the most unusual per cluster and overall, by calibrated score "
+                "(1 - the row's tail probability among its cluster's training rows)</p>")
+        if top is not None:
+            body += "<table><tr><td>rank</td><td>id</td><td>cluster</td><td>score</td></tr>" + "".join(
+                f'<tr><td>{r + 1}</td><td>{html.escape(str(i))}</td><td><a href="#c{c}">{c}</a></td>'
+                f"<td>{sc:.3f}</td></tr>" for r, (i, c, sc) in enumerate(zip(
+                    top.column("id").to_pylist(), top.column("cluster").to_pylist(), top.column("score").to_pylist(),
+                    strict=True)) if r < 12) + "</table>"
+            body += no_paths or _thumb_strip("most unusual", curated["outlier_rows"], thumbs)
+    out.append(f'<section id="outliers"><h2>Outliers</h2>{body}</section>')
+    table = curated["sample"]
+    body = f'<p class="note">not run: <code>cluster-service sample {name} --n M</code></p>'
+    if table is not None:
+        got = np.bincount(table.column("cluster").to_numpy(), minlength=sizes.size)
+        used = got[got > 0]
+        body = (f"<p>{table.num_rows} rows from {used.size} of {sizes.size} clusters, {used.min() if used.size else 0}"
+                f"-{used.max() if used.size else 0} per cluster (the data's clusters hold {int(sizes.min())}-"
+                f"{int(sizes.max())})" + (", balanced over the tree's groups first" if "group" in table.column_names
+                                          else "") + "</p>")
+    out.append(f'<section id="sample"><h2>Balanced sample</h2>{body}</section>')
+    body = (f"<p>export a cluster or a tree level's groups for labelling tools: <code>cluster-service export {name} "
+            "--cluster K --out DIR</code> (a folder of symlinks) or <code>--out FILE.csv</code></p>")
+    if paths is None:
+        body = f'<p class="note">export unavailable: the data ({html.escape(str(data))}) carries no image paths</p>'
+    out.append(f'<section id="export"><h2>Export</h2>{body}</section>')
+    return out
+
+
 def _readable(value):
     """A summary value as a person reads it: floats to 3 decimals (summary.json keeps them whole)."""
     return round(value, 3) if isinstance(value, float) else value
 
 
-def _page(run_dir, summary, figures, panels, order, sizes, missing) -> str:
+def _page(run_dir, summary, figures, panels, order, sizes, missing, the_map="", sections=()) -> str:
     rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(_readable(v)))}</td></tr>"
                    for k, v in summary.items())
     figs = "".join(f'<figure><img src="{_png(f)}" alt="{html.escape(n)}"><figcaption>{html.escape(n)}'
@@ -281,11 +401,15 @@ figure {{ display: inline-block; margin: 0 1em 1em 0; }} figure img {{ max-width
 .cluster {{ border-top: 1px solid #ddd; padding: .5em 0; }}
 .strip {{ margin: .2em 0; }} .strip span {{ display: inline-block; width: 8em; color: #666; }}
 .strip img {{ width: {THUMB_PX}px; height: {THUMB_PX}px; object-fit: cover; margin-right: 2px; }}
-.missing {{ color: #a00; }}
+.missing {{ color: #a00; }} .note {{ color: #666; }}
+.map {{ border: 1px solid #ddd; max-width: 100%; height: auto; }} .map a circle:hover {{ stroke-width: 3; }}
+.key {{ display: inline-block; width: 10px; height: 10px; margin: 0 3px 0 8px; }}
 </style></head><body>
 <h1>Run {html.escape(run_dir.name)}: K = {html.escape(str(summary.get("k_found")))}</h1>
 <h2>Summary</h2><table>{rows}</table>
+{the_map}
 <h2>Training</h2>{figs}
+{"".join(sections)}
 <h2>Clusters</h2><p>{toc}</p>{miss}
 {"".join(panels)}
 </body></html>
