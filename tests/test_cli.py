@@ -171,10 +171,10 @@ def test_half_null_labels_score_the_labelled_rows_in_summary_mlflow_and_evaluate
     metrics) and `evaluate` report the NMI of the labelled rows (sklearn on that subset) and
     k_true = the 4 known classes; counting null as a class gave a lower NMI and k_true 5."""
     import pyarrow as pa
+    from mlflow_helpers import client_for, metric_history
     from sklearn.metrics import normalized_mutual_info_score
 
     from cluster_service.io.shards import write_shards
-    from mlflow_helpers import client_for, metric_history
 
     x, y = make_mixture(1200, 6, 4, seed=3, separation=6)
     unknown = np.random.default_rng(0).permutation(len(y)) < len(y) // 2
