@@ -435,3 +435,20 @@ def test_tail_held_by_the_mass_past_a_rows_best_candidates():
     few = torch.full((2, C), -math.inf)
     few[:, : tr.TAIL_FROM] = math.log(1 / tr.TAIL_FROM)
     assert tr.tail_held(few).all()
+
+
+def test_a_truncated_fit_labels_its_rows_as_assign_does():
+    """A fit that ends with K > 2 x candidates (the E-step truncated): its labels are the exact MAP
+    of its model, so `assign` of the same rows (the default shortlist and --method exact) gives
+    them back. The candidates' argmax, the fit's labels before, missed the best cluster of a few
+    rows here (4 of 4,000)."""
+    from cluster_service.serve.assign import make_assigner
+    from cluster_service.train.fit import fit
+
+    x, _ = make_overlap_mixture(4000, 16, 60, seed=2)
+    res = fit(x, FitConfig(seed=0, candidates=6).replace(**{"schedule.epochs": 30}))
+    assert res.engine.truncated and res.n_clusters > 32
+    np.testing.assert_array_equal(res.clusters, make_assigner(res.model, "exact")(x).cluster)
+    default = make_assigner(res.model)(x)
+    np.testing.assert_array_equal(res.clusters, default.cluster)
+    np.testing.assert_allclose(res.log_prob, default.log_prob, rtol=1e-6)  # the fit scores centred float32 rows

@@ -859,18 +859,21 @@ class Engine:
 
     @torch.no_grad()
     def assign(self, x: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Exact MAP assignment argmax_k log pi_k + log N(x; mu_k, Sigma_k) of local rows
-        (or of centred rows x). Returns (cluster (n,) int64, log_prob (n,) float64)."""
+        """argmax_k log pi_k + log N(x; mu_k, Sigma_k) of local rows (or of centred rows x): over
+        every cluster, or over each row's candidates while the E-step is truncated (`truncated`).
+        Returns (cluster (n,) int64, log_prob (n,) float64)."""
         cluster, best, _, _ = self.assign_top2(x)
         return cluster, best
 
     @torch.no_grad()
-    def assign_top2(self, x: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def assign_top2(self, x: torch.Tensor | None = None, exact: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """`assign` plus each row's runner-up cluster (n,) int64 (itself when K = 1) and its
         margin (n,) float64 (best log-joint minus the runner-up's; +inf without a runner-up),
         from the same pass: which clusters border each other (cluster_tree) and how clearly
-        each row belongs where it was put (the run's assignments)."""
-        if self.truncated:  # each row's candidates, scored in float64
+        each row belongs where it was put (the run's assignments). `exact` scores every cluster
+        even while the E-step is truncated: the exact MAP and runner-up, as `assign --method exact`."""
+        if self.truncated and not exact:  # each row's candidates, scored in float64
             cand, values = self.score_candidates(x, STAT_DTYPE)
             top = values.topk(min(2, cand.shape[1]), dim=1)
             ids = cand.gather(1, top.indices)

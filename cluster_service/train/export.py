@@ -1,7 +1,7 @@
 """From a trained Engine to the fitted-model objects that serving loads (cluster_service.serve).
 
 `finish_fit` is the end of every fit (train.fit, the Ray trainer's workers, train.update and the
-autoencoder mode): EM settle steps -> MAP assignment -> merge tree -> FittedModel -> novelty
+autoencoder mode): EM settle steps -> exact MAP assignment -> merge tree -> FittedModel -> novelty
 calibration.
 """
 
@@ -18,14 +18,16 @@ from cluster_service.train.comm import unwrap
 def finish_fit(engine, manifest_hash: str | None = None,
                feature_space: dict | None = None) -> tuple[FittedModel, np.ndarray, np.ndarray, np.ndarray]:
     """The fitted model of a trained Engine, with its merge tree and its novelty calibrated on every
-    row of the fit; and this process's rows' MAP (cluster (n_local,) int64, log_prob (n_local,) float64,
-    margin (n_local,) float64: best log-joint minus the runner-up's, +inf when K = 1), all from one
-    scoring pass (the engine's: truncated at large K, so the end of a fit costs no (n, K) pass).
+    row of the fit; and this process's rows' exact MAP (cluster (n_local,) int64, log_prob (n_local,)
+    float64, margin (n_local,) float64: best log-joint minus the runner-up's, +inf when K = 1), all
+    from one scoring pass over every cluster, chunked over rows, even when the epochs' E-step was
+    truncated: a fit's labels are then the ones `assign --method exact` gives its rows, where the
+    candidates' argmax missed the best cluster of some rows.
 
     Every rank calls it (the tree's statistics and the calibration rows are collectives); every rank
     returns the same model."""
     engine.settle(engine.cfg.schedule.settle_steps)
-    clusters, log_prob, runner_up, margin = engine.assign_top2()
+    clusters, log_prob, runner_up, margin = engine.assign_top2(exact=True)
     tree = engine.cluster_tree(clusters, runner_up)
     model = model_from_engine(engine, manifest_hash, feature_space=feature_space, tree=tree)
     parts = engine.comm.gather_object((clusters, log_prob))  # on rank 0: every rank's, in rank order
