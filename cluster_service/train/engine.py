@@ -698,9 +698,9 @@ class Engine:
     def cell_stats(self, n_cells: list[int]) -> SuffStats:
         """Statistics of k-means cells inside every cluster, batch shape (K, max n_cells).
 
-        Rows go to their exact MAP cluster; rank 0 runs k-means (n_cells[k] cells) on its rows of
-        cluster k and broadcasts the centroids; every rank bins its rows by the nearest centroid
-        of their cluster; one all-reduce. Unused cells stay empty.
+        Rows go to their MAP cluster (`assign`: over their candidates while truncated); rank 0 runs
+        k-means (n_cells[k] cells) on its rows of cluster k and broadcasts the centroids; every rank
+        bins its rows by the nearest centroid of their cluster; one all-reduce. Unused cells stay empty.
         """
         K, d, M = self.n_clusters, self.n_features, max(n_cells)
         z = torch.from_numpy(self.assign()[0]).to(self.device)
