@@ -204,9 +204,12 @@ class MoveConfig:
     # Delete proposals each merge round: this many of the largest clusters (by hard count) are
     # tested for removal, their rows going to their runner-up clusters (moves.propose_deletes,
     # accepted by the change of the CRP x NIW evidence). Aimed at a catch-all: a broad cluster
-    # that absorbs the tails of many components (at ImageNet scale the next M-steps regrew it, so
-    # it is a guard, not the remedy: docs/ARCHITECTURE.md); on the small sets it changes no K. 0 = off.
-    delete_largest: int = 2
+    # that absorbs the tails of many components, which the net-weighted M-step grew at ImageNet
+    # scale (1.15M x 128, K ~900). Off by default because it changed nothing it was for: at that
+    # scale the next M-steps regrew the deleted catch-all (docs/ARCHITECTURE.md, "A catch-all
+    # cluster"), and on generated sets (BENCHMARKS.md) it accepted one delete in 12 fits and moved
+    # no K or NMI beyond what its extra random draws do. 0 = off.
+    delete_largest: int = 0
 
     def validate(self) -> None:
         if self.min_cluster_size < 2:

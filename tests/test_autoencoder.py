@@ -122,6 +122,21 @@ def latent_engine(mixture_small):
     return engine
 
 
+def test_only_the_last_epoch_of_the_last_round_is_marked_stopped(mixture_small):
+    """Every round's schedule ends with a `stopped` record; the fit ends once, after the last
+    round: one record says why (history and callbacks alike), the last."""
+    x, _ = mixture_small
+    cfg = FitConfig(seed=0, k_init=6).replace(**{
+        **FAST, "autoencoder.hidden": (16, 16, 32), "autoencoder.pretrain_epochs": 1, "autoencoder.rounds": 2,
+        "autoencoder.finetune_epochs": 1, "autoencoder.round_epochs": 3, "schedule.epochs": 3,
+        "schedule.warmup_epochs": 1})
+    seen = []
+    res = fit_autoencoder(x[:600], cfg, callbacks=[lambda rec, eng: seen.append((rec.epoch, rec.stopped))])
+    assert len(res.round_starts) == 3 and len(res.history) == 9
+    assert [r.stopped for r in res.history[:-1]] == [""] * 8 and res.history[-1].stopped
+    assert seen == [(r.epoch, r.stopped) for r in res.history]
+
+
 def test_rebase_engine_follows_translated_codes(mixture_small, latent_engine):
     """Re-encoding that only translates the codes must leave the mixture (up to the translation)
     and every assignment unchanged: the rebase moves means into the new centring correctly."""

@@ -164,3 +164,51 @@ def run_cli(capsys, monkeypatch, *args) -> int:
     res = run_inprocess(capsys, monkeypatch, *args)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     return res.returncode
+
+
+def test_half_null_labels_score_the_labelled_rows_in_summary_mlflow_and_evaluate(tmp_path, capsys, monkeypatch):
+    """Shards whose labels are half null: summary.json, the MLflow run (final and per-epoch
+    metrics) and `evaluate` report the NMI of the labelled rows (sklearn on that subset) and
+    k_true = the 4 known classes; counting null as a class gave a lower NMI and k_true 5."""
+    import pyarrow as pa
+    from mlflow_helpers import client_for, metric_history
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from cluster_service.io.shards import write_shards
+
+    x, y = make_mixture(1200, 6, 4, seed=3, separation=6)
+    unknown = np.random.default_rng(0).permutation(len(y)) < len(y) // 2
+    shards = tmp_path / "shards"
+    write_shards(shards, np.arange(len(y)), x, pa.array(y, pa.int64(), mask=unknown), rows_per_shard=500)
+    out, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = run_inprocess(capsys, monkeypatch, "fit", shards, "--out", out, "--tracking-uri", uri, "--no-report",
+                      "--eval-every", "10", *FAST)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    table = pq.read_table(out / "assignments.parquet", columns=["id", "cluster"])
+    clusters = table.column("cluster").to_numpy()[np.argsort(table.column("id").to_numpy())]
+    want = normalized_mutual_info_score(y[~unknown], clusters[~unknown])
+    assert normalized_mutual_info_score(np.where(unknown, -1, y), clusters) < want - 0.05  # the old figure
+    assert summary["nmi"] == pytest.approx(want, abs=1e-12)
+    assert summary["k_true"] == 4 and summary["n_labelled"] == int((~unknown).sum())
+
+    client = client_for(uri)
+    metrics = client.get_run(summary["mlflow_run"]).data.metrics
+    assert metrics["nmi"] == pytest.approx(want, abs=1e-9) and metrics["k_true"] == 4
+    last_epoch = json.loads((out / "history.json").read_text())[-1]["epoch"]
+    step, nmi = metric_history(client, summary["mlflow_run"], "eval/nmi")[-1]
+    assert step == last_epoch and nmi == pytest.approx(want, abs=0.01)  # before the settle steps: a few rows apart
+
+    r = run_inprocess(capsys, monkeypatch, "evaluate", out, "--labels", shards)
+    assert r.returncode == 0, r.stderr
+    printed = dict(re.findall(r"│\s*(\w+)\s*│\s*(\S+)\s*│", r.stdout))
+    assert float(printed["nmi"]) == pytest.approx(want, abs=1e-4) and printed["k_true"] == "4", r.stdout
+
+
+def test_score_with_no_labelled_row_is_null():
+    """Every label unknown: the scores are null (None), not 0, and k_true is 0."""
+    from cluster_service.report.evaluate import score
+
+    s = score(np.full(6, -1), np.array([0, 0, 1, 1, 2, 2]))
+    assert (s.nmi, s.ari, s.acc, s.k_true, s.k_found, s.n_labelled) == (None, None, None, 0, 3, 0)
+    assert "n/a" in str(s)

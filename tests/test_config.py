@@ -130,3 +130,9 @@ def test_cli_rejects_invalid_config_before_reading_data(tmp_path, capsys, monkey
         assert exit_.value.code == 2, (args, err)
         assert message in " ".join(err.split()), (args, err)
         assert not (tmp_path / "run").exists()
+
+
+def test_the_delete_move_is_off_by_default():
+    """Decided by cluster_service.bench.deletes: with it on, K and NMI stayed those of the fit
+    without it (BENCHMARKS.md)."""
+    assert FitConfig().moves.delete_largest == 0

@@ -273,3 +273,25 @@ def test_principal_axis_subclusters_split_along_the_long_axis():
     diff = (subs.means[0, 1] - subs.means[0, 0]).abs()
     assert diff[0] > 6 and diff[1:].max() < 0.5
     assert np.isclose(float(subs.log_weights.exp().sum()), 1.0)
+
+
+def test_a_uniform_draw_of_zero_accepts_every_finite_ratio(monkeypatch):
+    """torch.rand draws from [0, 1): u = 0 (log u = -inf) must accept splits, merges and deletes
+    with any finite log H, however low, and never raise."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(300, 2, generator=g, dtype=D), torch.randn(300, 2, generator=g, dtype=D) + 8])
+    prior = prior_for(x)
+    monkeypatch.setattr(torch, "rand", lambda n, generator=None, dtype=None: torch.zeros(n, dtype=dtype))
+    dec = decide(small_subclusters(3), prior, tree_proposal([2, 2, 2], [-1e6, -5.0, float("-inf")]))
+    assert dec.accepted == (0, 1)
+    one = stats_from_points(x[:300])
+    stats = SuffStats.concat([SuffStats(one.count[None], one.sum[None], one.scatter[None])] * 2)
+    far = stats_from_points(x[300:])
+    stats = SuffStats.concat([stats, SuffStats(far.count[None], far.sum[None], far.scatter[None])])
+    merges = mv.propose_merges(prior, 10.0, stats, torch.tensor([[1], [2], [1]]), g)
+    assert merges.accepted == ((0, 1),)  # 1 and 2 also pass the test, but 1 is taken
+    hard = stats_from_points(x, torch.nn.functional.one_hot((x[:, 0] > 4).long(), 2).to(D))
+    moved = SuffStats.zeros((1, 2), 2)
+    moved.count[0, 1], moved.sum[0, 1], moved.scatter[0, 1] = hard.count[0], hard.sum[0], hard.scatter[0]
+    deletes = mv.propose_deletes(prior, 10.0, hard, moved, (0,), g)
+    assert deletes.log_ratios[0] < -100 and deletes.accepted == (0,)

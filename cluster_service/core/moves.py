@@ -78,6 +78,12 @@ class MoveResult:
 # ---- decisions ------------------------------------------------------------------------------
 
 
+def _accepts(u: float, log_ratio: float) -> bool:
+    """The Metropolis-Hastings test log u < log H of a draw u ~ U[0, 1): torch.rand can draw 0,
+    whose log is -inf (math.log raises), so u = 0 accepts every finite ratio and no -inf one."""
+    return (-math.inf if u == 0.0 else math.log(u)) < log_ratio
+
+
 def decide_splits(
     prior: NIWPrior,
     alpha: float,
@@ -111,7 +117,7 @@ def decide_splits(
             kinds.append(kind)
             ratios.append(r)
             n_parts[k] = g
-    passed = [k for k, r in zip(proposed, ratios, strict=True) if math.log(float(u[k])) < r]
+    passed = [k for k, r in zip(proposed, ratios, strict=True) if _accepts(float(u[k]), r)]
     accepted, dropped = _fit_room(passed, n_parts, max_clusters - K)
     return SplitDecision(tuple(proposed), tuple(kinds), tuple(ratios), tuple(accepted), tuple(dropped))
 
@@ -158,7 +164,7 @@ def propose_merges(
         i, j = pairs[p]
         if i in used or j in used or not math.isfinite(float(log_h[p])):
             continue
-        if math.log(float(u[p])) < float(log_h[p]):
+        if _accepts(float(u[p]), float(log_h[p])):
             accepted.append((i, j))
             used.update((i, j))
     return MergeDecision(tuple(pairs), tuple(log_h.tolist()), tuple(sorted(accepted)))
@@ -199,7 +205,7 @@ def propose_deletes(
     for p in sorted(range(len(proposed)), key=lambda p: -log_h[p]):
         if not math.isfinite(log_h[p]) or touched[p] & used:
             continue
-        if math.log(float(u[p])) < log_h[p]:
+        if _accepts(float(u[p]), log_h[p]):
             accepted.append(proposed[p])
             used |= touched[p]
     return DeleteDecision(tuple(proposed), tuple(log_h), tuple(sorted(accepted)))

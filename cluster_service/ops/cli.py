@@ -233,7 +233,8 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by `fit`")],
     labels: Annotated[Path, typer.Option(help=".npy labels, .npz with y, or the shard dir with a label column")],
 ) -> None:
-    """NMI / ARI / ACC / K of a run's assignments against ground-truth labels."""
+    """NMI / ARI / ACC / K of a run's assignments against ground-truth labels (report.evaluate.score:
+    rows whose label is unknown, null or -1, are left out; k_true counts the known classes)."""
     from cluster_service.io.features import load_features
     from cluster_service.report.evaluate import score
 

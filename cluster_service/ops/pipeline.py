@@ -308,8 +308,9 @@ def assign_step(section: AssignSection, tracking: TrackingSection, model: str | 
 
 
 def score_assignments(assign_dir: str | os.PathLike, shard_dir: str | os.PathLike):
-    """NMI / ARI / ACC of assignment shards against the label column of the shards they came from,
-    joined by id. Raises ValueError when the shards have no labels or ids are missing."""
+    """report.evaluate.score of assignment shards against the label column of the shards they came
+    from, joined by id (null labels left out). Raises ValueError when the shards have no label column
+    or ids are missing."""
     import pyarrow.parquet as pq
 
     from cluster_service.io.shards import read_id_column
@@ -332,8 +333,4 @@ def score_assignments(assign_dir: str | os.PathLike, shard_dir: str | os.PathLik
         missing = ids_all[~found]
         raise ValueError(f"{assign_dir}: no assignment for {missing.size} id(s) of {shard_dir} "
                          f"(first: {missing[0]!r})")
-    c = np.asarray(c)[order][pos]
-    keep = y >= 0
-    if not keep.any():
-        raise ValueError(f"{shard_dir}: every label is null; cannot score the assignments")
-    return score(y[keep], c[keep])
+    return score(y, np.asarray(c)[order][pos])

@@ -23,32 +23,52 @@ def cluster_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Scores:
-    nmi: float
-    ari: float
-    acc: float
+    """Label scores of one assignment. nmi/ari/acc are over the labelled rows only (None when no
+    row is labelled); k_found counts the clusters of every row, k_true the known classes."""
+
+    nmi: float | None
+    ari: float | None
+    acc: float | None
     k_found: int
     k_true: int
+    n_labelled: int  # rows with a known label: the rows the three scores are over
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (
-            f"K found {self.k_found} (true {self.k_true})  NMI {self.nmi:.4f}  ARI {self.ari:.4f}  ACC {self.acc:.4f}"
-        )
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.4f}"
+
+        return (f"K found {self.k_found} (true {self.k_true})  NMI {fmt(self.nmi)}  ARI {fmt(self.ari)}  "
+                f"ACC {fmt(self.acc)}  ({self.n_labelled} labelled rows)")
+
+
+def known_labels(labels: np.ndarray) -> np.ndarray:
+    """Which rows of labels (n,) have a known label: (n,) bool. Unknown is negative (the readers
+    write a null label as -1) or NaN."""
+    labels = np.asarray(labels)
+    return labels >= 0  # NaN >= 0 is False
 
 
 def score(labels: np.ndarray, clusters: np.ndarray) -> Scores:
+    """NMI / ARI / ACC of clusters (n,) against labels (n,) over the rows with a known label
+    (`known_labels`): a row whose label is unknown is no evidence either way, so it is left out
+    rather than counted as a class of its own. The one scoring function of the service."""
     labels = np.asarray(labels)
     clusters = np.asarray(clusters)
     if labels.shape != clusters.shape:
         raise ValueError(f"labels {labels.shape} and clusters {clusters.shape} differ in length")
+    known = known_labels(labels)
+    y, z = labels[known].astype(np.int64), clusters[known]
+    scored = bool(known.any())
     return Scores(
-        nmi=float(normalized_mutual_info_score(labels, clusters)),
-        ari=float(adjusted_rand_score(labels, clusters)),
-        acc=cluster_accuracy(labels, clusters),
+        nmi=float(normalized_mutual_info_score(y, z)) if scored else None,
+        ari=float(adjusted_rand_score(y, z)) if scored else None,
+        acc=cluster_accuracy(y, z) if scored else None,
         k_found=int(np.unique(clusters).size),
-        k_true=int(np.unique(labels).size),
+        k_true=int(np.unique(y).size),
+        n_labelled=int(known.sum()),
     )
 
 
@@ -57,7 +77,7 @@ def run_summary(n_samples: int, n_features: int, k_found: int, seconds: float, h
     """The one summary.json of a run (one-process fit, Ray Train fit, update): sizes, K, wall seconds,
     epochs run and why the fit stopped (from `history`, EpochRecords or dicts), the run directory,
     `extra` fields, then the label `scores` of the run's clusters when the data has labels (their
-    k_found counts the clusters that hold rows)."""
+    k_found counts the clusters that hold rows; scores are null when no row is labelled)."""
     from cluster_service.io.runs import stop_summary
 
     summary = {"n_samples": int(n_samples), "n_features": int(n_features), "k_found": int(k_found),

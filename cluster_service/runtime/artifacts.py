@@ -35,6 +35,7 @@ def write_plots(out: Path, result, x: np.ndarray, labels: np.ndarray | None, sco
     x (m, d) its first m <= n rows (a distributed fit's driver reads a sample); labels (n,) or None;
     scores: epoch -> label scores for the K plot."""
     from cluster_service.report import plots
+    from cluster_service.report.evaluate import known_labels
 
     figs = {
         "k_over_epochs": plots.plot_k_history(result.history, scores or None),
@@ -43,8 +44,9 @@ def write_plots(out: Path, result, x: np.ndarray, labels: np.ndarray | None, sco
                                             None if labels is None else labels[: len(x)],
                                             result.model.means, seed=seed),
     }
-    if labels is not None:
-        figs["confusion_matrix"] = plots.plot_confusion(labels, result.clusters)
+    known = None if labels is None else known_labels(labels)
+    if known is not None and known.any():
+        figs["confusion_matrix"] = plots.plot_confusion(labels[known], result.clusters[known])
     if result.model.tree_linkage is not None and len(result.model.tree_linkage):
         figs["merge_tree"] = plots.plot_merge_tree(
             result.model.tree_linkage, result.model.tree_log_ratios,

@@ -254,7 +254,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if np.isfinite(v)]
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None and np.isfinite(v)]
         self.guarded("log metrics", self.client.log_batch, self.run_id, metrics=batch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -285,6 +285,8 @@ class Tracker:
         if len(clusters) != len(self.labels):  # a worker holding part of the rows: skip
             return {}
         s = score(self.labels, clusters)
+        if s.n_labelled == 0:
+            return {}
         self.scores[epoch] = {"nmi": s.nmi, "ari": s.ari, "acc": s.acc}
         return {f"eval/{k}": v for k, v in self.scores[epoch].items()}
 
@@ -324,7 +326,9 @@ class Tracker:
 
             scores = score(np.asarray(labels), result.clusters)
         if scores is not None:
-            final.update({"nmi": scores.nmi, "ari": scores.ari, "acc": scores.acc, "k_true": float(scores.k_true)})
+            final["k_true"] = float(scores.k_true)
+            if scores.n_labelled:
+                final.update({"nmi": scores.nmi, "ari": scores.ari, "acc": scores.acc})
         if not self.active or self.run_id is None:
             return final
         step = result.history[-1].epoch if result.history else 0

@@ -250,13 +250,15 @@ def fit_autoencoder(
     ae_history: list[AEEpochRecord] = []
     k_per_round: list[int] = []
 
-    def run_round(engine: Engine) -> None:
-        """run_schedule, with the round's epochs renumbered globally for history and callbacks."""
+    def run_round(engine: Engine, last: bool) -> None:
+        """run_schedule, with the round's epochs renumbered globally for history and callbacks;
+        only the last round's end is the fit's end (`stopped`: the progress bar and the tracker
+        finish there)."""
         offset = len(history)
         round_starts.append(offset)
 
         def renumber(rec: EpochRecord, eng: Engine) -> None:
-            rec = replace(rec, epoch=offset + rec.epoch)
+            rec = replace(rec, epoch=offset + rec.epoch, stopped=rec.stopped if last else "")
             history.append(rec)
             for cb in callbacks:
                 cb(rec, eng)
@@ -272,12 +274,12 @@ def fit_autoencoder(
             ae_history.append(trainer.epoch(None, "pretrain", 0, e))
         engine = Engine(cfg, trainer.encode(), gi, n_global, comm, device)
         engine.initialize()
-        run_round(engine)
+        run_round(engine, last=a.rounds == 0)
         for rnd in range(1, a.rounds + 1):
             for e in range(a.finetune_epochs):
                 ae_history.append(trainer.epoch(engine, "finetune", rnd, e))
             engine = rebase_engine(engine, trainer.encode(), round_cfg, gi, n_global)
-            run_round(engine)
+            run_round(engine, last=rnd == a.rounds)
     mixture, clusters, log_prob, margin = finish_fit(engine, manifest_hash, feature_space)  # as every fit ends
     model = _export(trainer, mixture)
     codes = (engine.x.double() + engine.shift).cpu().numpy()

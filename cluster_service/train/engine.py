@@ -364,8 +364,8 @@ class Engine:
 
     @torch.no_grad()
     def assign(self) -> tuple[np.ndarray, np.ndarray]:
-        """Exact MAP assignment argmax_k log pi_k + log N(x; mu_k, Sigma_k) of the local rows.
-        Returns (cluster (n,) int64, log_prob (n,) float64)."""
+        """MAP assignment argmax_k log pi_k + log N(x; mu_k, Sigma_k) of the local rows, k over every
+        cluster (dense E-step) or over each row's candidates (truncated E-step). Returns (cluster (n,) int64, log_prob (n,) float64)."""
         cluster, best, _, _ = self.assign_top2()
         return cluster, best
 
