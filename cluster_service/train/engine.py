@@ -50,6 +50,7 @@ from cluster_service.core.niw import (
     GaussianParams,
     NIWPrior,
     SuffStats,
+    between_within_kappa,
     dp_log_weights,
     log_marginal_likelihood,
     log_partition_evidence,
@@ -184,10 +185,13 @@ class Engine:
     def _make_prior(self, within_cov: torch.Tensor | None, factor: float = 1.0) -> NIWPrior:
         p = self.cfg.prior
         scale = factor * (p.pooled_scale if p.psi_mode == "pooled" else p.psi_scale)
-        return make_prior(
+        prior = make_prior(
             torch.zeros_like(self.shift), self.data_var, p.kappa, p.nu_offset, p.psi_mode, scale, within_cov,
             psi_floor=p.psi_scale * factor,  # factor scales the whole psi, floor included
         )
+        if p.covariance != "diag":  # "auto" starts full; the evidence start may pick "diag"
+            return prior
+        return NIWPrior(prior.kappa, prior.nu - (self.n_features - 1), prior.mean, prior.psi, "diag")
 
     def kmeans_stats(self, n_clusters: int) -> SuffStats:
         """FAISS k-means on rank 0 -> broadcast -> hard statistics of all rows, (K,). It trains on
@@ -263,6 +267,13 @@ class Engine:
                     best, best_stats, best_prior = score, cand, prior
         return best_stats, best_prior
 
+    def family_grid(self, full_nus: list[float]) -> list[tuple[str, list[float]]]:
+        """(family, the nus to try with it) for the evidence start. "diag" blocks are 1-d, so its nus
+        are the full family's less d - 1 (the same excess over each block's dimension)."""
+        fams = ("full", "diag") if self.cfg.prior.covariance == "auto" else (self.cfg.prior.covariance,)
+        shift = self.n_features - 1
+        return [(f, full_nus if f == "full" else [nu - shift for nu in full_nus]) for f in fams]
+
     def initialize(self) -> None:
         """Starting partition -> hard statistics -> prior (pooled mode) -> MAP params.
 
@@ -286,7 +297,11 @@ class Engine:
             psis = [self.prior.psi]
             if self.cfg.prior.psi_mode == "pooled":  # psi = s * pooled within-cell scatter (floored)
                 psis = [self._make_prior(cells_within, s).psi for s in self.evidence_scales(cells)]
-            priors = [NIWPrior(self.prior.kappa, nu, self.prior.mean, psi) for nu in nus for psi in psis]
+            kappas = [self.prior.kappa]
+            if self.cfg.prior.kappa_mode == "evidence" and cells.count.shape[0] > 1:
+                kappas += [k for k in (between_within_kappa(cells),) if k > self.prior.kappa]
+            priors = [NIWPrior(kappa, nu, self.prior.mean, psi, fam) for kappa in kappas
+                      for fam, fam_nus in self.family_grid(nus) for nu in fam_nus for psi in psis]
             stats, self.prior = self._evidence_start(cells, priors)
         else:
             stats = self.kmeans_stats(self.cfg.k_init)
@@ -295,15 +310,17 @@ class Engine:
         if keep.removed:
             self.rebuild_for_k(mv.apply_prunes(keep, self.params, self.sub_params))
 
-    def initialize_from(self, means: np.ndarray, chol: np.ndarray, prior_psi: np.ndarray, prior_nu: float) -> None:
+    def initialize_from(self, means: np.ndarray, chol: np.ndarray, prior: dict) -> None:
         """Continue from a fitted model instead of a fresh start (`cluster-service update`): its
         prior (psi, nu) and clusters (means (K, d), chol (K, d, d), original coordinates) assign
         this engine's rows; clusters that receive no row are dropped; MAP parameters, weights and
         subclusters are re-estimated from those rows; nets start fresh (the warm-up trains them
-        against the model's responsibilities). Splits then add clusters for new data."""
+        against the model's responsibilities). Splits then add clusters for new data. prior: the
+        model's ("kappa", "nu", "psi" (d, d), "family")."""
         dev = self.device
-        self.prior = NIWPrior(float(self.cfg.prior.kappa), float(prior_nu), torch.zeros_like(self.shift),
-                              torch.as_tensor(prior_psi, dtype=STAT_DTYPE, device=dev))
+        self.prior = NIWPrior(float(prior["kappa"]), float(prior["nu"]), torch.zeros_like(self.shift),
+                              torch.as_tensor(np.asarray(prior["psi"]), dtype=STAT_DTYPE, device=dev),
+                              str(prior["family"]))
         start = GaussianParams(torch.zeros(means.shape[0], dtype=STAT_DTYPE, device=dev),
                                torch.as_tensor(means, dtype=STAT_DTYPE, device=dev) - self.shift,
                                torch.as_tensor(chol, dtype=STAT_DTYPE, device=dev))
@@ -944,6 +961,8 @@ class Engine:
             "convergence": self.convergence.state(),
             "prior_psi": self.prior.psi.cpu(),  # data-dependent in psi_mode "pooled"
             "prior_nu": self.prior.nu,  # data-dependent in nu_mode "evidence"
+            "prior_kappa": self.prior.kappa,  # data-dependent in kappa_mode "evidence"
+            "prior_family": self.prior.family,  # data-dependent in covariance "auto"
             "data_var": self.data_var.cpu(),  # psi is rescaled when loaded onto other data
             "params": {k: v.cpu() for k, v in asdict_params(self.params).items()},
             "sub_params": {k: v.cpu() for k, v in asdict_params(self.sub_params).items()},
@@ -978,10 +997,8 @@ class Engine:
                 ratio = float(self.data_var.mean() / old_var.to(self.device).mean().clamp_min(1e-30))
                 scale = float(psi.diagonal().mean()) * ratio
                 psi = scale * torch.eye(self.n_features, dtype=STAT_DTYPE, device=self.device)
-            self.prior = NIWPrior(
-                float(self.cfg.prior.kappa), float(state.get("prior_nu", self.n_features + self.cfg.prior.nu_offset)),
-                torch.zeros_like(self.shift), psi,
-            )
+            self.prior = NIWPrior(float(state["prior_kappa"]), float(state["prior_nu"]), torch.zeros_like(self.shift),
+                                  psi, str(state["prior_family"]))
         self.params = GaussianParams(**{k: v.to(self.device) for k, v in state["params"].items()})
         self.sub_params = GaussianParams(**{k: v.to(self.device) for k, v in state["sub_params"].items()})
         K = self.params.n_clusters
