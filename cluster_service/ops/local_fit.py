@@ -40,7 +40,7 @@ def run_fit(
     `tracking`, the fit is an MLflow run (default store ./mlflow.db; see runtime/tracking.py)."""
     from cluster_service.io.features import load_features
     from cluster_service.io.runs import model_dir, write_run, write_summary
-    from cluster_service.report.evaluate import run_summary
+    from cluster_service.report.evaluate import model_choice, run_summary
     from cluster_service.runtime.tracking import Tracker
 
     feats = load_features(data_path)
@@ -73,7 +73,8 @@ def run_fit(
                   [r.as_dict() for r in result.history])
         tracker.log_result(tracked, tracked_x, feats.labels, model_dir(out_dir), {"fit_seconds": elapsed})
         summary = run_summary(feats.x.shape[0], feats.x.shape[1], result.n_clusters, elapsed, result.history,
-                              out_dir, feats.labels, result.clusters, data=str(Path(data_path).resolve()))
+                              out_dir, feats.labels, result.clusters, data=str(Path(data_path).resolve()),
+                              **model_choice(feats.x.shape[0], feats.x.shape[1], result.n_clusters, result.model.prior))
         if tracker.run_id is not None:
             summary["mlflow_run"] = tracker.run_id
         write_summary(out_dir, summary)

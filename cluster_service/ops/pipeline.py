@@ -244,7 +244,7 @@ def update_step(fitted, model_ref: str, x: np.ndarray, ids: np.ndarray, labels: 
     stay) and write `out_dir` like a fit plus lineage.json (old -> new ids); the result goes to
     `tracker` when it is active. Returns the summary (also out_dir/summary.json, written last)."""
     from cluster_service.io.runs import model_dir, write_lineage, write_run, write_summary
-    from cluster_service.report.evaluate import run_summary
+    from cluster_service.report.evaluate import model_choice, run_summary
     from cluster_service.train.update import update
 
     out_dir = Path(out_dir)
@@ -260,7 +260,8 @@ def update_step(fitted, model_ref: str, x: np.ndarray, ids: np.ndarray, labels: 
         tracker.log_result(res, x, labels, model_dir(out_dir), {"fit_seconds": elapsed})
         tracker.log_texts({"lineage.json": json.dumps(lineage, indent=2)})
     summary = run_summary(len(x), x.shape[1], res.n_clusters, elapsed, res.history, out_dir, labels, res.clusters,
-                          k_before=fitted.n_clusters, kept_ids=len(res.lineage["persisting"]))
+                          k_before=fitted.n_clusters, kept_ids=len(res.lineage["persisting"]),
+                          **model_choice(len(x), x.shape[1], res.n_clusters, res.model.prior))
     write_summary(out_dir, summary)
     return summary
 
