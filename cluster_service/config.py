@@ -100,7 +100,7 @@ class PriorConfig:
     # "pooled" mode with the evidence start: psi = s * pooled_scale * W (+ floor) for each s
     # here is tried, and the DP evidence of the starting partition picks one. Scales below 1 are
     # tried only when the start's cells are under-determined (fewer than 2 (d + 2) points per
-    # cell; Engine.evidence_scales), whose pooled scatter overstates the clusters' spread; none
+    # cell; train.start.evidence_scales), whose pooled scatter overstates the clusters' spread; none
     # above 1, where the evidence over-splits. Measured effects: docs/ARCHITECTURE.md, "K inference".
     pooled_evidence_scales: tuple[float, ...] = (0.00390625, 0.015625, 0.0625, 0.25, 1.0)
     # "data_diag" / "fixed" modes: fraction of the data variance (or absolute scale) a single
@@ -168,10 +168,8 @@ class NetConfig:
     # The clustering net's training pass (forward and backward; weights, optimizer, loss and
     # every inference stay float32): "auto" = bfloat16 autocast on the truncated path (K above
     # 2 x candidates, where the (batch, K) head is most of the pass) when the device has fast
-    # bfloat16 matmuls, else float32. Default "auto" since the ninth session: the nets' pass at
-    # 1.28M x 128, K 1000 15.1 -> 12.0 s (after the one-pass sparse KL; ~10 % at 320k before it), the
-    # full-scale proxy fit K 978 / NMI .908 against float32's 987 / .911, the K 37 mixture within
-    # 6.2e-5 of the dense log marginal on 3 seeds (BENCHMARKS.md). "float32" is the reference.
+    # bfloat16 matmuls, else float32: a faster pass that leaves K and NMI where float32 puts them
+    # (BENCHMARKS.md). "float32" is the reference.
     train_precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def validate(self) -> None:
@@ -213,10 +211,8 @@ class MoveConfig:
     # Delete proposals each merge round: this many of the largest clusters (by hard count) are
     # tested for removal, their rows going to their runner-up clusters (moves.propose_deletes,
     # accepted by the change of the CRP x NIW evidence). Aimed at a catch-all: a broad cluster
-    # that absorbs the tails of many components, which the net-weighted M-step grew at ImageNet
-    # scale (1.15M x 128, K ~900). Measured there, it is not the remedy: deletes were accepted at
-    # epochs 30 and 40 and the next M-steps regrew one (docs/ARCHITECTURE.md, "A catch-all
-    # cluster"); on the small sets it changes no K. 0 = off.
+    # that absorbs the tails of many components (at ImageNet scale the next M-steps regrew it, so
+    # it is a guard, not the remedy: docs/ARCHITECTURE.md); on the small sets it changes no K. 0 = off.
     delete_largest: int = 2
 
     def validate(self) -> None:
@@ -263,9 +259,8 @@ class ScheduleConfig:
     stop_rounds: int = 2
     stop_tol: float = 1e-3
     # "The same K" at those round ends: within stop_k_tol x K, rounded down, so exactly the same
-    # below 1 / stop_k_tol clusters. At K ~1,000 each round's Metropolis-Hastings draws accept a
-    # few moves either way for ever (the full-scale proxy: K 928, 923, 922, 924, 923, 922 at the
-    # round ends from epoch 50 to 100, never equal three times), which no K < 100 sees.
+    # below 1 / stop_k_tol clusters: at K ~1,000 each round's Metropolis-Hastings draws accept a
+    # few moves either way for ever, so an exact K never repeats (BENCHMARKS.md, the full-scale fit).
     stop_k_tol: float = 0.01
     # EM steps (E-step-weighted M-steps, no moves, no nets) after the last epoch, before the MAP
     # assignment: they remove what the nets' float rounding left in the parameters, so one
@@ -396,16 +391,16 @@ class FitConfig:
     # Each cluster's total weight in a net-weighted M-step. "estep": held to the E-step's (the
     # net's responsibilities with each cluster's output bias at its calibration optimum, the
     # stationary point of the KL to the targets in that bias, found by a few Sinkhorn steps).
-    # "net": the net's as it is (DeepDPM as published). At K ~1,000 the net follows its targets
-    # loosely and "net" lets one broad cluster gather ~2x its E-step mass, epoch after epoch
-    # (BENCHMARKS.md, "Net mass held to the E-step's").
+    # "net": the net's as it is (DeepDPM as published); at large K the net follows its targets
+    # loosely and "net" lets a broad cluster gather mass epoch after epoch (BENCHMARKS.md).
     net_mass: Literal["estep", "net"] = "estep"
     # Rows per chunk for E-step and statistics: memory is O(chunk * K + K * d^2).
     chunk_size: int = 8192
-    # The truncated E-step (core/truncated.py): clusters scored exactly per row (its best ones of
-    # the last scoring, its nearest means, its best cluster's neighbours in the cluster graph, one
-    # pseudo-random one)
-    # once K exceeds 2 x candidates; below that, scoring all K is cheaper. 0 = always all K.
+    # The truncated E-step (train/estep.TruncatedEStep, core/truncated.py): this many clusters
+    # scored exactly per row (its best ones of the last scoring, its nearest means, its best
+    # cluster's neighbours in the cluster graph, one pseudo-random one) once K exceeds
+    # 2 x candidates; below that, scoring all K is cheaper. The nets hold a row's mass off its
+    # candidates where the half of them past its best holds almost none. 0 = always all K.
     candidates: int = 16
     prior: PriorConfig = field(default_factory=PriorConfig)
     net: NetConfig = field(default_factory=NetConfig)

@@ -11,6 +11,7 @@ from cluster_service.core.gaussian import row_argmax
 from cluster_service.core.schedule import build_plan
 from cluster_service.datasets import load_digits_pca, make_mixture
 from cluster_service.report.evaluate import score
+from cluster_service.train import move_steps
 from cluster_service.train.engine import Engine
 from cluster_service.train.fit import fit, run_schedule
 
@@ -247,13 +248,13 @@ def test_fit_stops_early_with_the_k_and_partition_of_the_full_calendar():
 def test_statistics_paths_agree_beyond_the_dense_subcluster_limit(monkeypatch):
     """Above DENSE_SUBCLUSTER_MAX clusters the subcluster statistics are summed after the pass,
     grouped by bin; they equal the one-matmul path's (float32 products, float64 sums)."""
-    import cluster_service.train.engine as engine_mod
+    import cluster_service.train.estep as estep_mod
 
     x, _ = make_mixture(3000, 6, 5, seed=12)
     eng = Engine(FitConfig(init="kmeans", k_init=5, seed=0), torch.from_numpy(x.astype(np.float64)))
     eng.initialize()
     dense_stats, dense_sub = eng.accumulate(use_estep=False)
-    monkeypatch.setattr(engine_mod, "DENSE_SUBCLUSTER_MAX", 0)
+    monkeypatch.setattr(estep_mod, "DENSE_SUBCLUSTER_MAX", 0)
     stats, sub = eng.accumulate(use_estep=False)
     for a, b in ((stats, dense_stats), (sub, dense_sub)):
         torch.testing.assert_close(a.count, b.count, rtol=1e-5, atol=1e-3)
@@ -270,8 +271,8 @@ def test_split_cells_partition_each_cluster_into_its_nearest_centroid_cells():
     eng.initialize()
     z = torch.from_numpy(eng.assign()[0])
     n_cells = [4, 2, 3]
-    cells = eng.cell_stats(n_cells)
-    hard = eng.hard_stats(z, 3)
+    cells = move_steps.cell_stats(eng, n_cells)
+    hard = eng.rows.hard_stats(z, 3)
     assert cells.count.shape == (3, 4)
     torch.testing.assert_close(cells.count.sum(1), hard.count)
     torch.testing.assert_close(cells.sum.sum(1), hard.sum, rtol=1e-9, atol=1e-6)
@@ -357,12 +358,12 @@ def test_delete_move_removes_a_catch_all_and_keeps_the_true_clusters():
     eng.params = GaussianParams(torch.log(torch.tensor([0.125] * 4 + [0.5], dtype=torch.float64)), means, chol)
     z, _ = eng.assign()
     assert 100 < (z == 4).sum() < 300  # the broad cluster holds the blobs' tails
-    proposed, accepted = eng.delete_step()
+    proposed, accepted = move_steps.delete_step(eng)
     assert (proposed, accepted) == (5, 1) and eng.n_clusters == 4
     assert torch.allclose(eng.params.means, means[:4])  # the four blobs stay, the broad one went
     z, _ = eng.assign()
     assert score(y, z).ari > 0.99
-    assert eng.delete_step() == (4, 0)  # the true clusters: deleting any one loses evidence
+    assert move_steps.delete_step(eng) == (4, 0)  # the true clusters: deleting any one loses evidence
 
 
 @pytest.mark.parametrize("K", [5, 64, 1000, 1093])

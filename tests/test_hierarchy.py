@@ -9,7 +9,7 @@ import torch
 from scipy.cluster.hierarchy import fcluster, is_valid_linkage
 from stats_helpers import stats_from_points
 
-from cluster_service.core.hierarchy import cut_tree, merge_tree
+from cluster_service.core.hierarchy import MergeTree, cut_tree, merge_tree
 from cluster_service.core.niw import (
     SuffStats,
     log_merge_ratio,
@@ -42,13 +42,13 @@ def prior_from(x: torch.Tensor, stats: SuffStats):
     return make_prior(x.mean(0), x.var(0), 1e-4, 2.0, "pooled", 1.0, pooled_within_covariance(stats))
 
 
-def test_greedy_merges_stop_at_the_true_blobs():
+def test_greedy_merges_favour_the_true_blobs_first():
     x, cells, blob = blobs_in_cells()
-    tree = merge_tree(prior_from(x, cells), 10.0, cells, stop_below=0.0)
-    assert tree.n_merges == 9  # 12 cells -> 3 blobs, and no merge across blobs
+    tree = merge_tree(prior_from(x, cells), 10.0, cells)
+    # 12 cells -> 3 blobs by favoured merges (log H_m > 0); the first merge across blobs is disfavoured
+    assert (tree.log_ratios[:9] > 0).all() and tree.log_ratios[9] < 0
     labels = cut_tree(tree, 3)
     assert len(set(zip(labels.tolist(), blob.tolist(), strict=True))) == 3  # cut = blobs (up to relabelling)
-    assert (tree.log_ratios > 0).all()
 
 
 def test_full_tree_is_a_valid_scipy_linkage_and_cuts_match_fcluster():
@@ -94,7 +94,8 @@ def test_dendrogram_draws_every_cluster_and_marks_the_first_rejected_merge():
 
 def test_cut_beyond_a_stopped_tree_is_refused():
     x, cells, _ = blobs_in_cells()
-    tree = merge_tree(prior_from(x, cells), 10.0, cells, stop_below=0.0)
+    full = merge_tree(prior_from(x, cells), 10.0, cells)
+    tree = MergeTree(full.linkage[:9], full.log_ratios[:9], full.n_leaves)  # a tree stopped at 3 clusters
     with pytest.raises(ValueError, match="coarsest level is 3"):
         cut_tree(tree, 2)
 

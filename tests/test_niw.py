@@ -188,9 +188,9 @@ def test_log_joint_matches_scipy():
     x = rng.normal(size=(50, d)) * 2
     chol = torch.linalg.cholesky(torch.tensor(np.stack(covs)))
     ref = np.stack([sps.multivariate_normal(means[k], covs[k]).logpdf(x) for k in range(K)], axis=1)
-    dens = WhitenedGaussians(torch.from_numpy(means), chol, D).log_prob(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(dens, ref, rtol=1e-10)
     params = GaussianParams(torch.log(torch.tensor([0.2, 0.3, 0.5], dtype=D)), torch.from_numpy(means), chol)
+    dens = WhitenedGaussians(params, D).log_prob(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(dens, ref, rtol=1e-10)
     lj = log_joint(torch.from_numpy(x), params, D, chunk_size=7).numpy()  # chunks of 7 rows
     np.testing.assert_allclose(lj, ref + np.log([0.2, 0.3, 0.5]), rtol=1e-10)
 

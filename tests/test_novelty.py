@@ -183,6 +183,10 @@ def test_update_adds_the_new_clusters_and_keeps_the_old_ids(thirty_of_forty, tmp
     table = pq.read_table(tmp_path / "run" / "assignments.parquet")
     assert set(table.column("model_version").to_pylist()) == {new.version} and new.version
     assert score(y, table.column("cluster").to_numpy()).nmi > 0.95
+    # ended as a fit ends: the same summary fields (scored once) and report.html
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {"n_samples", "k_found", "seconds", "data", "workers", "nmi", "k_before", "kept_ids"} <= summary.keys()
+    assert summary["nmi"] > 0.95 and (tmp_path / "run" / "report.html").is_file()
 
 
 def test_renumbering_a_calibrated_model_renumbers_its_calibration():

@@ -10,8 +10,9 @@ import torch
 from scipy.stats import multivariate_normal
 
 from cluster_service.config import FitConfig
+from cluster_service.core import gaussian
 from cluster_service.core import truncated as tr
-from cluster_service.core.gaussian import add_weighted_stats_
+from cluster_service.core.gaussian import WhitenedGaussians, add_grouped_stats_, add_weighted_stats_, blocks
 from cluster_service.core.niw import STAT_DTYPE, GaussianParams, SuffStats
 from cluster_service.core.schedule import EpochPlan
 from cluster_service.datasets import make_overlap_mixture
@@ -32,7 +33,7 @@ def test_candidate_scores_match_scipy():
     x = torch.randn(n, d, dtype=STAT_DTYPE, generator=torch.Generator().manual_seed(1)) * 3
     cand = torch.randint(0, K, (n, 3), generator=torch.Generator().manual_seed(2))
     cand[::5, 2] = -1  # empty slots score -inf
-    got = tr.CandidateScorer(p, STAT_DTYPE).score(x, cand)
+    got = WhitenedGaussians(p, STAT_DTYPE).score_pairs(x, cand)
     cov = (p.chol @ p.chol.transpose(-1, -2)).numpy()
     for i in range(n):
         for j in range(3):
@@ -55,7 +56,7 @@ def test_sparse_stats_equal_dense_when_candidates_cover_all_clusters():
     index = torch.arange(K).expand(n, K)
     rows, bins, w = tr.truncate(index, log_r, min_weight=0.0)
     sparse = SuffStats.zeros((K,), d)
-    tr.add_sparse_stats_(sparse, x, rows, bins, w)
+    add_grouped_stats_(sparse, x, rows, bins, w)
     torch.testing.assert_close(sparse.count, dense.count, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(sparse.sum, dense.sum, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(sparse.scatter, dense.scatter, rtol=1e-12, atol=1e-10)
@@ -91,15 +92,15 @@ def test_net_weights_on_candidates_add_the_nets_best_once_and_keep_its_normalisa
 
 
 def test_subcluster_stats_equal_the_hard_weighted_dense_ones():
-    """add_sub_stats_: row i adds r_ij (1, x, x x^T) to subcluster (z_i, j), checked against an
-    explicit sum over rows in float64."""
+    """add_grouped_stats_ with two weight columns (the subclusters): row i adds r_ij (1, x, x x^T)
+    to subcluster (z_i, j), checked against an explicit sum over rows in float64."""
     g = torch.Generator().manual_seed(5)
     K, d, n = 4, 3, 300
     x = torch.randn(n, d, generator=g, dtype=STAT_DTYPE)
     z = torch.randint(0, K - 1, (n,), generator=g)  # cluster K-1 gets no rows
     r = torch.softmax(torch.randn(n, 2, generator=g, dtype=STAT_DTYPE), 1)
     got = SuffStats.zeros((K, 2), d)
-    tr.add_sub_stats_(got, x, z, r)
+    add_grouped_stats_(got, x, torch.arange(n), z, r)
     onehot = torch.zeros(n, K, 2, dtype=STAT_DTYPE)
     onehot[torch.arange(n), z] = r
     torch.testing.assert_close(got.count, onehot.sum(0))
@@ -148,7 +149,7 @@ def test_cluster_graph_lists_itself_first_then_the_overlapping_cluster():
     means = torch.tensor([[0.0, 0.0], [0.5, 0.0], [10.0, 0.0], [10.4, 0.0]], dtype=STAT_DTYPE)
     chol = torch.eye(2, dtype=STAT_DTYPE).expand(4, 2, 2).clone()
     p = GaussianParams(torch.full((4,), -math.log(4), dtype=STAT_DTYPE), means, chol)
-    graph = tr.cluster_graph(tr.CandidateScorer(p, STAT_DTYPE), means, 2)
+    graph = tr.cluster_graph(WhitenedGaussians(p, STAT_DTYPE), means, 2)
     assert graph.tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
 
 
@@ -165,14 +166,15 @@ def test_engine_truncated_statistics_equal_dense_with_full_candidates():
     dense ones (float32 products summed in float64 in another order)."""
     x, _ = make_overlap_mixture(3000, 6, 8, seed=1)
     eng = _engine(x, candidates=6, k=8)
-    eng.min_weight = 0.0
+    eng.estep.min_weight = 0.0
     full = torch.arange(eng.n_clusters).expand(eng.x.shape[0], -1)
-    eng.best = full.clone()
-    cand, log_r = eng.estep_table()
+    eng.estep.best = full.clone()
+    scores = eng.estep.candidates(eng.params, eng.epoch)
+    cand = scores.table.index
     assert bool((cand >= 0).all()) and cand.shape[1] == eng.n_clusters  # every cluster a candidate
     for use_estep in (True, False):
-        sparse, sparse_sub = eng.accumulate(use_estep, (cand, log_r))
-        dense, dense_sub = eng.accumulate(use_estep, None)
+        sparse, sparse_sub = eng.accumulate(use_estep, scores)
+        dense, dense_sub = eng.accumulate(use_estep, eng.estep.dense(eng.params))
         for a, b in ((sparse, dense), (sparse_sub, dense_sub)):
             scale = float(b.scatter.abs().max())
             torch.testing.assert_close(a.count, b.count, rtol=1e-5, atol=1e-3)
@@ -190,7 +192,7 @@ def test_engine_truncated_epoch_stays_close_to_dense_with_small_candidate_sets()
     dense = _engine(x, candidates=0, k=40, responsibilities="estep")
     dense.load_state_dict(state)
     plan = EpochPlan(epoch=dense.cfg.schedule.warmup_epochs + 1, m_step=True, train_subnets=True, move=None)
-    assert eng.truncated and not dense.truncated
+    assert eng.estep.truncates(eng.n_clusters) and not dense.estep.truncates(dense.n_clusters)
     rec_t, rec_d = eng.run_epoch(plan), dense.run_epoch(plan)
     assert rec_t.log_densities < 0.25 * rec_d.log_densities  # 6-ish of 40 per row, once
     st, sd = eng.last_stats[0], dense.last_stats[0]
@@ -206,12 +208,13 @@ def test_engine_truncated_epoch_stays_close_to_dense_with_small_candidate_sets()
 def test_candidates_survive_a_checkpoint():
     x, _ = make_overlap_mixture(3000, 4, 30, seed=3)
     eng = _engine(x, candidates=6, k=30)
-    eng.estep_table()
+    eng.estep.candidates(eng.params, eng.epoch)
     state = eng.state_dict()
     other = _engine(x, candidates=6, k=30)
     other.load_state_dict(state)
-    assert torch.equal(other.best, eng.best)
-    torch.testing.assert_close(other.estep_table()[1], eng.estep_table()[1])
+    assert torch.equal(other.estep.best, eng.estep.best)
+    torch.testing.assert_close(other.estep.candidates(other.params, other.epoch).table.log_r,
+                               eng.estep.candidates(eng.params, eng.epoch).table.log_r)
 
 
 def test_imagenet_proxy_rows_are_unit_and_components_unequal():
@@ -251,7 +254,7 @@ def test_subnets_step_once_per_rows_per_net_times_k_rows():
 
 def test_blocks_cover_each_bin_in_order_at_most_block_at_a_time():
     keys = torch.tensor([3, 0, 3, 1, 3, 3, 0, 3, 3], dtype=torch.int64)
-    got = list(tr.blocks(keys, 5, block=2))
+    got = list(blocks(keys, 5, block=2))
     assert all(pos.numel() <= 2 for _, pos in got)
     assert [k for k, _ in got] == sorted(k for k, _ in got)  # bins ascending
     for k in range(5):
@@ -273,15 +276,15 @@ def test_blocked_scoring_and_statistics_equal_one_block(monkeypatch):
     r = torch.softmax(torch.randn(n, 2, generator=g, dtype=STAT_DTYPE), 1)
 
     def run():
-        scores = tr.CandidateScorer(p, STAT_DTYPE).score(x, cand)
+        scores = WhitenedGaussians(p, STAT_DTYPE).score_pairs(x, cand)
         rows, bins, w = tr.truncate(cand, log_r, 0.0)
         stats, sub = SuffStats.zeros((K,), d), SuffStats.zeros((K, 2), d)
-        tr.add_sparse_stats_(stats, x, rows, bins, w)
-        tr.add_sub_stats_(sub, x, z, r)
+        add_grouped_stats_(stats, x, rows, bins, w)
+        add_grouped_stats_(sub, x, torch.arange(n), z, r)
         return scores, stats, sub
 
     whole = run()
-    monkeypatch.setattr(tr, "BLOCK_ROWS", 7)
+    monkeypatch.setattr(gaussian, "BLOCK_ROWS", 7)
     blocked = run()
     torch.testing.assert_close(blocked[0], whole[0], rtol=1e-12, atol=1e-12)
     for a, b in ((blocked[1], whole[1]), (blocked[2], whole[2])):
@@ -298,7 +301,7 @@ def test_fit_margin_from_the_truncated_pass_matches_the_dense_margin():
 
     x, _ = make_overlap_mixture(6000, 5, 40, seed=8)
     eng = _engine(x, candidates=16, k=40)  # the default candidate-set size
-    assert eng.truncated
+    assert eng.estep.truncates(eng.n_clusters)
     model, clusters, _, margin = finish_fit(eng)
     exact = exact_assign(model, x.astype(np.float64))
     assert np.array_equal(clusters, exact.cluster)
@@ -324,8 +327,8 @@ def test_bfloat16_training_pass_trains_the_net_as_float32_does():
         eng = _engine(x, candidates=8, k=40, responsibilities="estep")
         eng.cfg = eng.cfg.replace(**{"net.train_precision": precision})
         eng.load_state_dict(state)
-        assert eng._train_autocast().fast_dtype == torch.bfloat16
-        assert eng._train_autocast()._enabled == (precision == "bfloat16")
+        assert eng._train_autocast(truncated=True).fast_dtype == torch.bfloat16
+        assert eng._train_autocast(truncated=True)._enabled == (precision == "bfloat16")
         plan = EpochPlan(epoch=1, m_step=False, train_subnets=False, move=None)
         recs = [eng.run_epoch(plan) for _ in range(2)]
         z_map, _ = eng.assign()
@@ -348,11 +351,11 @@ def test_stale_candidates_recover_the_exact_map_at_the_next_scoring():
     z_exact, _ = dense.assign()
     stale = torch.tensor([0, 1, 2]).expand(x.shape[0], -1).clone()
     rand = tr.pseudo_random_clusters(torch.arange(x.shape[0]), 0, 40)
-    without = tr.build_candidates(stale, eng._cluster_graph(), rand, 8)
-    log_j = eng._scorer(torch.float64).score(eng.x, without)
+    without = tr.build_candidates(stale, eng.estep.cluster_graph(eng.params), rand, 8)
+    log_j = eng.estep.scorer(eng.params, torch.float64).score_pairs(eng.x, without)
     z_without = without.gather(1, log_j.argmax(1, keepdim=True))[:, 0].numpy()
     assert (z_without == z_exact).mean() < 0.5
-    eng.best = stale
+    eng.estep.best = stale
     z, _ = eng.assign()
     assert (z == z_exact).mean() > 0.999
 
@@ -398,40 +401,42 @@ def test_calibrate_mass_reaches_the_target_masses_and_keeps_each_rows_ratios():
 def test_net_weighted_statistics_carry_the_estep_masses(monkeypatch, candidates):
     """FitConfig.net_mass "estep": the net-weighted statistics' per-cluster counts are the
     E-step's (to Sinkhorn convergence), densely and on candidates; "net" leaves the net's."""
-    import cluster_service.train.engine as engine_mod
+    import cluster_service.train.estep as estep_mod
 
-    monkeypatch.setattr(engine_mod, "MASS_CALIBRATION_STEPS", 1000)
+    monkeypatch.setattr(estep_mod, "MASS_CALIBRATION_STEPS", 1000)
     x, _ = make_overlap_mixture(3000, 6, 20, seed=4)
     eng = _engine(x, candidates=candidates, k=20)
-    assert eng.truncated == (candidates > 0)
+    assert eng.estep.truncates(eng.n_clusters) == (candidates > 0)
     for e in range(eng.cfg.schedule.warmup_epochs + 2):  # the net trains; two net-weighted M-steps
         eng.run_epoch(EpochPlan(epoch=e, m_step=e >= eng.cfg.schedule.warmup_epochs, train_subnets=True, move=None))
-    table = eng.estep_table() if eng.truncated else None
-    eng.min_weight = 0.0
-    e_stats, _ = eng.accumulate(True, table, subclusters=False)
-    calibrated, _ = eng.accumulate(False, table, subclusters=False)
-    eng.cfg = eng.cfg.__class__(**{**eng.cfg.__dict__, "net_mass": "net"})
-    raw, _ = eng.accumulate(False, table, subclusters=False)
+    scores = eng.estep.score(eng.params, eng.epoch)
+    eng.estep.min_weight = 0.0
+    e_stats, _ = eng.accumulate(True, scores, subclusters=False)
+    calibrated, _ = eng.accumulate(False, scores, subclusters=False)
+    eng.estep.net_mass = "net"
+    raw, _ = eng.accumulate(False, scores, subclusters=False)
     torch.testing.assert_close(calibrated.count, e_stats.count, rtol=1e-4, atol=1e-2)
     assert float((raw.count - e_stats.count).abs().max()) > 1.0  # the net alone is off
     assert float(calibrated.count.sum()) == pytest.approx(x.shape[0])
 
 
 def test_tail_held_by_the_mass_past_a_rows_best_candidates():
-    """A row's tail is held when its candidates past its best TAIL_FROM hold under TAIL_MASS of its
-    mass, whatever the slot order; rows with at most TAIL_FROM candidates always are."""
-    C = 2 * tr.TAIL_FROM
-    decayed = torch.cat([torch.full((tr.TAIL_FROM,), 1.0), torch.full((C - tr.TAIL_FROM,), 1e-3 * tr.TAIL_MASS)])
+    """A row's tail is held when its candidates past its best tail_from (half its candidate budget)
+    hold under TAIL_MASS of its mass, whatever the slot order; rows with at most tail_from candidates
+    always are."""
+    tail_from = 8
+    C = 2 * tail_from
+    decayed = torch.cat([torch.full((tail_from,), 1.0), torch.full((C - tail_from,), 1e-3 * tr.TAIL_MASS)])
     spread = torch.ones(C)
-    edge_in = torch.cat([torch.full((tr.TAIL_FROM,), 1.0), torch.full((C - tr.TAIL_FROM,), 0.5 * tr.TAIL_MASS)])
-    edge_out = torch.cat([torch.full((tr.TAIL_FROM,), 1.0), torch.full((C - tr.TAIL_FROM,), 2.0 * tr.TAIL_MASS)])
+    edge_in = torch.cat([torch.full((tail_from,), 1.0), torch.full((C - tail_from,), 0.5 * tr.TAIL_MASS)])
+    edge_out = torch.cat([torch.full((tail_from,), 1.0), torch.full((C - tail_from,), 2.0 * tr.TAIL_MASS)])
     p = torch.stack([decayed, spread, edge_in, edge_out])
     log_r = torch.log(p / p.sum(1, keepdim=True))
-    tail = (p / p.sum(1, keepdim=True))[:, tr.TAIL_FROM:].sum(1)
+    tail = (p / p.sum(1, keepdim=True))[:, tail_from:].sum(1)
     expect = tail < tr.TAIL_MASS
     assert expect.tolist() == [True, False, True, False]
     shuffled = log_r[:, torch.randperm(C, generator=torch.Generator().manual_seed(0))]
-    assert tr.tail_held(shuffled).tolist() == expect.tolist()
+    assert tr.tail_held(shuffled, tail_from).tolist() == expect.tolist()
     few = torch.full((2, C), -math.inf)
-    few[:, : tr.TAIL_FROM] = math.log(1 / tr.TAIL_FROM)
-    assert tr.tail_held(few).all()
+    few[:, : tail_from] = math.log(1 / tail_from)
+    assert tr.tail_held(few, tail_from).all()

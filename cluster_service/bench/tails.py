@@ -75,15 +75,16 @@ def mixture_modes(means: np.ndarray, chol: np.ndarray, log_weights: np.ndarray, 
     import torch
 
     from cluster_service.core.gaussian import WhitenedGaussians
+    from cluster_service.core.niw import GaussianParams
 
     mu, L = torch.as_tensor(means, dtype=torch.float64), torch.as_tensor(chol, dtype=torch.float64)
     lw = torch.as_tensor(log_weights, dtype=torch.float64)
-    gauss = WhitenedGaussians(mu, L, torch.float64)
+    gauss = WhitenedGaussians(GaussianParams(lw, mu, L), torch.float64)
     prec = torch.cholesky_inverse(L)  # (K, d, d)
     prec_mu = (prec @ mu[:, :, None])[..., 0]
     x = mu.clone()
     for _ in range(iters):
-        post = torch.softmax(gauss.log_prob(x) + lw, 1)  # (S, K)
+        post = torch.softmax(gauss.log_joint(x), 1)  # (S, K)
         new = torch.linalg.solve(torch.einsum("sk,kij->sij", post, prec), post @ prec_mu)
         step = float((new - x).norm(dim=1).max())
         x = new
@@ -100,7 +101,7 @@ def mixture_modes(means: np.ndarray, chol: np.ndarray, log_weights: np.ndarray, 
 
 def bordering_pairs(model, x: np.ndarray) -> list[tuple[int, int]]:
     """Pairs (i, j), i < j, where some row of x (n, d) has one as its MAP cluster and the other as
-    its runner-up (what Engine.cluster_tree counts as bordering)."""
+    its runner-up (what export.cluster_tree counts as bordering)."""
     top = np.argpartition(-model.log_joint(x), 1, axis=1)[:, :2]  # the two best, either order
     return sorted({(int(min(a, b)), int(max(a, b))) for a, b in np.unique(top, axis=0)})
 

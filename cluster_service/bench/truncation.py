@@ -57,8 +57,8 @@ def _dense_log_marginal(engine) -> float:
     from cluster_service.core.niw import log_marginal_likelihood
 
     with torch.no_grad():
-        stats, _ = engine.accumulate(False, None, subclusters=False)
-        return float(log_marginal_likelihood(engine.prior, engine.reduce_stats(stats)).sum())
+        stats, _ = engine.accumulate(False, engine.estep.dense(engine.params), subclusters=False)
+        return float(log_marginal_likelihood(engine.prior, engine.rows.reduce_stats(stats)).sum())
 
 
 def nudged(x: np.ndarray, seed: int = 1) -> np.ndarray:

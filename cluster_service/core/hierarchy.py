@@ -63,11 +63,10 @@ def _log_score(prior: NIWPrior, stats: SuffStats) -> torch.Tensor:
 
 
 def merge_tree(
-    prior: NIWPrior, alpha: float, stats: SuffStats, stop_below: float | None = None,
+    prior: NIWPrior, alpha: float, stats: SuffStats,
     adjacency: torch.Tensor | np.ndarray | None = None, max_partners: int | None = MAX_PARTNERS,
 ) -> MergeTree:
-    """Greedy agglomeration: merge the pair with the highest log H_m until one cluster is left,
-    or, with `stop_below`, until the best log H_m is below it.
+    """Greedy agglomeration: merge the pair with the highest log H_m until one cluster is left.
 
     stats: batch shape (K,) with counts > 0. log H_m(i, j) = lgamma(N_ij) + log f(X_ij)
     - lgamma(N_i) - log f(X_i) - lgamma(N_j) - log f(X_j) - log alpha. Cost: K^2 / 2 union
@@ -76,13 +75,13 @@ def merge_tree(
     _PAIR_CHUNK union statistics at a time.
 
     adjacency: optional (K, K), which clusters border each other and how strongly (bool, or
-    weights such as Engine.cluster_tree's count of rows on the border; 0 / False = not
+    weights such as export.cluster_tree's count of rows on the border; 0 / False = not
     bordering). Only bordering pairs merge; a merged node borders what either part bordered
     (weights add); when no bordering pair is left (separate components), any pair may merge.
     Why: without it, small clusters far apart merge with each other first (a broad Gaussian
     over a few hundred scattered rows costs less than putting them in the tail of a tight large
-    cluster), and a coarse cut then joins two true classes through them (MNIST UMAP, measured
-    in docs/ARCHITECTURE.md, "Merge hierarchy").
+    cluster), and a coarse cut then joins two true classes through them (docs/ARCHITECTURE.md,
+    "Merge hierarchy").
 
     max_partners: with an adjacency, a cluster that borders more than max_partners others is
     scored against some of them only (None: all of them): at the start, the pairs where one is
@@ -90,10 +89,9 @@ def merge_tree(
     against its parts' 2 x max_partners best-scoring partners and its max_partners // 4
     strongest borders. A merged node inherits the union of its parts' borders; without the cap
     the large nodes near the root border almost every cluster and the tree scores ~K^2 / 2
-    unions (K 1000, d 128: ~500k Cholesky factors, many minutes). Where no cluster borders more
-    than the cap, the tree is the exact greedy one. Measured against the exact tree on the
-    ImageNet proxy's true components (docs/ARCHITECTURE.md, "The merge tree at large K"): K 600, d 128,
-    1/5 of the unions, 4.9x faster, cuts at K/2, K/5, K/20 with ARI .991, .977, 1.0.
+    unions. Where no cluster borders more than the cap, the tree is the exact greedy one; where
+    some do, its cuts stay close to the exact tree's (docs/ARCHITECTURE.md, "The merge tree at
+    large K").
     """
     K = int(stats.count.shape[0])
     dev = stats.count.device
@@ -101,7 +99,7 @@ def merge_tree(
     single = _log_score(prior, SuffStats(c, s, S))  # (K,)
     log_alpha = math.log(alpha)
     # ratio[i, j]: log H_m of the pair, -inf where not (yet) scored. With an adjacency only the
-    # bordering pairs are scored (at K 1000 all K^2 / 2 pairs were 52 GB of union statistics);
+    # bordering pairs are scored (all K^2 / 2 pairs' union statistics do not fit at large K);
     # the other pairs are scored only if the bordering ones run out (separate components).
     ratio = torch.full((K, K), -math.inf, dtype=c.dtype, device=dev)
 
@@ -138,7 +136,7 @@ def merge_tree(
             best = int(torch.argmax(ratio))
         i, j = divmod(best, K)
         r = float(ratio[i, j])
-        if not math.isfinite(r) or (stop_below is not None and r < stop_below):
+        if not math.isfinite(r):
             break
         i, j = min(i, j), max(i, j)
         # the merged node's partners: its parts' best-scoring partners (before their rows are reset)

@@ -314,9 +314,7 @@ def apply_multi_splits(
 # ---- subcluster initialisation --------------------------------------------------------------
 
 
-def principal_axis_subclusters(
-    prior: NIWPrior, stats: SuffStats, min_count: float = 1e-8
-) -> GaussianParams:
+def principal_axis_subclusters(prior: NIWPrior, stats: SuffStats) -> GaussianParams:
     """Two subclusters per cluster by a 1-D split along the principal axis of its statistics.
 
     stats: batch shape (K,). For cluster mean mu, covariance C with top eigenpair (lambda, v):

@@ -146,9 +146,8 @@ def kl_loss(logits: torch.Tensor, log_target: torch.Tensor) -> torch.Tensor:
     The direction of the DeepDPM reference code (torch KLDivLoss(log r, r^E)): the E-step
     responsibilities are the target distribution, so the gradient w.r.t. the logits is
     r - r^E (bounded). The reverse direction KL(r || r^E) written in the paper has gradients
-    scaled by -log r^E, which is in the hundreds for confident targets; measured here, it
-    leaves the net unable to separate two freshly split clusters within the freeze window
-    (K stalls at 5-8 of 12 on the generated mixture, vs 12 of 12 with this direction).
+    scaled by -log r^E, which is in the hundreds for confident targets, and leaves the net
+    unable to separate two freshly split clusters within the freeze window.
     """
     log_r = torch.log_softmax(logits, dim=-1)
     p = log_target.exp()
@@ -175,18 +174,10 @@ def candidate_logits(logits: torch.Tensor, index: torch.Tensor, hold_rest: torch
       responsibilities conditioned on C_i, and the net's mass off C_i is left where it is.
 
     Which rows (`truncated.tail_held`): the target is 0 off C_i only because the truncated E-step
-    does not score those clusters. Where a row's posterior has decayed inside C_i (its candidates
-    past the best 8 hold under 1e-6), the dense target off C_i is smaller still: hold it. Where it
-    has not, the mass off C_i is unknown: pushing it to 0 trains sharper responsibilities than the
-    dense E-step's, and leaving it free lets a net on few rows keep mass there. Measured, same seed,
-    against the dense fit (BENCHMARKS.md, "The nets' targets off the candidates"):
-    - every row held (before): the 200k x 64, K 200 mixture ends 2.7e-4 nats per row and dimension
-      from dense, 8x the dense fit's float-rounding floor (3.4e-5);
-    - no row held: K 200 4.7e-5, but on ImageNet-50 MoCo (2.5k x 128) the nets keep 0.3-2.5 % of
-      their mass off the candidates and the fits end ~0.1 nats per row and dimension below dense on
-      8 seeds of 8;
-    - held by the tail: K 200 2.4e-5, the K 37 mixture 4.6e-7; ImageNet-50's 8 seeds overlap the dense
-      seeds' (log marginal means 6e-3 apart, spreads ~4e-2; NMI means equal)."""
+    does not score those clusters. Where a row's posterior has decayed inside C_i the dense target
+    off C_i is smaller still, so it is held; where it has not, the mass off C_i is unknown, and
+    holding it would train sharper responsibilities than the dense E-step's (BENCHMARKS.md, the
+    truncated fits against dense)."""
     lc = logits.gather(1, index.clamp_min(0)).masked_fill(index < 0, EMPTY_SLOT_LOGIT)
     K = logits.shape[1]
     off = torch.nn.functional.pad(logits, (0, 1), value=EMPTY_SLOT_LOGIT)  # empty slots mask the spare column

@@ -19,101 +19,23 @@ from collections.abc import Callable
 
 import torch
 
-from cluster_service.core.niw import STAT_DTYPE, GaussianParams, SuffStats
+from cluster_service.core.gaussian import WhitenedGaussians
+from cluster_service.core.niw import STAT_DTYPE
 
 # Slots of the candidate set filled from the row's best clusters of the last scoring, and from
 # its nearest cluster means (Euclidean, searched afresh for every parameter set); the rest of
 # `candidates` (minus the pseudo-random slot) are graph neighbours of the best cluster.
-# N_NEAR by measurement (E-step mass off the candidates at a fitted model's parameters, mean over
-# rows, 16 slots): 3 nearest means and 9 graph slots miss 1.7e-3 on the K 37 mixture (60k x 32)
-# and 1.1e-2 on the ImageNet-scale proxy (K 981, d 128); 8 and 4 miss 3.3e-4 and 3.2e-3 with
-# no more distinct candidates a row. The graph ranks broad clusters first at every mean; the
-# missed clusters were a row's 2nd-5th best, at graph rank ~16 but Euclidean rank 3-5.
+# N_NEAR is large because a row's 2nd-5th best clusters are near in Euclidean rank but far in graph
+# rank (the graph ranks broad clusters first at every mean; BENCHMARKS.md, the E-step mass missed).
 N_KEEP = 3
 N_NEAR = 8
 # Responsibilities below this are left out of the statistics (the row's best always counts).
 MIN_WEIGHT = 1e-6
-# A row's posterior has decayed inside its candidates when those past its best TAIL_FROM hold less
-# than TAIL_MASS of its mass (`tail_held`): the nets' loss then holds the mass off the candidates to
-# the target's 0 (nets.candidate_logits). TAIL_FROM: half the default 16 candidates. TAIL_MASS: the
-# smallest weight the statistics keep, so a held row's rest is below what any statistic would see.
-# Measured (BENCHMARKS.md, "The nets' targets off the candidates"): with 1e-3 instead, too many rows
-# of the K 200 mixture are held and its fit stays 2.2e-4 from dense (1e-6: 2.4e-5).
-TAIL_FROM = 8
+# A row's posterior has decayed inside its candidates when those past its best half hold less than
+# TAIL_MASS of its mass (`tail_held`): the nets' loss then holds the mass off the candidates to the
+# target's 0 (nets.candidate_logits). TAIL_MASS is the smallest weight the statistics keep, so a held
+# row's rest is below what any statistic would see.
 TAIL_MASS = MIN_WEIGHT
-# The per-cluster loops (scoring, statistics) take a cluster's rows this many at a time: the
-# gathered block and its matmul output stay in the core's cache between the gather, the matmul
-# and the reduction (1.28M x 128, K 1000, 14 candidates a row: 7.1 s -> 5.3 s a scoring pass; a
-# 4096-row (4096, 128) x (128, 128) matmul runs at the large-matrix rate, ~195 GFLOP/s here).
-BLOCK_ROWS = 4096
-
-
-class CandidateScorer:
-    """Exact log pi_k + log N(x; mu_k, Sigma_k) of (row, cluster) pairs, grouped by cluster.
-
-    params: means (K, d), chol (K, d, d) lower Cholesky factors, log_weights (K,) (float64);
-    dtype: the compute dtype of the per-cluster whitening matmuls.
-    """
-
-    def __init__(self, params: GaussianParams, dtype: torch.dtype):
-        K, d = params.means.shape
-        eye = torch.eye(d, dtype=params.chol.dtype, device=params.chol.device).expand(K, d, d)
-        # y = L_k^{-1} (x - mu_k) = x L_k^{-T} - mu_k L_k^{-T}
-        w = torch.linalg.solve_triangular(params.chol, eye, upper=False).transpose(-1, -2)  # (K, d, d)
-        self.weight = w.to(dtype)
-        self.neg_bias = -torch.einsum("kd,kde->ke", params.means, w).to(dtype)  # (K, d)
-        log_det = torch.log(params.chol.diagonal(dim1=-2, dim2=-1)).sum(-1)
-        self.const = (params.log_weights - 0.5 * d * math.log(2 * math.pi) - log_det).to(dtype)  # (K,)
-        self.dtype = dtype
-        self.n_clusters, self.n_features = K, d
-
-    def score(self, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        """x: (n, d); cand: (n, C) int64 cluster ids (-1 = empty slot) -> (n, C) log-joints
-        in the compute dtype, -inf at empty slots. One (rows, d) x (d, d) matmul per block of a
-        cluster's rows (BLOCK_ROWS)."""
-        n, C = cand.shape
-        out = torch.full((n * C,), -math.inf, dtype=self.dtype, device=x.device)
-        flat = cand.reshape(-1)
-        valid = torch.nonzero(flat >= 0).flatten()
-        # One set of buffers for every block: a fresh allocation per cluster is a fresh mapping
-        # whose pages fault in again (measured: ~40 % of the pass at 1.28M x 128, K 1000).
-        rows = min(BLOCK_ROWS, valid.numel())
-        xs_buf = torch.empty(rows, x.shape[1], dtype=self.dtype, device=x.device)
-        y_buf = torch.empty_like(xs_buf)
-        q_buf = torch.empty(rows, dtype=self.dtype, device=x.device)
-        for k, sel in blocks(flat[valid], self.n_clusters):
-            pos = valid[sel]
-            xs = gather_rows(xs_buf, x, pos // C)
-            y = torch.addmm(self.neg_bias[k], xs, self.weight[k], out=y_buf[: pos.numel()])
-            q = torch.sum(y.mul_(y), -1, out=q_buf[: pos.numel()])
-            out[pos] = q.mul_(-0.5).add_(self.const[k])
-        return out.view(n, C)
-
-
-def gather_rows(buf: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[index] written into the first len(index) rows of buf (reused across clusters; buf's
-    dtype) -> that view."""
-    out = buf[: index.numel()]
-    if x.dtype == buf.dtype:
-        torch.index_select(x, 0, index, out=out)
-    else:
-        out.copy_(x.index_select(0, index))
-    return out
-
-
-def blocks(keys: torch.Tensor, n_bins: int, block: int | None = None):
-    """Yield (k, positions of keys == k), k ascending, positions ascending, at most `block`
-    (default BLOCK_ROWS) positions at a time: a bin with more comes in several blocks.
-    keys: (P,) int64 in [0, n_bins)."""
-    block = block or BLOCK_ROWS
-    # a stable sort of int32 keys is ~1.5x faster than of int64 (16.8M keys: 0.28 s vs 0.41 s)
-    order = torch.sort(keys.to(torch.int32) if n_bins < 2**31 else keys, stable=True).indices
-    counts = torch.bincount(keys, minlength=n_bins).tolist()
-    start = 0
-    for k, c in enumerate(counts):
-        for s in range(start, start + c, block):
-            yield k, order[s : min(start + c, s + block)]
-        start += c
 
 
 def dedupe_rows(cand: torch.Tensor) -> torch.Tensor:
@@ -128,14 +50,14 @@ def dedupe_rows(cand: torch.Tensor) -> torch.Tensor:
     return key[:, :width].masked_fill(key[:, :width] == big, -1)
 
 
-def cluster_graph(scorer: CandidateScorer, means: torch.Tensor, n_neighbors: int) -> torch.Tensor:
+def cluster_graph(scorer: WhitenedGaussians, means: torch.Tensor, n_neighbors: int) -> torch.Tensor:
     """Each cluster's nearest clusters, itself first: the clusters l with the highest
     log pi_l + log N(mu_k; mu_l, Sigma_l) at cluster k's mean (the clusters that compete for the
-    rows around mu_k). scorer: the clusters' CandidateScorer; means: (K, d) in the scorer's
+    rows around mu_k). scorer: the clusters' whitened Gaussians; means: (K, d) in the scorer's
     coordinates. -> (K, min(n_neighbors, K)) int64. K^2 d^2 flops."""
     K = scorer.n_clusters
     every = torch.arange(K, device=means.device).expand(K, K)
-    ll = scorer.score(means.to(scorer.dtype), every)  # (K, K): row k scored against every cluster
+    ll = scorer.score_pairs(means.to(scorer.dtype), every)  # (K, K): row k scored against every cluster
     ll.fill_diagonal_(math.inf)  # itself first
     return ll.topk(min(n_neighbors, K), dim=1).indices
 
@@ -172,9 +94,7 @@ def build_candidates(
 
     The nearest means keep a row from losing its best cluster for good: the graph reaches only
     clusters that compete around the best one's mean, and a broad cluster's tail rows lie far
-    from it (at the full-scale proxy's epoch 11, 4 % of rows missed their exact best cluster
-    without them; BENCHMARKS.md, "Candidate sets mid-fit"; with them the full-scale fit has no
-    catch-all cluster: "The catch-all was stale candidates")."""
+    from it (without them, stale candidates grow a catch-all cluster: BENCHMARKS.md)."""
     near = nearest[:, : near_slots(n_candidates)] if nearest is not None else best[:, :0]
     n_nbr = max(1, n_candidates - N_KEEP - near.shape[1] - 1)
     top = best[:, :N_KEEP]
@@ -216,12 +136,12 @@ def truncate(
     return rows, index[rows, slots], w[rows, slots]
 
 
-def tail_held(log_r: torch.Tensor) -> torch.Tensor:
+def tail_held(log_r: torch.Tensor, tail_from: int) -> torch.Tensor:
     """Rows whose posterior has decayed inside their candidates: the candidates past the row's
-    best TAIL_FROM hold less than TAIL_MASS of its mass. log_r: (n, C) log-responsibilities
-    normalised over the candidates (-inf at empty slots) -> (n,) bool."""
+    best tail_from (half the candidate budget) hold less than TAIL_MASS of its mass. log_r: (n, C)
+    log-responsibilities normalised over the candidates (-inf at empty slots) -> (n,) bool."""
     p = log_r.exp().sort(dim=1, descending=True).values
-    return p[:, TAIL_FROM:].sum(1) < TAIL_MASS
+    return p[:, tail_from:].sum(1) < TAIL_MASS
 
 
 def on_candidates(log_r: torch.Tensor, cand: torch.Tensor, best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,41 +172,6 @@ def calibrate_mass(target: torch.Tensor, mass: Callable[[torch.Tensor], torch.Te
 
 def reweight(rows: torch.Tensor, bins: torch.Tensor, w: torch.Tensor, log_c: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Sparse weights w (P,) of (rows, bins) times c[bins], renormalised to sum 1 per row."""
-    # index_select: advanced indexing takes the slow general path (3M pairs: 0.12 s a gather)
+    # index_select: advanced indexing takes torch's slow general gather path
     w = w * log_c.exp().to(w.dtype).index_select(0, bins)
     return w / torch.bincount(rows, w, minlength=n_rows).index_select(0, rows)
-
-
-def add_sparse_stats_(out: SuffStats, x: torch.Tensor, rows: torch.Tensor, bins: torch.Tensor,
-                      weight: torch.Tensor, dtype: torch.dtype = STAT_DTYPE) -> None:
-    """In place: out[bins[p]] += weight[p] (1, x_i, x_i x_i^T) with i = rows[p], for every pair p.
-    x: (n, d); rows, bins: (P,) int64; weight: (P,). One (d, rows) x (rows, d) matmul per block of
-    a bin's pairs in `dtype`, summed into out's float64; no (n, K) matrix and no (P, d, d)
-    intermediate."""
-    xs_buf = torch.empty(min(BLOCK_ROWS, rows.numel()), x.shape[1], dtype=dtype, device=x.device)  # reused
-    wx_buf = torch.empty_like(xs_buf)
-    for k, pos in blocks(bins, out.count.shape[0]):
-        xs = gather_rows(xs_buf, x, rows[pos])
-        w = weight[pos].to(dtype)
-        wx = torch.mul(w[:, None], xs, out=wx_buf[: pos.numel()])
-        out.count[k] += w.sum().to(STAT_DTYPE)
-        out.sum[k] += wx.sum(0).to(STAT_DTYPE)
-        out.scatter[k] += (wx.T @ xs).to(STAT_DTYPE)
-
-
-def add_sub_stats_(out: SuffStats, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor,
-                   dtype: torch.dtype = STAT_DTYPE) -> None:
-    """In place: out[z_i, j] += r_ij (1, x_i, x_i x_i^T) for every row i and j in {0, 1} (the
-    subclusters' statistics). out: SuffStats of batch shape (K, 2); x: (n, d); z: (n,) int64;
-    r: (n, 2). One (2d, rows) x (rows, d) matmul per block of a cluster's rows, both halves
-    from one gather."""
-    d = x.shape[1]
-    xs_buf = torch.empty(min(BLOCK_ROWS, z.numel()), d, dtype=dtype, device=x.device)  # reused
-    wx_buf = torch.empty(xs_buf.shape[0], 2, d, dtype=dtype, device=x.device)
-    for k, pos in blocks(z, out.count.shape[0]):
-        xs = gather_rows(xs_buf, x, pos)
-        w = r[pos].to(dtype)  # (rows, 2)
-        wx = torch.mul(w[:, :, None], xs[:, None, :], out=wx_buf[: pos.numel()]).view(-1, 2 * d)  # [r0 x | r1 x]
-        out.count[k] += w.sum(0).to(STAT_DTYPE)
-        out.sum[k] += wx.sum(0).view(2, d).to(STAT_DTYPE)
-        out.scatter[k] += (wx.T @ xs).view(2, d, d).to(STAT_DTYPE)

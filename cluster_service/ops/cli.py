@@ -265,20 +265,15 @@ def update(
 ) -> None:
     """Continue a fitted model on new data: splits add clusters for what is new, merges join, ids of
     clusters that persist stay; writes RUN_DIR like `fit` plus lineage.json (old -> new ids)."""
-    from cluster_service.ops.pipeline import read_update_rows, update_step
+    from cluster_service.ops.local_fit import run_update
     from cluster_service.runtime.assign_job import open_model
-    from cluster_service.runtime.tracking import Tracker, resolve_tracking_uri
+    from cluster_service.runtime.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri) if ":/" in model else None
     fitted = open_model(model, tracking_uri=uri)
-    x, ids, labels = read_update_rows(new_data, old_data)
     cfg = load_fit_config(None, set_, base=fitted.config, **{"schedule.epochs": epochs})
-    tracker = Tracker(cfg, tracking_uri, None, run_name=f"update {out_dir.name}", enabled=not no_tracking,
-                      labels=labels, tags={"data.path": str(new_data), "job": "update", "updated_from": model})
-    tracker.start(fitted.manifest_hash, {"data.n_samples": len(x), "data.n_features": x.shape[1]})
-    with tracker:
-        with FitProgress(cfg.schedule.epochs, quiet) as progress:
-            summary = update_step(fitted, model, x, ids, labels, cfg, out_dir, tracker, [progress])
+    summary = run_update(fitted, model, new_data, out_dir, cfg, old_data, tracking=not no_tracking,
+                         tracking_uri=tracking_uri, progress=lambda n: FitProgress(n, quiet))
     print_summary(summary, f"update {model}")
     lineage = runs.read_lineage(out_dir)
     out.print(f"model: {runs.model_dir(out_dir)} (version {lineage['version']})\nlineage: {out_dir / runs.LINEAGE}")

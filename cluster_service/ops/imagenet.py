@@ -19,7 +19,6 @@ from cluster_service.ops.pipeline import (
     data_params,
     extract_step,
     fit_step,
-    publish_report,
     read_update_rows,
     score_assignments,
     start_tracker,
@@ -97,11 +96,10 @@ def initial_fit_then_update(job: ImagenetJob, paths: dict[str, str], tracker, se
     show = epoch_printer(job.fit.schedule.epochs)
     with stage_timer(seconds, "update"):
         summary = update_step(fitted, paths["initial_fit"], x, ids, labels, job.fit, paths["fit"], tracker,
-                              [lambda rec, _engine: show(rec.as_dict())])
+                              [lambda rec, _engine: show(rec.as_dict())], data=paths["train_features"],
+                              report=job.train.report)
     print(f"update: K {summary['k_before']} -> {summary['k_found']} ({summary['kept_ids']} ids kept) "
           f"in {summary['seconds']} s; model {paths['fit']}/model", flush=True)
-    if job.train.report:
-        publish_report(paths["fit"], tracker)
     return summary
 
 

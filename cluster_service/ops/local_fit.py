@@ -1,6 +1,7 @@
-"""The one-process fit behind `cluster-service fit` (without --workers) and `demo`: data file or shard
-directory -> a tracked fit (train.fit, or train.autoencoder in AE mode) -> the run directory
-(io.runs), its summary (report.evaluate.run_summary) and report.html."""
+"""The one-process runs behind `cluster-service fit` (without --workers), `demo` and `update`: data
+file or shard directory -> a tracked fit (train.fit, or train.autoencoder in AE mode) or update ->
+the run directory (io.runs), ended as every run ends (ops.pipeline.finish_run: summary, MLflow,
+report.html)."""
 
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def run_fit(
     (RUN_DIR/model, assignments.parquet, ..., summary.json) and return the summary. With
     `tracking`, the fit is an MLflow run (default store ./mlflow.db; see runtime/tracking.py)."""
     from cluster_service.io.features import load_features
-    from cluster_service.io.runs import model_dir, write_run, write_summary
-    from cluster_service.report.evaluate import model_choice, run_summary
+    from cluster_service.io.runs import write_run
+    from cluster_service.ops.pipeline import finish_run
+    from cluster_service.report.evaluate import run_summary, score
     from cluster_service.runtime.tracking import Tracker
 
     feats = load_features(data_path)
@@ -71,15 +73,28 @@ def run_fit(
         elapsed = time.perf_counter() - t0
         write_run(out_dir, result.model, feats.ids, result.clusters, result.log_prob, result.margin, cfg.to_dict(),
                   [r.as_dict() for r in result.history])
-        tracker.log_result(tracked, tracked_x, feats.labels, model_dir(out_dir), {"fit_seconds": elapsed})
+        scores = None if feats.labels is None else score(feats.labels, result.clusters)
         summary = run_summary(feats.x.shape[0], feats.x.shape[1], result.n_clusters, elapsed, result.history,
-                              out_dir, feats.labels, result.clusters, data=str(Path(data_path).resolve()),
-                              **model_choice(feats.x.shape[0], feats.x.shape[1], result.n_clusters, result.model.prior))
-        if tracker.run_id is not None:
-            summary["mlflow_run"] = tracker.run_id
-        write_summary(out_dir, summary)
-        if report:
-            from cluster_service.ops.pipeline import publish_report
+                              out_dir, scores, data=str(Path(data_path).resolve()), workers=1)
+        return finish_run(out_dir, tracked, tracked_x, feats.labels, summary, tracker, report, announce=False)
 
-            publish_report(out_dir, tracker, announce=False)
-    return summary
+
+def run_update(fitted, model_ref: str, new_data: Path, out_dir: Path, cfg: FitConfig, old_data: Path | None = None,
+               tracking: bool = True, tracking_uri: str | None = None, report: bool = True,
+               progress: ProgressFactory | None = None) -> dict:
+    """`cluster-service update` in this process: the new rows (and the old ones with `old_data`) ->
+    a tracked update of `fitted` (loaded from `model_ref`; ops.pipeline.update_step) -> the run
+    directory, its summary and report.html, as a fit ends. Returns the summary."""
+    from cluster_service.ops.pipeline import read_update_rows, update_step
+    from cluster_service.runtime.tracking import Tracker
+
+    x, ids, labels = read_update_rows(new_data, old_data)
+    out_dir = Path(out_dir)
+    tracker = Tracker(cfg, tracking_uri, None, run_name=f"update {out_dir.name}", enabled=tracking, labels=labels,
+                      tags={"data.path": str(new_data), "job": "update", "updated_from": model_ref})
+    tracker.start(fitted.manifest_hash, {"data.n_samples": len(x), "data.n_features": x.shape[1]})
+    bar = progress(cfg.schedule.epochs) if progress is not None else contextlib.nullcontext()
+    with tracker, bar as shown:
+        callbacks = [shown] if shown is not None else []
+        return update_step(fitted, model_ref, x, ids, labels, cfg, out_dir, tracker, callbacks,
+                           data=str(Path(new_data).resolve()), report=report)

@@ -99,6 +99,37 @@ def publish_report(run_dir: str | os.PathLike, tracker=None, announce: bool = Tr
     return path
 
 
+def finish_run(out_dir: str | os.PathLike, result, x: np.ndarray, labels: np.ndarray | None, summary: dict,
+               tracker=None, report: bool = True, announce: bool = True) -> dict:
+    """The one end of a run (the one-process fit, the distributed fit, an update), once its directory
+    is written and its summary made (report.evaluate.run_summary, the one place the labels are
+    scored): the model the evidence chose (report.evaluate.model_choice); the tracker's final metrics (those scores, not new ones), model, history and plots when
+    it is active; summary.json, with `mlflow_run` when tracked; report.html. result: .model,
+    .history, .clusters (n,) and .n_clusters of the run; x (m, d): its first m rows, for the plots;
+    labels (n,) or None. Returns the summary."""
+    from cluster_service.io.runs import model_dir, write_summary
+    from cluster_service.report.evaluate import Scores, model_choice
+    from cluster_service.serve.model import load_model
+
+    model = load_model(model_dir(out_dir))  # the Gaussians' own space (an autoencoder's latent codes)
+    summary = {**summary, **model_choice(int(summary["n_samples"]), model.n_features, model.n_clusters, model.prior)}
+    if "note" in summary:
+        print(f"note: {summary['note']}", flush=True)
+    if tracker is not None and tracker.active:
+        scores = Scores(**{k: summary[k] for k in ("nmi", "ari", "acc", "k_found", "k_true")}) if "nmi" in summary \
+            else None
+        final = {f"final/{k}": float(v) for k, v in summary.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)}
+        tracker.log_result(result, x, labels, model_dir(out_dir), {**final, "fit_seconds": float(summary["seconds"])},
+                           scores=scores)
+    if tracker is not None and tracker.run_id is not None:
+        summary["mlflow_run"] = tracker.run_id
+    write_summary(out_dir, summary)
+    if report:
+        publish_report(out_dir, tracker, announce=announce)
+    return summary
+
+
 # ---- steps --------------------------------------------------------------------------------------------
 
 
@@ -152,18 +183,12 @@ def fit_step(train: TrainSection, cfg: FitConfig, tracker=None, progress=None) -
         )
     print(f"fit: K={summary['k_found']} in {summary['seconds']} s on {train.workers} worker(s); "
           f"model {out}/model", flush=True)
-    if active:  # the same end-of-run logging as a one-process fit (tracking.Tracker.log_result)
+    result = x_head = labels = None
+    if active:  # the projection plot needs points: the driver reads a few
         from cluster_service.io.features import head_rows, read_labels
-        from cluster_service.io.runs import model_dir
 
-        x_head = head_rows(data, PLOT_ROWS)  # the projection plot needs points; the driver reads a few
-        final = {f"final/{k}": float(v) for k, v in summary.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)}
-        tracker.log_result(read_run(out), x_head, read_labels(data), model_dir(out),
-                           {**final, "fit_seconds": float(summary["seconds"])})
-    if train.report:
-        publish_report(out, tracker)
-    return summary
+        result, x_head, labels = read_run(out), head_rows(data, PLOT_ROWS), read_labels(data)
+    return finish_run(out, result, x_head, labels, summary, tracker, train.report)
 
 
 @dataclasses.dataclass
@@ -214,10 +239,7 @@ def fit_job(train: TrainSection, cfg: FitConfig, tracking: TrackingSection, prog
     tracker = start_tracker(cfg, tracking, Path(resolve_path(train.out)).name,
                             {"data.path": data, "job": "fit"}, params, manifest_hash)
     with tracker:
-        summary = fit_step(train, cfg, tracker, progress)
-    if tracker.run_id is not None:
-        summary["mlflow_run"] = tracker.run_id
-    return summary
+        return fit_step(train, cfg, tracker, progress)
 
 
 def read_update_rows(new_data: str | os.PathLike, old_data: str | os.PathLike | None = None):
@@ -238,13 +260,14 @@ def read_update_rows(new_data: str | os.PathLike, old_data: str | os.PathLike | 
 
 
 def update_step(fitted, model_ref: str, x: np.ndarray, ids: np.ndarray, labels: np.ndarray | None,
-                cfg: FitConfig, out_dir: str | os.PathLike, tracker=None, callbacks=()) -> dict:
-    """Continue the fitted model `fitted` (loaded from `model_ref`) on rows x (n, d) in this process
-    (cluster_service.train.update: splits add clusters for what is new, ids of clusters that persist
-    stay) and write `out_dir` like a fit plus lineage.json (old -> new ids); the result goes to
-    `tracker` when it is active. Returns the summary (also out_dir/summary.json, written last)."""
-    from cluster_service.io.runs import model_dir, write_lineage, write_run, write_summary
-    from cluster_service.report.evaluate import model_choice, run_summary
+                cfg: FitConfig, out_dir: str | os.PathLike, tracker=None, callbacks=(), data: str | None = None,
+                report: bool = True) -> dict:
+    """Continue the fitted model `fitted` (loaded from `model_ref`) on rows x (n, d) (from `data`) in
+    this process (cluster_service.train.update: splits add clusters for what is new, ids of clusters
+    that persist stay) and write `out_dir` like a fit plus lineage.json (old -> new ids), ending it
+    as every run ends (finish_run). Returns the summary (also out_dir/summary.json, written last)."""
+    from cluster_service.io.runs import write_lineage, write_run
+    from cluster_service.report.evaluate import run_summary, score
     from cluster_service.train.update import update
 
     out_dir = Path(out_dir)
@@ -257,13 +280,11 @@ def update_step(fitted, model_ref: str, x: np.ndarray, ids: np.ndarray, labels: 
                **res.lineage}
     write_lineage(out_dir, lineage)
     if tracker is not None and tracker.active:
-        tracker.log_result(res, x, labels, model_dir(out_dir), {"fit_seconds": elapsed})
         tracker.log_texts({"lineage.json": json.dumps(lineage, indent=2)})
-    summary = run_summary(len(x), x.shape[1], res.n_clusters, elapsed, res.history, out_dir, labels, res.clusters,
-                          k_before=fitted.n_clusters, kept_ids=len(res.lineage["persisting"]),
-                          **model_choice(len(x), x.shape[1], res.n_clusters, res.model.prior))
-    write_summary(out_dir, summary)
-    return summary
+    scores = None if labels is None else score(labels, res.clusters)
+    summary = run_summary(len(x), x.shape[1], res.n_clusters, elapsed, res.history, out_dir, scores, data=data,
+                          workers=1, k_before=fitted.n_clusters, kept_ids=len(res.lineage["persisting"]))
+    return finish_run(out_dir, res, x, labels, summary, tracker, report)
 
 
 def assign_step(section: AssignSection, tracking: TrackingSection, model: str | None = None,

@@ -68,15 +68,15 @@ def model_choice(n_samples: int, n_features: int, k_found: int, prior: dict) -> 
 
 
 def run_summary(n_samples: int, n_features: int, k_found: int, seconds: float, history: list, out,
-                labels: np.ndarray | None = None, clusters: np.ndarray | None = None, **extra) -> dict:
+                scores: Scores | None = None, **extra) -> dict:
     """The one summary.json of a run (one-process fit, Ray Train fit, update): sizes, K, wall seconds,
     epochs run and why the fit stopped (from `history`, EpochRecords or dicts), the run directory,
-    `extra` fields, then NMI/ARI/ACC when `labels` (n,) of the assigned `clusters` (n,) are given
-    (their k_found counts the clusters that hold rows)."""
+    `extra` fields, then the label `scores` of the run's clusters when the data has labels (their
+    k_found counts the clusters that hold rows)."""
     from cluster_service.io.runs import stop_summary
 
     summary = {"n_samples": int(n_samples), "n_features": int(n_features), "k_found": int(k_found),
                "seconds": round(seconds, 2), **stop_summary(history), "out": str(out), **extra}
-    if labels is not None:
-        summary.update(score(labels, clusters).as_dict())
+    if scores is not None:
+        summary.update(scores.as_dict())
     return summary

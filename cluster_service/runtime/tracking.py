@@ -310,18 +310,21 @@ class Tracker:
         labels: np.ndarray | None = None,
         model_dir: str | os.PathLike | None = None,
         extra_metrics: Mapping[str, float] | None = None,
+        scores=None,
     ) -> dict[str, float]:
-        """End-of-run logging: final metrics (label scores when labels exist), model directory,
+        """End-of-run logging: final metrics (label scores when labels exist: `scores`, a
+        report.evaluate.Scores of result.clusters, when the caller has them), model directory,
         resolved config, schedule plan, history, plots. Returns the final metrics."""
         final: dict[str, float] = {"final/n_clusters": float(result.n_clusters), **(extra_metrics or {})}
         if result.history:
             final["final/log_marginal"] = result.history[-1].log_marginal
             final["final/epochs"] = float(len(result.history))
-        if labels is not None:
+        if scores is None and labels is not None:
             from cluster_service.report.evaluate import score
 
-            s = score(np.asarray(labels), result.clusters)
-            final.update({"nmi": s.nmi, "ari": s.ari, "acc": s.acc, "k_true": float(s.k_true)})
+            scores = score(np.asarray(labels), result.clusters)
+        if scores is not None:
+            final.update({"nmi": scores.nmi, "ari": scores.ari, "acc": scores.acc, "k_true": float(scores.k_true)})
         if not self.active or self.run_id is None:
             return final
         step = result.history[-1].epoch if result.history else 0

@@ -344,13 +344,13 @@ def _write_summary(out_dir: Path, data_path: Path, n: int, d: int, seconds: floa
     when the data has labels), written last as summary.json."""
     from cluster_service.io import runs
     from cluster_service.io.features import read_labels
-    from cluster_service.report.evaluate import model_choice, run_summary
+    from cluster_service.report.evaluate import run_summary, score
     from cluster_service.serve.model import load_model
 
     labels = read_labels(data_path)
-    clusters = None if labels is None else runs.read_assignments(out_dir, ["cluster"]).column("cluster").to_numpy()
-    model = load_model(runs.model_dir(out_dir))
-    summary = run_summary(n, d, model.n_clusters, seconds, runs.read_history(out_dir), out_dir, labels, clusters,
-                          **model_choice(n, d, model.n_clusters, model.prior), **extra)
+    scores = None if labels is None else score(labels, runs.read_assignments(out_dir, ["cluster"]).column(
+        "cluster").to_numpy())
+    summary = run_summary(n, d, load_model(runs.model_dir(out_dir)).n_clusters, seconds, runs.read_history(out_dir),
+                          out_dir, scores, **extra)
     runs.write_summary(out_dir, summary)
     return summary

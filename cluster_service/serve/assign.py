@@ -37,8 +37,8 @@ import torch
 from cluster_service import index as faiss_index
 from cluster_service.config import TOP_M
 from cluster_service.core.device import resolve_device
+from cluster_service.core.gaussian import WhitenedGaussians
 from cluster_service.core.niw import GaussianParams
-from cluster_service.core.truncated import CandidateScorer
 from cluster_service.serve.model import FittedModel, ModelError
 
 METHODS = ("shortlist", "exact", "net")
@@ -72,18 +72,18 @@ def _best_two(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 class GaussianScorer:
     """Exact log pi_k + log N(x; mu_k, Sigma_k) of a fitted model for chosen (row, cluster)
-    pairs: the engine's scorer (core.truncated.CandidateScorer) over the model's parameters."""
+    pairs: the engine's scorer (core.gaussian.WhitenedGaussians) over the model's parameters."""
 
     def __init__(self, model: FittedModel, device: torch.device, dtype: torch.dtype = torch.float64):
         params = GaussianParams(*(_tensor(a).to(device, torch.float64) for a in (model.log_weights, model.means,
                                                                                   model.chol)))
-        self.scorer = CandidateScorer(params, dtype)
+        self.scorer = WhitenedGaussians(params, dtype)
         self.dtype, self.device = dtype, device
 
     def score_pairs(self, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         """x: (n, d); cand: (n, M) int64 cluster ids (-1 = none) -> (n, M) log-joints (-inf for -1);
         one (rows, d) x (d, d) matmul per cluster present, never a loop over rows."""
-        return self.scorer.score(x.to(self.device, self.dtype), cand.to(self.device))
+        return self.scorer.score_pairs(x.to(self.device, self.dtype), cand.to(self.device))
 
 
 def exact_assign(

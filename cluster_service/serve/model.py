@@ -24,7 +24,7 @@ import torch
 
 from cluster_service.core.gaussian import WhitenedGaussians, chunk_rows, iter_chunks
 from cluster_service.core.nets import mlp_forward
-from cluster_service.core.niw import logdet_from_cholesky
+from cluster_service.core.niw import GaussianParams, logdet_from_cholesky
 from cluster_service.io.atomic import atomic_dir
 from cluster_service.io.checks import check_model_features, dimension_message
 
@@ -97,19 +97,14 @@ class FittedModel:
 
     def _log_joint_blocks(self, x: np.ndarray, chunk_size: int = 65536, device: str | torch.device = "cpu"):
         """(row slice, (rows, K) float64 log-joint) block by block: x (n, d) is checked and the
-        Gaussians whitened once; predict never holds the whole (n, K) matrix (10 GB at
-        1.28M rows and K 1000)."""
+        Gaussians whitened once; predict never holds the whole (n, K) matrix."""
         self.check_features(x)
         dev = torch.device(device)
-        g = WhitenedGaussians(
-            torch.from_numpy(self.means).to(dev, torch.float64),
-            torch.from_numpy(self.chol).to(dev, torch.float64),
-            torch.float64,
-        )
-        log_w = torch.from_numpy(self.log_weights).to(dev, torch.float64)
+        g = WhitenedGaussians(GaussianParams(*(torch.from_numpy(a).to(dev, torch.float64)
+                                               for a in (self.log_weights, self.means, self.chol))), torch.float64)
         for sl in iter_chunks(x.shape[0], chunk_rows(g.n_clusters * g.n_features, chunk_size)):
             xb = torch.from_numpy(np.ascontiguousarray(x[sl])).to(dev, torch.float64)
-            yield sl, (g.log_prob(xb) + log_w).cpu().numpy()
+            yield sl, g.log_joint(xb).cpu().numpy()
 
     def cut(self, n_clusters: int) -> np.ndarray:
         """Coarser level of the merge hierarchy: (K,) int64 group in 0..n_clusters-1 of every

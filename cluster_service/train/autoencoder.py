@@ -85,8 +85,7 @@ def latent_cluster_loss(z: torch.Tensor, engine: Engine) -> torch.Tensor:
     trained with, so `net.loss` selects the method end to end (the alpha-JS paper's setting).
     """
     zc = z - engine.shift.to(z.dtype)
-    g = WhitenedGaussians(engine.params.means, engine.params.chol, z.dtype)
-    log_joint = g.log_prob(zc) + engine.params.log_weights.to(z.dtype)  # (n, K)
+    log_joint = WhitenedGaussians(engine.params, z.dtype).log_joint(zc)  # (n, K)
     with torch.no_grad():
         log_p = torch.log_softmax(unwrap(engine.cluster_net).eval()(zc.detach()), -1)  # (n, K)
     if engine.cfg.net.loss == "kl":
@@ -182,7 +181,7 @@ def rebase_engine(old: Engine, codes: torch.Tensor, cfg: FitConfig, global_index
     state["epoch"], state["frozen_until"] = 0, -1
     new.load_state_dict(state)
     stats, sub_stats = new.accumulate(use_estep=True)
-    new.m_step(new.reduce_stats(stats), new.reduce_stats(sub_stats), clusters=True, subclusters=True)
+    new.m_step(new.rows.reduce_stats(stats), new.rows.reduce_stats(sub_stats), clusters=True, subclusters=True)
     return new
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
+from cluster_service.core.hierarchy import MergeTree, merge_tree
+from cluster_service.core.niw import STAT_DTYPE
 from cluster_service.serve.model import NET_KEYS, FittedModel
 from cluster_service.train.comm import unwrap
 
@@ -26,7 +29,7 @@ def finish_fit(engine, manifest_hash: str | None = None,
     returns the same model."""
     engine.settle(engine.cfg.schedule.settle_steps)
     clusters, log_prob, runner_up, margin = engine.assign_top2()
-    tree = engine.cluster_tree(clusters, runner_up)
+    tree = cluster_tree(engine, clusters, runner_up)
     model = model_from_engine(engine, manifest_hash, feature_space=feature_space, tree=tree)
     parts = engine.comm.gather_object((clusters, log_prob))  # on rank 0: every rank's, in rank order
     if parts is not None:
@@ -35,10 +38,30 @@ def finish_fit(engine, manifest_hash: str | None = None,
     return model, clusters, log_prob, margin
 
 
+@torch.no_grad()
+def cluster_tree(engine, clusters: np.ndarray, runner_up: np.ndarray | None = None) -> MergeTree:
+    """Merge hierarchy over an engine's fitted clusters: hard statistics of the local rows' clusters
+    (n_local,) (all-reduced, so every rank calls this), merged greedily by log H_m down to
+    one cluster (hierarchy.merge_tree). With the rows' runner-up clusters (assign_top2), only
+    clusters that border each other (some row of one has the other as runner-up, counted
+    over all ranks) merge while any such pair is left; the number of such rows is the
+    border's strength (each cluster is scored against its strongest borders first)."""
+    K = engine.n_clusters
+    z = torch.from_numpy(np.asarray(clusters, dtype=np.int64)).to(engine.device)
+    adjacency = None
+    if runner_up is not None:
+        second = torch.from_numpy(np.asarray(runner_up, dtype=np.int64)).to(engine.device)
+        counts = torch.zeros(K * K, dtype=STAT_DTYPE, device=engine.device)
+        counts.index_add_(0, z * K + second, torch.ones(z.shape[0], dtype=STAT_DTYPE, device=engine.device))
+        counts = engine.comm.all_reduce_sum(counts).reshape(K, K)
+        adjacency = counts + counts.T
+    return merge_tree(engine.prior, engine.cfg.prior.alpha, engine.rows.hard_stats(z, K), adjacency=adjacency)
+
+
 def model_from_engine(engine, manifest_hash: str | None = None, version: str = "",
                       feature_space: dict | None = None, tree=None) -> FittedModel:
     """Export an Engine's state (original coordinates) as a FittedModel; `tree` is the merge
-    hierarchy (core.hierarchy.MergeTree from Engine.cluster_tree) when one was built."""
+    hierarchy (core.hierarchy.MergeTree from cluster_tree) when one was built."""
     p = engine.export_params()
     net_state = unwrap(engine.cluster_net).state_dict()
     prior = engine.prior

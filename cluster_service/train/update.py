@@ -22,6 +22,7 @@ from scipy.optimize import linear_sum_assignment
 
 from cluster_service.config import FitConfig
 from cluster_service.core.gaussian import WhitenedGaussians
+from cluster_service.core.niw import GaussianParams
 from cluster_service.io.checks import check_features, dimension_message
 from cluster_service.serve.model import FittedModel
 from cluster_service.train.engine import Engine, EpochRecord
@@ -68,9 +69,10 @@ def stable_order(old: FittedModel, new: FittedModel, radius: float) -> tuple[np.
     sit at their old ids; and the lineage in the *unordered* new ids."""
     k_old, k_new = old.n_clusters, new.n_clusters
     # Mahalanobis distance of every new mean under every old cluster (K_old, K_new), from the same
-    # whitening as the log-densities: log N = const_k - maha^2 / 2
-    g = WhitenedGaussians(torch.from_numpy(old.means).double(), torch.from_numpy(old.chol).double(), torch.float64)
-    maha2 = -2.0 * (g.log_prob(torch.from_numpy(new.means).double()) - g.const)  # (K_new, K_old)
+    # whitening as the log-densities: log N = log_norm_k - maha^2 / 2
+    g = WhitenedGaussians(GaussianParams(torch.zeros(k_old, dtype=torch.float64), torch.from_numpy(old.means).double(),
+                                         torch.from_numpy(old.chol).double()), torch.float64)
+    maha2 = -2.0 * (g.log_prob(torch.from_numpy(new.means).double()) - g.log_norm)  # (K_new, K_old)
     dist = maha2.clamp_min(0).sqrt().T.numpy()
     rows, cols = linear_sum_assignment(dist)
     persisting = {int(i): int(j) for i, j in zip(rows, cols, strict=True) if dist[i, j] <= radius}

@@ -1,0 +1,108 @@
+"""This process's rows of the data set, centred on the global mean, and the reducer over all processes.
+
+Every part of a fit that reads rows (the start, the E-step, the moves' k-means cells) reads them
+here: the rows and their global positions, hard statistics summed over all ranks, and rows
+gathered on rank 0 in global order (so a decision made on rows does not depend on the worker
+layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cluster_service.core.gaussian import add_hard_stats_, chunk_rows, iter_chunks
+from cluster_service.core.niw import STAT_DTYPE, SuffStats
+
+
+@dataclass
+class Rows:
+    """x: (n_local, d) centred rows in the compute dtype; global_index: (n_local,) their positions
+    in the global row order (0..n_global-1); g2l: (n_global,) the local position of each global
+    row, -1 where another process holds it; comm: the reducer (train.comm)."""
+
+    x: torch.Tensor
+    global_index: torch.Tensor
+    g2l: torch.Tensor
+    n_global: int
+    comm: object
+
+    @classmethod
+    def centred(cls, x: torch.Tensor, global_index: torch.Tensor | None, n_global: int | None, comm,
+                device: torch.device, dtype: torch.dtype) -> tuple[Rows, torch.Tensor, torch.Tensor]:
+        """The rows x (n_local, d) centred on the global mean, in dtype on device. -> (rows,
+        shift (d,) the global mean, data_var (d,) the global per-feature variance), float64.
+        Chunk by chunk: no float64 copy of all rows."""
+        n_local = x.shape[0]
+        n_global = int(n_global if n_global is not None else n_local)
+        gi = torch.arange(n_local) if global_index is None else torch.as_tensor(global_index, dtype=torch.long)
+        g2l = torch.full((n_global,), -1, dtype=torch.long)
+        g2l[gi] = torch.arange(n_local)
+        x = torch.as_tensor(x)
+        rows = chunk_rows(4 * x.shape[1], n_local)
+        total = torch.zeros(x.shape[1], dtype=STAT_DTYPE, device=device)
+        for sl in iter_chunks(n_local, rows):
+            total += x[sl].to(device, STAT_DTYPE).sum(0)
+        moments = comm.all_reduce_sum(torch.cat([torch.tensor([float(n_local)], dtype=STAT_DTYPE, device=device),
+                                                 total]))
+        shift = (moments[1:] / moments[0]).to(STAT_DTYPE)
+        xc_all = torch.empty(x.shape, dtype=dtype, device=device)
+        sq = torch.zeros_like(total)
+        for sl in iter_chunks(n_local, rows):
+            xc = x[sl].to(device, STAT_DTYPE) - shift
+            sq += xc.square().sum(0)
+            xc_all[sl] = xc.to(dtype)
+        data_var = comm.all_reduce_sum(sq) / moments[0]
+        return cls(xc_all, gi.to(device), g2l.to(device), n_global, comm), shift, data_var
+
+    @property
+    def n_features(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def reduce_stats(self, stats: SuffStats) -> SuffStats:
+        """One all_reduce of the flattened statistics (identity in one process)."""
+        if self.comm.world_size == 1:  # nothing to sum: no flatten copy
+            return stats
+        flat = self.comm.all_reduce_sum(stats.flatten())
+        return SuffStats.unflatten(flat, tuple(stats.count.shape), stats.n_features)
+
+    def hard_stats(self, z: torch.Tensor, n_clusters: int) -> SuffStats:
+        """Statistics (n_clusters,) of the local rows with hard labels z (n_local,) int64,
+        all-reduced (a collective: every rank calls it)."""
+        stats = SuffStats.zeros((n_clusters,), self.n_features, device=self.device)
+        ones = torch.ones(self.x.shape[0], dtype=STAT_DTYPE, device=self.device)
+        # no (rows, d, d) intermediate (add_hard_stats_ sorts rows by bin): large chunks
+        for sl in iter_chunks(self.x.shape[0], chunk_rows(8 * self.n_features, self.x.shape[0])):
+            add_hard_stats_(stats, self.x[sl], z[sl], ones[sl])
+        return self.reduce_stats(stats)
+
+    def on_rank0(self, mask: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Rank 0 gets every rank's rows where mask (n_local,) is set, in global row order, with
+        the same rows of each of `columns` ((n_local,) each); other ranks get Nones. In one
+        process: the local rows. -> (x, *columns)."""
+        if self.comm.world_size == 1:
+            if bool(mask.all()):
+                return (self.x, *columns)
+            return (self.x[mask], *(c[mask] for c in columns))
+        mine = (self.global_index[mask].cpu(), self.x[mask].cpu(), *(c[mask].cpu() for c in columns))
+        parts = self.comm.gather_object(mine)
+        if self.comm.rank != 0:
+            return (None,) * (1 + len(columns))
+        order = torch.argsort(torch.cat([p[0] for p in parts]))
+        return tuple(torch.cat([p[i] for p in parts])[order].to(self.device) for i in range(1, 2 + len(columns)))
+
+    def local_positions(self, global_index: torch.Tensor) -> torch.Tensor | None:
+        """Where the rows of global_index (m,) sit in this process, when they are exactly this
+        process's rows (a checkpoint of the same worker layout); else None."""
+        gi = global_index.to(self.device)
+        inside = gi < self.n_global
+        loc = torch.full_like(gi, -1)
+        loc[inside] = self.g2l[gi[inside]]
+        if bool((loc < 0).any()) or gi.shape[0] != self.x.shape[0]:
+            return None
+        return loc
