@@ -3,7 +3,7 @@ components have `ratio` x d rows each, fitted with the defaults and with the ful
 at a fixed kappa (the family and prior that the evidence start chose before prior.covariance and
 prior.kappa_mode), beside FAISS k-means given the true K.
 
-    python -m cluster_service.bench.rowsperdim [--ratios 0.5,1,1.5,2,4] [--seeds 0] [--d 64] [--k 100]
+    python -m cluster_service.bench.rowsperdim [--ratios 0.5,1,1.5,2,4] [--seeds 0] [--d 48] [--k 60]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def rows_per_dim_rows(ratios: Sequence[float], seeds: Sequence[int], d: int, k: 
     for b in bayes:
         for ratio in ratios:
             for seed in seeds:
-                x, y = make_overlap_mixture(int(ratio * d * k), d, k, seed=seed, bayes_target=b, imbalance=2.0)
+                x, y = make_overlap_mixture(int(ratio * d * k), d, k, seed=seed, bayes_target=b, imbalance=2.0,
+                                            calib_samples=4000)
                 base = {"bayes": b, "ratio": ratio, "seed": seed, "n": x.shape[0]}
                 t = time.perf_counter()
                 km = index.assign_nearest(x, index.kmeans(x, k, seed))
@@ -71,7 +73,7 @@ def table(rows: list[dict], d: int, k: int) -> str:
 
 
 def bench_rows_per_dim(ratios: Sequence[float] = (0.5, 1, 1.5, 2, 4), seeds: Sequence[int] = (0,),
-                       d: int = 64, k: int = 100) -> str:
+                       d: int = 48, k: int = 60) -> str:
     return table(rows_per_dim_rows(ratios, seeds, d, k), d, k)
 
 
@@ -79,11 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.5,1,1.5,2,4")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--d", type=int, default=48)
+    ap.add_argument("--k", type=int, default=60)
     ap.add_argument("--bayes", default="0.97,0.8")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(1)
     rows = rows_per_dim_rows([float(r) for r in args.ratios.split(",")], [int(s) for s in args.seeds.split(",")],
                              args.d, args.k, [float(b) for b in args.bayes.split(",")])
     print(table(rows, args.d, args.k))
