@@ -31,6 +31,13 @@ from cluster_service.train.rows import Rows
 
 # The evidence start tries k-means at K0, K0 / step, K0 / step^2, ... 1.
 EVIDENCE_GRID_STEP = 2**0.5
+# Below this many rows a cluster per dimension (at the empirical-Bayes kappa's start), that kappa
+# and its partition start the fit: there the configured vague kappa's charge for each cluster's
+# mean, (d / 2) log(N_k / kappa), outweighs what separates clusters (one cluster where k-means
+# finds structure). With more rows the configured kappa is kept: the data term decides K there,
+# and on data that is not a Gaussian mixture (sklearn digits) the smaller charge adds clusters
+# (BENCHMARKS.md, "Rows per dimension").
+FEW_ROWS_PER_DIM = 2.0
 
 
 def data_prior(cfg: PriorConfig, data_var: torch.Tensor, within_cov: torch.Tensor | None = None,
@@ -83,32 +90,31 @@ def evidence_scales(cfg: PriorConfig, n_global: int, n_features: int, n_cells: i
     return [s for s in cfg.pooled_evidence_scales if s >= 1.0 or few] or [1.0]
 
 
-def evidence_start(rows: Rows, cfg: FitConfig, cells: SuffStats, priors: list[NIWPrior]) -> tuple[SuffStats, NIWPrior]:
-    """The k-means partition (K0 = the cells, then K0 / step, K0 / step^2, ... 1) and the prior
-    of `priors` with the highest log_partition_evidence. cells: (K0,) non-empty. When the best is
-    K0 itself, k-means at K0 step, K0 step^2, ... is tried while the evidence grows (up to n / 2
-    and moves.max_clusters): with few rows a cluster, sqrt(n) cells can be fewer than the clusters."""
-    best, best_stats, best_prior = -math.inf, cells, priors[0]
+def evidence_start(rows: Rows, cfg: FitConfig, cells: SuffStats, groups: list[list[NIWPrior]],
+                   extend: bool = False) -> list[tuple[SuffStats, NIWPrior]]:
+    """For each group of priors, the k-means partition (K0 = the cells, then K0 / step, K0 / step^2,
+    ... 1) and the prior of the group with the highest log_partition_evidence; the partitions are
+    shared by the groups. cells: (K0,) non-empty. With `extend`, while the last group's best is the
+    largest K tried, k-means at K0 step, K0 step^2, ... is tried too (up to n / 2 and
+    moves.max_clusters): with few rows a cluster, sqrt(n) cells can be fewer than the clusters."""
+    best = [(-math.inf, cells, group[0]) for group in groups]
+
+    def try_partition(cand: SuffStats) -> None:
+        cand = cand[cand.count > 0]
+        for g, group in enumerate(groups):
+            for prior in group:
+                score = float(log_partition_evidence(prior, cfg.prior.alpha, cand))
+                if score > best[g][0]:
+                    best[g] = (score, cand, prior)
+
     k0 = int(cells.count.shape[0])
-    cap = min(rows.n_global // 2, cfg.moves.max_clusters)
-
-    def try_partition(cand: SuffStats) -> bool:
-        nonlocal best, best_stats, best_prior
-        cand, improved = cand[cand.count > 0], False
-        for prior in priors:
-            score = float(log_partition_evidence(prior, cfg.prior.alpha, cand))
-            if score > best:
-                best, best_stats, best_prior, improved = score, cand, prior, True
-        return improved
-
-    ks = sorted({max(1, round(k0 / EVIDENCE_GRID_STEP**i)) for i in range(64)}, reverse=True)
-    for K in ks:
+    for K in sorted({max(1, round(k0 / EVIDENCE_GRID_STEP**i)) for i in range(64)}, reverse=True):
         try_partition(cells if K == k0 else kmeans_stats(rows, K, cfg.seed))
-    K = k0
-    while best_stats.count.shape[0] == K and (K := round(K * EVIDENCE_GRID_STEP)) <= cap:
-        if not try_partition(kmeans_stats(rows, K, cfg.seed)):
-            break
-    return best_stats, best_prior
+    top, cap = k0, min(rows.n_global // 2, cfg.moves.max_clusters)
+    while extend and best[-1][1].count.shape[0] == top and round(top * EVIDENCE_GRID_STEP) <= cap:
+        top = round(top * EVIDENCE_GRID_STEP)
+        try_partition(kmeans_stats(rows, top, cfg.seed))
+    return [(stats, prior) for _, stats, prior in best]
 
 
 def starting_partition(cfg: FitConfig, rows: Rows, data_var: torch.Tensor,
@@ -133,10 +139,16 @@ def starting_partition(cfg: FitConfig, rows: Rows, data_var: torch.Tensor,
     if cfg.prior.psi_mode == "pooled":  # psi = s * pooled within-cell scatter (floored)
         scales = evidence_scales(cfg.prior, rows.n_global, d, int(cells.count.shape[0]))
         psis = [data_prior(cfg.prior, data_var, cells_within, s).psi for s in scales]
-    kappas = [prior.kappa]
-    if cfg.prior.kappa_mode == "evidence" and cells.count.shape[0] > 1:
-        kappas += [k for k in (between_within_kappa(cells),) if k > prior.kappa]
     families = ("full", "diag") if cfg.prior.covariance == "auto" else (cfg.prior.covariance,)
-    priors = [with_family(NIWPrior(prior.kappa, nus[0], prior.mean, psi), family, nu, kappa)
-              for kappa in kappas for family in families for nu in nus for psi in psis]
-    return evidence_start(rows, cfg, cells, priors)
+
+    def grid(kappa: float) -> list[NIWPrior]:
+        return [with_family(NIWPrior(kappa, nus[0], prior.mean, psi), family, nu)
+                for family in families for nu in nus for psi in psis]
+
+    kappa_eb = between_within_kappa(cells) if cells.count.shape[0] > 1 else 0.0
+    if cfg.prior.kappa_mode == "fixed" or kappa_eb <= prior.kappa:
+        return evidence_start(rows, cfg, cells, [grid(prior.kappa)])[0]
+    (stats, fixed), (eb_stats, eb) = evidence_start(rows, cfg, cells, [grid(prior.kappa), grid(kappa_eb)], extend=True)
+    if rows.n_global / (eb_stats.count.shape[0] * d) < FEW_ROWS_PER_DIM:
+        return eb_stats, eb
+    return stats, fixed
