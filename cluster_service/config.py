@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # checkpoints: 2 adds the prior's kappa and covariance family
 
 # Defaults of the service around the model, stated once: the job configs (ops.jobconfig), the CLI
 # options and the library functions all take them from here.
@@ -82,6 +82,11 @@ class PriorConfig:
     alpha: float = 10.0
     # Pseudo-count of the prior mean. Tiny so cluster means follow the data.
     kappa: float = 1e-4
+    # "evidence": kappa is chosen with the starting partition among `kappa` and the start's
+    # between/within ratio tr(W) / tr(B) (niw.between_within_kappa) by the DP marginal likelihood.
+    # A vague kappa charges each cluster (d / 2) log(N_k / kappa) nats for its mean, which with few
+    # rows per dimension outweighs what separates clusters. "fixed": kappa as given.
+    kappa_mode: Literal["evidence", "fixed"] = "evidence"
     # Degrees of freedom in excess of the dimension: nu = n_features + nu_offset. Must be > -1
     # (nu > d - 1). 2 gives the weakest prior with a finite mean covariance (DeepDPM: nu = d + 2).
     nu_offset: float = 2.0
@@ -110,6 +115,11 @@ class PriorConfig:
     # a fraction of the data variance, because the k-means cells of tight, curved blobs (UMAP)
     # are much smaller than the blobs and a prior of their scatter alone splits each blob.
     psi_scale: float = 0.005
+    # Covariance family of every cluster (core/niw.py): "full" (the NIW), "diag" (independent
+    # coordinates, 2 d parameters a cluster instead of d (d + 3) / 2), or "auto": the evidence start
+    # picks the family with the prior, so clusters with about as many rows as dimensions, or
+    # fewer, get a model their rows can estimate (measured in BENCHMARKS.md, "Rows per dimension").
+    covariance: Literal["auto", "full", "diag"] = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.pooled_evidence_scales, list):  # YAML/JSON give lists
@@ -127,6 +137,10 @@ class PriorConfig:
             raise ConfigError(f"prior.nu_offset must be > -1 (nu > n_features - 1), got {self.nu_offset}")
         if self.nu_mode not in ("evidence", "fixed"):
             raise ConfigError(f"prior.nu_mode must be 'evidence' or 'fixed', got {self.nu_mode!r}")
+        if self.kappa_mode not in ("evidence", "fixed"):
+            raise ConfigError(f"prior.kappa_mode must be 'evidence' or 'fixed', got {self.kappa_mode!r}")
+        if self.covariance not in ("auto", "full", "diag"):
+            raise ConfigError(f"prior.covariance must be 'auto', 'full' or 'diag', got {self.covariance!r}")
         if self.psi_mode not in ("pooled", "data_diag", "fixed"):
             raise ConfigError(f"prior.psi_mode must be 'pooled', 'data_diag' or 'fixed', got {self.psi_mode!r}")
         if not (

@@ -224,3 +224,42 @@ def test_data_scaled_prior_is_scale_equivariant(scale):
         h = float(log_split_ratio(prior, 10.0, stats_from_points(xs[:200]), stats_from_points(xs[200:])))
         ref = h if ref is None else ref
     assert h == pytest.approx(ref, rel=1e-6)
+
+
+def test_diag_family_marginal_is_a_product_of_scipy_univariate_t_chains():
+    """The "diag" family: every coordinate its own d = 1 NIW, so log f(X) is the sum over coordinates
+    of univariate Student-t predictive chains (scipy.stats.t), with the prior's diagonal psi only."""
+    d, n = 4, 30
+    prior = random_prior(d, seed=3)
+    diag = NIWPrior(prior.kappa, 2.5, prior.mean, prior.psi, "diag")
+    x = (torch.randn(n, d, generator=torch.Generator().manual_seed(2), dtype=D) * torch.tensor([1, 3, .5, 2], dtype=D)
+         + 1).numpy()
+    total = 0.0
+    for j in range(d):
+        m0, nu_psi0 = float(prior.mean[j]), diag.nu * float(prior.psi[j, j])
+        for i in range(n):
+            seen = x[:i, j]
+            k, nu = diag.kappa + i, diag.nu + i
+            xbar = seen.mean() if i else 0.0
+            mean = (diag.kappa * m0 + seen.sum()) / k
+            nu_psi = nu_psi0 + ((seen - xbar) ** 2).sum() + diag.kappa * i / k * (xbar - m0) ** 2
+            total += sps.t(df=nu, loc=mean, scale=math.sqrt(nu_psi * (k + 1) / (k * nu))).logpdf(x[i, j])
+    ours = float(log_marginal_likelihood(diag, stats_from_points(torch.from_numpy(x))))
+    assert ours == pytest.approx(total, rel=1e-9)
+    # and it is not the full family's (the off-diagonal scatter is ignored)
+    assert ours != pytest.approx(float(log_marginal_likelihood(NIWPrior(prior.kappa, d + 1.5, prior.mean, prior.psi),
+                                                               stats_from_points(torch.from_numpy(x)))), rel=1e-3)
+
+
+def test_diag_family_map_is_the_coordinatewise_mode():
+    rng = np.random.default_rng(6)
+    d, n = 3, 50
+    x = rng.normal(size=(n, d)) @ np.array([[1, .8, 0], [0, 1, 0], [0, 0, 2]])
+    prior = random_prior(d, seed=7)
+    diag = NIWPrior(prior.kappa, 4.0, prior.mean, prior.psi, "diag")
+    mean, chol = map_estimate(diag, stats_from_points(torch.from_numpy(x)))
+    xbar, m0 = x.mean(0), prior.mean.numpy()
+    kappa_n, nu_n = diag.kappa + n, diag.nu + n
+    scale = diag.nu * np.diag(prior.psi.numpy()) + ((x - xbar) ** 2).sum(0) + diag.kappa * n / kappa_n * (xbar - m0) ** 2
+    np.testing.assert_allclose(mean.numpy(), (diag.kappa * m0 + n * xbar) / kappa_n, rtol=1e-10)
+    np.testing.assert_allclose(chol.numpy(), np.diag(np.sqrt(scale / (nu_n + 3))), rtol=1e-9)

@@ -13,6 +13,8 @@ Sections (each a function returning markdown):
             3 seeds, mean (min-max)
   krecovery_large  (opt-in: --sections krecovery_large) the same for the 200k x 64, K 200 mixture:
             about an hour on 2 cores
+  rowsperdim  K and NMI against rows per dimension (0.5 .. 4) on generated overlap mixtures, the
+            defaults beside the full NIW at a fixed kappa and FAISS k-means given K (bench.rowsperdim)
   truncation  dense vs truncated E-step fits, same seed (bench.truncation), and the dense fit of the
             data moved by one float rounding step (the floor); truncation_large (opt-in) the same on
             the 200-component mixture, without the floor
@@ -154,6 +156,8 @@ SECTIONS: list[tuple[str, list[tuple[str, str, str]]]] = [
                     "bench_k_recovery")]),
     ("krecovery_large", [("K recovery: the 200-component mixture (one seed)", "cluster_service.bench.krecovery",
                           "bench_k_recovery_large")]),
+    ("rowsperdim", [("Rows per dimension: K and NMI of the defaults and of the full NIW at a fixed kappa",
+                     "cluster_service.bench.rowsperdim", "bench_rows_per_dim")]),
     ("truncation", [("Truncated vs dense E-step: the same fit? (same seed)", "cluster_service.bench.truncation",
                      "bench_truncation")]),
     ("truncation_large", [("Truncated vs dense E-step: the 200-component mixture", "cluster_service.bench.truncation",
@@ -171,7 +175,7 @@ SECTIONS: list[tuple[str, list[tuple[str, str, str]]]] = [
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    ap.add_argument("--sections", default="speed,quality,krecovery,truncation,workers,scaling,assign,epochs,methods,"
+    ap.add_argument("--sections", default="speed,quality,krecovery,rowsperdim,truncation,workers,scaling,assign,epochs,methods,"
                     "pipeline,features",
                     help="comma-separated")
     ap.add_argument("--gpu", action="store_true", help="run the GPU sections (needs CUDA)")

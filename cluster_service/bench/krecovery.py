@@ -79,6 +79,7 @@ def k_recovery_rows(seeds: Sequence[int], sets: dict[str, tuple], bgm: bool = Tr
 
             res = fit(x, FitConfig(seed=seed), callbacks=[progress])
             runs = [("cluster_service (defaults)", res.clusters, time.perf_counter() - t)]
+            family = res.engine.prior.family
             if res.model.tree_linkage is not None and res.n_clusters > k_true:
                 runs.append(("cluster_service, tree cut at true K", res.model.cut(k_true)[res.clusters], 0.0))
             log.info("%s seed %d: K %d after %.0f s; peers next", name, seed, res.n_clusters, runs[0][2])
@@ -86,7 +87,8 @@ def k_recovery_rows(seeds: Sequence[int], sets: dict[str, tuple], bgm: bool = Tr
             for method, labels, seconds in runs:
                 s = score(y, np.asarray(labels))
                 table.append({"data": name, "true K": k_true, "seed": seed, "method": method, "K": s.k_found,
-                              "NMI": s.nmi, "ARI": s.ari, "ACC": s.acc, "seconds": seconds})
+                              "NMI": s.nmi, "ARI": s.ari, "ACC": s.acc, "seconds": seconds,
+                              "family": family if method.startswith("cluster_service") else "-"})
     return table
 
 
@@ -103,11 +105,13 @@ def summary_table(rows: list[dict]) -> str:
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"Seeds {', '.join(map(str, seeds))}; mean (min-max) over seeds. The tree cut row is the same fit "
              "cut at the true K (absent when K found <= true K on every seed).", "",
-             "| data | true K | method | K found | NMI | ARI | ACC | seconds |", "|---|---|---|---|---|---|---|---|"]
+             "| data | true K | method | K found | NMI | ARI | ACC | family | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (data, k_true, method), rs in groups.items():
         lines.append(f"| {data} | {k_true} | {method} | {spread([r['K'] for r in rs], '.1f')} | "
                      f"{spread([r['NMI'] for r in rs], '.3f')} | {spread([r['ARI'] for r in rs], '.3f')} | "
-                     f"{spread([r['ACC'] for r in rs], '.3f')} | {np.mean([r['seconds'] for r in rs]):.1f} |")
+                     f"{spread([r['ACC'] for r in rs], '.3f')} | {'/'.join(sorted({r['family'] for r in rs}))} | "
+                     f"{np.mean([r['seconds'] for r in rs]):.1f} |")
     return "\n".join(lines)
 
 

@@ -10,6 +10,14 @@ follows DESIGN §2 (and Chang & Fisher 2013 / DeepDPM eq. 6-9):
                               + (nu/2) log|nu psi| - (nu*/2) log|nu* psi*| + (d/2) log(kappa/kappa*)
 
 Statistics (N, s, S) are batched with any number of leading axes (clusters, subclusters).
+
+Covariance families (`NIWPrior.family`): "full" is the NIW above. "diag" restricts every
+covariance to a diagonal with independent coordinates, each under its own one-dimensional NIW
+(a Normal-Inverse-Gamma: kappa, m_j, nu, psi_jj), so log f and the MAP are the sums and the
+coordinates of the d = 1 formulas applied to the diagonals of S and psi. A diagonal cluster has
+2 d parameters against d (d + 3) / 2, so its evidence can support clusters with about as many
+rows as dimensions, where the full family's honestly prefers one broad cluster. Both families
+are marginal likelihoods of the same rows, so the evidence compares them directly.
 """
 
 from __future__ import annotations
@@ -80,21 +88,31 @@ class SuffStats:
         )
 
 
+FAMILIES = ("full", "diag")
+
+
 @dataclass(frozen=True)
 class NIWPrior:
-    """NIW hyperparameters. kappa, nu: scalars; mean: (d,); psi: (d, d) SPD."""
+    """NIW hyperparameters. kappa, nu: scalars; mean: (d,); psi: (d, d) SPD; family: "full" or
+    "diag" (module docstring; "diag" reads only psi's diagonal and needs nu > 0, "full" nu > d - 1)."""
 
     kappa: float
     nu: float
     mean: torch.Tensor
     psi: torch.Tensor
+    family: str = "full"
 
     @property
     def n_features(self) -> int:
         return self.mean.shape[-1]
 
+    @property
+    def block_dim(self) -> int:
+        """Dimension of each independent Gaussian block: d (full) or 1 (diag)."""
+        return self.n_features if self.family == "full" else 1
+
     def to(self, *args, **kwargs) -> NIWPrior:
-        return NIWPrior(self.kappa, self.nu, self.mean.to(*args, **kwargs), self.psi.to(*args, **kwargs))
+        return NIWPrior(self.kappa, self.nu, self.mean.to(*args, **kwargs), self.psi.to(*args, **kwargs), self.family)
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,20 @@ def pooled_within_covariance(stats: SuffStats) -> torch.Tensor:
     c, s, S = stats.count[keep], stats.sum[keep], stats.scatter[keep]
     within = (S - s[:, :, None] * s[:, None, :] / c[:, None, None]).sum(0) / c.sum()
     return 0.5 * (within + within.T)
+
+
+def between_within_kappa(stats: SuffStats) -> float:
+    """Empirical-Bayes kappa from a partition: tr(W) / tr(B), the pooled within-set covariance W
+    (pooled_within_covariance) over the count-weighted covariance B of the sets' means, which the
+    NIW's mu_k ~ N(m, Sigma_k / kappa) says is Sigma / kappa. stats: (K,) -> a float (0 when the
+    means have no spread)."""
+    keep = stats.count > 0
+    c, s = stats.count[keep], stats.sum[keep]
+    means = s / c[:, None]
+    centre = s.sum(0) / c.sum()
+    between = float((c[:, None] * (means - centre).square()).sum() / c.sum())
+    within = float(pooled_within_covariance(stats).diagonal().sum())
+    return within / between if between > 0 else 0.0
 
 
 def make_prior(
@@ -217,8 +249,38 @@ def logdet_from_cholesky(L: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
 
 
+def diag_posterior_psi(prior: NIWPrior, stats: SuffStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "diag" family's posterior: the d = 1 NIW of every coordinate j, from the diagonals only.
+
+    -> (kappa* (...,), m* (..., d), psi*_jj (..., d)), with
+    nu* psi*_jj = nu psi_jj + kappa m_j^2 + S_jj - kappa* m*_j^2. O(d) a set: no d x d work."""
+    N = stats.count
+    kappa_n = prior.kappa + N
+    mean_n = (prior.kappa * prior.mean + stats.sum) / kappa_n[..., None]
+    nu_psi_n = (prior.nu * prior.psi.diagonal() + prior.kappa * prior.mean.square()
+                + stats.scatter.diagonal(dim1=-2, dim2=-1) - kappa_n[..., None] * mean_n.square())
+    # the added terms are a centred scatter and a square, so nu psi_jj bounds it below (cancellation can round under)
+    nu_psi_n = torch.maximum(nu_psi_n, prior.nu * prior.psi.diagonal())
+    return kappa_n, mean_n, nu_psi_n / (prior.nu + N)[..., None]
+
+
 def log_marginal_likelihood(prior: NIWPrior, stats: SuffStats) -> torch.Tensor:
-    """log f(X) of each set under the NIW prior (DESIGN §2), from statistics only. -> (...,)."""
+    """log f(X) of each set under the NIW prior (DESIGN §2), from statistics only. -> (...,).
+
+    family "diag": the sum over coordinates of the d = 1 formula, on the diagonals of S and psi."""
+    if prior.family == "diag":
+        N = stats.count
+        kappa_n, _, psi_n = diag_posterior_psi(prior, stats)
+        nu_n = prior.nu + N
+        nu = torch.as_tensor(prior.nu, dtype=STAT_DTYPE, device=N.device)
+        d = prior.n_features
+        return (
+            -0.5 * N * d * math.log(math.pi)
+            + d * (torch.lgamma(nu_n / 2) - torch.lgamma(nu / 2))
+            + 0.5 * prior.nu * torch.log(prior.nu * prior.psi.diagonal()).sum()
+            - 0.5 * nu_n * torch.log(nu_n[..., None] * psi_n).sum(-1)
+            + 0.5 * d * (math.log(prior.kappa) - torch.log(kappa_n))
+        )
     post = posterior(prior, stats)
     d = prior.n_features
     N = stats.count
@@ -261,8 +323,13 @@ def map_estimate(prior: NIWPrior, stats: SuffStats) -> tuple[torch.Tensor, torch
     """Weighted MAP M-step: the NIW mode.
 
     mu = m*,  Sigma = nu* psi* / (nu* + d + 2)   (joint mode of the NIW; DESIGN §2 "mode" form).
+    family "diag": Sigma = diag(nu* psi*_jj / (nu* + 3)), the d = 1 mode of every coordinate.
     Returns means (..., d) and the Cholesky factor of Sigma (..., d, d).
     """
+    if prior.family == "diag":
+        _, mean_n, psi_n = diag_posterior_psi(prior, stats)
+        nu_n = (prior.nu + stats.count)[..., None]
+        return mean_n, torch.diag_embed((psi_n * nu_n / (nu_n + 3)).sqrt())
     post = posterior(prior, stats)
     d = prior.n_features
     cov = post.psi.mul_((post.nu / (post.nu + d + 2))[..., None, None])  # in place (log_marginal_likelihood)

@@ -72,6 +72,21 @@ def score(labels: np.ndarray, clusters: np.ndarray) -> Scores:
     )
 
 
+def model_choice(n_samples: int, n_features: int, k_found: int, prior: dict) -> dict:
+    """The summary's account of the model the evidence chose: covariance family, kappa, rows per
+    dimension of the clusters found, and, when the fit returned one cluster, why and what would help."""
+    family = str(prior.get("family", "full"))
+    rows = n_samples / max(1, k_found) / max(1, n_features)
+    out = {"covariance": family, "kappa": float(f"{float(prior['kappa']):.3g}"), "rows_per_dim": round(rows, 2)}
+    if k_found == 1:
+        out["note"] = (
+            f"one cluster: the evidence preferred a single {family}-covariance Gaussian to every partition tried "
+            f"({n_samples} rows in {n_features} dimensions; a cluster of sqrt(n) rows would have "
+            f"{n_samples ** 0.5 / n_features:.2g} rows per dimension). If you expect structure: fewer dimensions "
+            "(`extract --pca-dim D`), more rows, or a simpler family (`--set prior.covariance=diag`)")
+    return out
+
+
 def run_summary(n_samples: int, n_features: int, k_found: int, seconds: float, history: list, out,
                 scores: Scores | None = None, **extra) -> dict:
     """The one summary.json of a run (one-process fit, Ray Train fit, update): sizes, K, wall seconds,

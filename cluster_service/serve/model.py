@@ -148,7 +148,7 @@ class FittedModel:
         logdet = logdet_from_cholesky(torch.from_numpy(self.chol)).numpy()  # (K,) log |Sigma_k|
         held_out = leave_one_out_log_density(np.asarray(log_prob) - self.log_weights[clusters], counts[clusters],
                                              logdet[clusters], float(self.prior["kappa"]),
-                                             float(self.prior["nu"]), self.n_features)
+                                             float(self.prior["nu"]), self.n_features, self.prior["family"])
         self.novelty = novelty_table(clusters, held_out, self.n_clusters)
 
     def novelty_of(self, clusters: np.ndarray, log_prob: np.ndarray, fpr: float) -> tuple[np.ndarray, np.ndarray]:
@@ -190,7 +190,8 @@ class FittedModel:
             "schema_version": MODEL_SCHEMA_VERSION,
             "n_clusters": self.n_clusters,
             "n_features": self.n_features,
-            "prior": {k: float(v) for k, v in self.prior.items() if k in ("alpha", "kappa", "nu")},
+            "prior": {**{k: float(v) for k, v in self.prior.items() if k in ("alpha", "kappa", "nu")},
+                      "family": self.prior.get("family", "full")},
             "net_input_scale": self.net_input_scale,
             "config": self.config,
             "manifest_hash": self.manifest_hash,
@@ -255,7 +256,8 @@ def load_model(
         log_weights=arrays["log_weights"],
         means=arrays["means"],
         chol=arrays["chol"],
-        prior={**meta.get("prior", {}), "mean": arrays["prior_mean"], "psi": arrays["prior_psi"]},
+        # models written before covariance families are full-covariance
+        prior={"family": "full", **meta.get("prior", {}), "mean": arrays["prior_mean"], "psi": arrays["prior_psi"]},
         net={k[4:]: v for k, v in arrays.items() if k.startswith("net.")},
         net_input_scale=float(meta.get("net_input_scale", 1.0)),
         net_input_shift=arrays.get("net_input_shift"),

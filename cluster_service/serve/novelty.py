@@ -28,7 +28,7 @@ LEVELS = np.array([0.0, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
 
 
 def leave_one_out_log_density(log_density: np.ndarray, counts: np.ndarray, logdet: np.ndarray, kappa: float,
-                              nu: float, n_features: int) -> np.ndarray:
+                              nu: float, n_features: int, family: str = "full") -> np.ndarray:
     """log N(x_i; mu_-i, Sigma_-i) of training rows under their cluster's NIW MAP estimate without row i.
 
     log_density (n,): log N(x_i; mu, Sigma) with the fitted cluster; counts (n,): rows N of that
@@ -37,12 +37,14 @@ def leave_one_out_log_density(log_density: np.ndarray, counts: np.ndarray, logde
     A_-i = A - c u u^T with u = x - mu and c = kappa_N / (kappa_N - 1), and x - mu_-i = c u; the
     Mahalanobis term and log-determinant follow from q = u^T A^-1 u by Sherman-Morrison and the
     matrix determinant lemma, so each row costs O(1) given its density. (The fitted Sigma is taken
-    as the MAP of its N hard rows; the net's soft weights make that approximate.)"""
+    as the MAP of its N hard rows; the net's soft weights make that approximate.) family "diag": the
+    same rank-one correction of the diagonal scale A = (nu_N + 3) Sigma, which leaves out the
+    off-diagonal part of u u^T (an approximation that needs only the density)."""
     d = n_features
     ld, n, logdet = (np.asarray(v, dtype=np.float64) for v in (log_density, counts, logdet))
     const = -0.5 * d * np.log(2 * np.pi)
     maha2 = np.maximum(-2.0 * (ld - const + 0.5 * logdet), 0.0)
-    kappa_n, scale = kappa + n, nu + n + d + 2
+    kappa_n, scale = kappa + n, nu + n + (d + 2 if family == "full" else 3)
     c = kappa_n / (kappa_n - 1.0)
     q = maha2 / scale
     rest = np.maximum(1.0 - c * q, 1e-12)  # > 0 for a PD A_-i; a row that alone spans a direction

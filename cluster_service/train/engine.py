@@ -147,15 +147,15 @@ class Engine:
         if keep.removed:
             self.rebuild_for_k(mv.apply_prunes(keep, self.params, self.sub_params))
 
-    def initialize_from(self, means: np.ndarray, chol: np.ndarray, prior_psi: np.ndarray, prior_nu: float) -> None:
+    def initialize_from(self, means: np.ndarray, chol: np.ndarray, prior: dict) -> None:
         """Continue from a fitted model instead of a fresh start (`cluster-service update`): its
-        prior (psi, nu) and clusters (means (K, d), chol (K, d, d), original coordinates) assign
+        prior (the model's dict: kappa, nu, psi, family) and clusters (means (K, d), chol (K, d, d), original coordinates) assign
         this engine's rows; clusters that receive no row are dropped; MAP parameters, weights and
         subclusters are re-estimated from those rows; nets start fresh (the warm-up trains them
         against the model's responsibilities). Splits then add clusters for new data."""
         dev = self.device
-        self.prior = NIWPrior(float(self.cfg.prior.kappa), float(prior_nu), torch.zeros_like(self.shift),
-                              torch.as_tensor(prior_psi, dtype=STAT_DTYPE, device=dev))
+        self.prior = NIWPrior(float(prior["kappa"]), float(prior["nu"]), torch.zeros_like(self.shift),
+                              torch.as_tensor(np.asarray(prior["psi"]), dtype=STAT_DTYPE, device=dev), prior["family"])
         self.params = GaussianParams(torch.zeros(means.shape[0], dtype=STAT_DTYPE, device=dev),
                                      torch.as_tensor(means, dtype=STAT_DTYPE, device=dev) - self.shift,
                                      torch.as_tensor(chol, dtype=STAT_DTYPE, device=dev))
@@ -394,6 +394,7 @@ class Engine:
             "convergence": self.convergence.state(),
             "prior_psi": self.prior.psi.cpu(),  # data-dependent in psi_mode "pooled"
             "prior_nu": self.prior.nu,  # data-dependent in nu_mode "evidence"
+            "prior_kappa": self.prior.kappa, "prior_family": self.prior.family,  # and these in kappa_mode, covariance
             "data_var": self.data_var.cpu(),  # psi is rescaled when loaded onto other data
             "params": {k: v.cpu() for k, v in asdict_params(self.params).items()},
             "sub_params": {k: v.cpu() for k, v in asdict_params(self.sub_params).items()},
@@ -423,7 +424,8 @@ class Engine:
             ratio = float(self.data_var.mean() / old_var.mean().clamp_min(1e-30))
             psi = float(psi.diagonal().mean()) * ratio * torch.eye(self.n_features, dtype=STAT_DTYPE,
                                                                      device=self.device)
-        self.prior = NIWPrior(float(self.cfg.prior.kappa), float(state["prior_nu"]), torch.zeros_like(self.shift), psi)
+        self.prior = NIWPrior(float(state["prior_kappa"]), float(state["prior_nu"]), torch.zeros_like(self.shift), psi,
+                              state["prior_family"])
         self.params = GaussianParams(**{k: v.to(self.device) for k, v in state["params"].items()})
         self.sub_params = GaussianParams(**{k: v.to(self.device) for k, v in state["sub_params"].items()})
         K = self.params.n_clusters

@@ -75,6 +75,7 @@ def model_from_engine(engine, manifest_hash: str | None = None, version: str = "
             "nu": prior.nu,
             "mean": (prior.mean + engine.shift).cpu().numpy(),
             "psi": prior.psi.cpu().numpy(),
+            "family": prior.family,
         },
         net={k: net_state[k].detach().cpu().numpy() for k in NET_KEYS},
         net_input_scale=engine.input_scale,

@@ -1,8 +1,9 @@
 """The start of a fit: a k-means partition and, jointly with it, the NIW prior (empirical Bayes).
 
     "evidence": k-means with K0 cells (their pooled within-cell scatter sets psi in psi_mode
-                "pooled"), then k-means at K0 / step, K0 / step^2, ... 1 clusters; the partition
-                and the prior of a small grid (nu, psi scale) with the highest
+                "pooled"), then k-means at K0 / step, K0 / step^2, ... 1 clusters (and at K0 step,
+                K0 step^2, ... while the evidence still grows at the top); the partition and the
+                prior of a small grid (kappa, covariance family, nu, psi scale) with the highest
                 niw.log_partition_evidence start the fit.
     "kmeans":   k-means with k_init clusters.
 
@@ -21,6 +22,7 @@ from cluster_service.config import FitConfig, PriorConfig
 from cluster_service.core.niw import (
     NIWPrior,
     SuffStats,
+    between_within_kappa,
     log_partition_evidence,
     make_prior,
     pooled_within_covariance,
@@ -29,6 +31,13 @@ from cluster_service.train.rows import Rows
 
 # The evidence start tries k-means at K0, K0 / step, K0 / step^2, ... 1.
 EVIDENCE_GRID_STEP = 2**0.5
+# Below this many rows a cluster per dimension (at the empirical-Bayes kappa's start), that kappa
+# and its partition start the fit: there the configured vague kappa's charge for each cluster's
+# mean, (d / 2) log(N_k / kappa), outweighs what separates clusters (one cluster where k-means
+# finds structure). With more rows the configured kappa is kept: the data term decides K there,
+# and on data that is not a Gaussian mixture (sklearn digits) the smaller charge adds clusters
+# (BENCHMARKS.md, "Rows per dimension").
+FEW_ROWS_PER_DIM = 2.0
 
 
 def data_prior(cfg: PriorConfig, data_var: torch.Tensor, within_cov: torch.Tensor | None = None,
@@ -37,8 +46,17 @@ def data_prior(cfg: PriorConfig, data_var: torch.Tensor, within_cov: torch.Tenso
     variance; within_cov (d, d) the pooled within-cell scatter (psi_mode "pooled"); factor
     multiplies the whole psi, its isotropic floor included."""
     scale = factor * (cfg.pooled_scale if cfg.psi_mode == "pooled" else cfg.psi_scale)
-    return make_prior(torch.zeros_like(data_var), data_var, cfg.kappa, cfg.nu_offset, cfg.psi_mode, scale,
-                      within_cov, psi_floor=cfg.psi_scale * factor)
+    prior = make_prior(torch.zeros_like(data_var), data_var, cfg.kappa, cfg.nu_offset, cfg.psi_mode, scale,
+                       within_cov, psi_floor=cfg.psi_scale * factor)
+    return prior if cfg.covariance != "diag" else with_family(prior, "diag")  # "auto" starts full
+
+
+def with_family(prior: NIWPrior, family: str, nu: float | None = None, kappa: float | None = None) -> NIWPrior:
+    """`prior` in covariance `family`, with nu given as the full family's (d + offset): a "diag" block
+    is one coordinate, so its nu is that less d - 1 (the same excess over the block's dimension)."""
+    nu = prior.nu if nu is None else nu
+    nu = nu - (prior.n_features - 1) if family == "diag" else nu
+    return NIWPrior(prior.kappa if kappa is None else kappa, nu, prior.mean, prior.psi, family)
 
 
 def kmeans_stats(rows: Rows, n_clusters: int, seed: int) -> SuffStats:
@@ -72,19 +90,31 @@ def evidence_scales(cfg: PriorConfig, n_global: int, n_features: int, n_cells: i
     return [s for s in cfg.pooled_evidence_scales if s >= 1.0 or few] or [1.0]
 
 
-def evidence_start(rows: Rows, cfg: FitConfig, cells: SuffStats, priors: list[NIWPrior]) -> tuple[SuffStats, NIWPrior]:
-    """The k-means partition (K0 = the cells, then K0 / step, K0 / step^2, ... 1) and the prior
-    of `priors` with the highest log_partition_evidence. cells: (K0,) non-empty."""
-    best, best_stats, best_prior = -math.inf, cells, priors[0]
-    ks = sorted({max(1, round(cells.count.shape[0] / EVIDENCE_GRID_STEP**i)) for i in range(64)}, reverse=True)
-    for K in ks:
-        cand = cells if K == cells.count.shape[0] else kmeans_stats(rows, K, cfg.seed)
+def evidence_start(rows: Rows, cfg: FitConfig, cells: SuffStats, groups: list[list[NIWPrior]],
+                   extend: bool = False) -> list[tuple[SuffStats, NIWPrior]]:
+    """For each group of priors, the k-means partition (K0 = the cells, then K0 / step, K0 / step^2,
+    ... 1) and the prior of the group with the highest log_partition_evidence; the partitions are
+    shared by the groups. cells: (K0,) non-empty. With `extend`, while the last group's best is the
+    largest K tried, k-means at K0 step, K0 step^2, ... is tried too (up to n / 2 and
+    moves.max_clusters): with few rows a cluster, sqrt(n) cells can be fewer than the clusters."""
+    best = [(-math.inf, cells, group[0]) for group in groups]
+
+    def try_partition(cand: SuffStats) -> None:
         cand = cand[cand.count > 0]
-        for prior in priors:
-            score = float(log_partition_evidence(prior, cfg.prior.alpha, cand))
-            if score > best:
-                best, best_stats, best_prior = score, cand, prior
-    return best_stats, best_prior
+        for g, group in enumerate(groups):
+            for prior in group:
+                score = float(log_partition_evidence(prior, cfg.prior.alpha, cand))
+                if score > best[g][0]:
+                    best[g] = (score, cand, prior)
+
+    k0 = int(cells.count.shape[0])
+    for K in sorted({max(1, round(k0 / EVIDENCE_GRID_STEP**i)) for i in range(64)}, reverse=True):
+        try_partition(cells if K == k0 else kmeans_stats(rows, K, cfg.seed))
+    top, cap = k0, min(rows.n_global // 2, cfg.moves.max_clusters)
+    while extend and best[-1][1].count.shape[0] == top and round(top * EVIDENCE_GRID_STEP) <= cap:
+        top = round(top * EVIDENCE_GRID_STEP)
+        try_partition(kmeans_stats(rows, top, cfg.seed))
+    return [(stats, prior) for _, stats, prior in best]
 
 
 def starting_partition(cfg: FitConfig, rows: Rows, data_var: torch.Tensor,
@@ -102,12 +132,23 @@ def starting_partition(cfg: FitConfig, rows: Rows, data_var: torch.Tensor,
         return kmeans_stats(rows, cfg.k_init, cfg.seed), prior
     # empirical Bayes over a small grid of priors, jointly with the partition
     d = rows.n_features
-    nus = [prior.nu]
+    nus = [d + cfg.prior.nu_offset]  # as the full family's; with_family shifts them for "diag"
     if cfg.prior.nu_mode == "evidence":  # nu = d + nu_offset, 1.5 d, 3 d, 9 d, 33 d
         nus += [d + f * d for f in (0.5, 2, 8, 32)]
     psis = [prior.psi]
     if cfg.prior.psi_mode == "pooled":  # psi = s * pooled within-cell scatter (floored)
         scales = evidence_scales(cfg.prior, rows.n_global, d, int(cells.count.shape[0]))
         psis = [data_prior(cfg.prior, data_var, cells_within, s).psi for s in scales]
-    priors = [NIWPrior(prior.kappa, nu, prior.mean, psi) for nu in nus for psi in psis]
-    return evidence_start(rows, cfg, cells, priors)
+    families = ("full", "diag") if cfg.prior.covariance == "auto" else (cfg.prior.covariance,)
+
+    def grid(kappa: float) -> list[NIWPrior]:
+        return [with_family(NIWPrior(kappa, nus[0], prior.mean, psi), family, nu)
+                for family in families for nu in nus for psi in psis]
+
+    kappa_eb = between_within_kappa(cells) if cells.count.shape[0] > 1 else 0.0
+    if cfg.prior.kappa_mode == "fixed" or kappa_eb <= prior.kappa:
+        return evidence_start(rows, cfg, cells, [grid(prior.kappa)])[0]
+    (stats, fixed), (eb_stats, eb) = evidence_start(rows, cfg, cells, [grid(prior.kappa), grid(kappa_eb)], extend=True)
+    if rows.n_global / (eb_stats.count.shape[0] * d) < FEW_ROWS_PER_DIM:
+        return eb_stats, eb
+    return stats, fixed

@@ -54,7 +54,7 @@ def update(model: FittedModel, x: np.ndarray, cfg: FitConfig | None = None, call
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         engine = Engine(cfg, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)))
-        engine.initialize_from(model.means, model.chol, np.asarray(model.prior["psi"]), float(model.prior["nu"]))
+        engine.initialize_from(model.means, model.chol, model.prior)
         history = run_schedule(engine, callbacks)
     new, clusters, log_prob, margin = finish_fit(engine, model.manifest_hash, model.feature_space)
     order, lineage = stable_order(model, new, match_radius)
