@@ -189,12 +189,12 @@ def test_half_null_labels_score_the_labelled_rows_in_summary_mlflow_and_evaluate
     clusters = table.column("cluster").to_numpy()[np.argsort(table.column("id").to_numpy())]
     want = normalized_mutual_info_score(y[~unknown], clusters[~unknown])
     assert normalized_mutual_info_score(np.where(unknown, -1, y), clusters) < want - 0.05  # the old figure
-    assert summary["nmi"] == pytest.approx(want, abs=1e-12)
+    assert summary["nmi"] == pytest.approx(want, abs=5e-5)  # summary.json rounds scores to 4 decimals
     assert summary["k_true"] == 4 and summary["n_labelled"] == int((~unknown).sum())
 
     client = client_for(uri)
     metrics = client.get_run(summary["mlflow_run"]).data.metrics
-    assert metrics["nmi"] == pytest.approx(want, abs=1e-9) and metrics["k_true"] == 4
+    assert metrics["nmi"] == pytest.approx(want, abs=5e-5) and metrics["k_true"] == 4
     last_epoch = json.loads((out / "history.json").read_text())[-1]["epoch"]
     step, nmi = metric_history(client, summary["mlflow_run"], "eval/nmi")[-1]
     assert step == last_epoch and nmi == pytest.approx(want, abs=0.01)  # before the settle steps: a few rows apart
@@ -202,7 +202,7 @@ def test_half_null_labels_score_the_labelled_rows_in_summary_mlflow_and_evaluate
     r = run_inprocess(capsys, monkeypatch, "evaluate", out, "--labels", shards)
     assert r.returncode == 0, r.stderr
     printed = dict(re.findall(r"│\s*(\w+)\s*│\s*(\S+)\s*│", r.stdout))
-    assert float(printed["nmi"]) == pytest.approx(want, abs=1e-4) and printed["k_true"] == "4", r.stdout
+    assert float(printed["nmi"]) == pytest.approx(want, abs=5e-4) and printed["k_true"] == "4", r.stdout
 
 
 def test_score_with_no_labelled_row_is_null():

@@ -50,7 +50,7 @@ INVALID = [
     ({"autoencoder.hidden": [64, "wide"]}, ["autoencoder.hidden[1]", "must be an integer"]),
     ({"prior.pooled_evidence_scales": 0.5}, ["prior.pooled_evidence_scales", "must be a list"]),
     ({"autoencoder.enabled": "yes"}, ["autoencoder.enabled", "true or false"]),
-    ({"prior.alpah": 5}, ["unknown key(s) prior.alpah", "allowed under prior", "alpha, kappa"]),
+    ({"prior.alpah": 5}, ["unknown key(s) prior.alpah", "allowed under prior", "alpha, covariance, kappa"]),
     ({"epochs": 5}, ["unknown key(s) epochs", "allowed under top level"]),
     ({"prior": 5}, ["prior must be a mapping"]),
 ]

@@ -116,7 +116,7 @@ def finish_run(out_dir: str | os.PathLike, result, x: np.ndarray, labels: np.nda
     if "note" in summary:
         print(f"note: {summary['note']}", flush=True)
     if tracker is not None and tracker.active:
-        scores = Scores(**{k: summary[k] for k in ("nmi", "ari", "acc", "k_found", "k_true")}) if "nmi" in summary \
+        scores = Scores(**{k: summary[k] for k in ("nmi", "ari", "acc", "k_found", "k_true", "n_labelled")}) if "nmi" in summary \
             else None
         final = {f"final/{k}": float(v) for k, v in summary.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)}

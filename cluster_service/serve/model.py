@@ -44,7 +44,7 @@ class FittedModel:
     log_weights: np.ndarray  # (K,)
     means: np.ndarray  # (K, d)
     chol: np.ndarray  # (K, d, d)
-    prior: dict[str, Any]  # alpha, kappa, nu, mean (d,), psi (d, d)
+    prior: dict[str, Any]  # alpha, kappa, nu, mean (d,), psi (d, d), family ("full" or "diag")
     net: dict[str, np.ndarray] = field(default_factory=dict)  # clustering-net weights
     net_input_scale: float = 1.0
     net_input_shift: np.ndarray | None = None  # (d,) the net sees (x - shift) / scale
@@ -62,6 +62,10 @@ class FittedModel:
     # Novelty calibration from the training rows (serve.novelty.novelty_table): levels (L,),
     # quantiles (K, L), train_counts (K,). None for models written before it.
     novelty: dict[str, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        # the covariance family (core/niw.py); models written before families are full-covariance
+        self.prior = {"family": "full", **self.prior}
 
     def feature_space_mismatch(self, manifest: dict) -> str | None:
         """Why shards with this manifest are not in the model's feature space, or None."""
@@ -256,8 +260,7 @@ def load_model(
         log_weights=arrays["log_weights"],
         means=arrays["means"],
         chol=arrays["chol"],
-        # models written before covariance families are full-covariance
-        prior={"family": "full", **meta.get("prior", {}), "mean": arrays["prior_mean"], "psi": arrays["prior_psi"]},
+        prior={**meta.get("prior", {}), "mean": arrays["prior_mean"], "psi": arrays["prior_psi"]},
         net={k[4:]: v for k, v in arrays.items() if k.startswith("net.")},
         net_input_scale=float(meta.get("net_input_scale", 1.0)),
         net_input_shift=arrays.get("net_input_shift"),
