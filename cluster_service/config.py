@@ -388,6 +388,10 @@ class FitConfig:
     net_mass: Literal["estep", "net"] = "estep"
     # Rows per chunk for E-step and statistics: memory is O(chunk * K + K * d^2).
     chunk_size: int = 8192
+    # How each process keeps its (centred) rows: "bfloat16" or "float16" halve the rows' memory
+    # (a row's relative rounding 2^-9 / 2^-12); every chunk is upcast to float32 where it is
+    # scored and its statistics are summed in float64, as with "float32".
+    row_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # The truncated E-step (train/estep.TruncatedEStep, core/truncated.py): this many clusters
     # scored exactly per row (its best ones of the last scoring, its nearest means, its best
     # cluster's neighbours in the cluster graph, one pseudo-random one) once K exceeds
@@ -411,6 +415,8 @@ class FitConfig:
             raise ConfigError(f"overcluster_factor must be > 0, got {self.overcluster_factor}")
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.row_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"row_dtype must be float32, bfloat16 or float16, got {self.row_dtype!r}")
         if self.candidates != 0 and self.candidates < 6:
             raise ConfigError(f"candidates must be 0 (always score all K) or >= 6, got {self.candidates}")
         if self.responsibilities not in ("net", "estep"):

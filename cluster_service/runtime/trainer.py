@@ -166,6 +166,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
         comm = TorchDistComm(device)
         engine = Engine(cfg, x, torch.from_numpy(rows.global_index), rows.n_global, comm, device)
         del x
+        rows.x = None  # the engine keeps its own centred copy (in cfg.row_dtype): not two copies of the rows
         history: list[dict] = []
         checkpoint = ray.train.get_checkpoint()  # RAY
         if checkpoint is not None:

@@ -112,11 +112,11 @@ class Engine:
         self.device = device or resolve_device(cfg.device)
         # Dense per-row math (densities, responsibilities, outer-product matmuls) in float32 on
         # every device, each chunk's sums accumulated in float64; the rows are kept centred in
-        # float32 (half the memory). Statistics, the M-step, move decisions and the final MAP
-        # assignment are float64.
+        # cfg.row_dtype (float32, or half that in bfloat16 / float16), upcast chunk by chunk.
+        # Statistics, the M-step, move decisions and the final MAP assignment are float64.
         self.dtype = torch.float32
         self.rows, self.shift, self.data_var = Rows.centred(x, global_index, n_global, self.comm, self.device,
-                                                            self.dtype)
+                                                            getattr(torch, cfg.row_dtype))
         self.x, self.n_global, self.n_features = self.rows.x, self.rows.n_global, self.rows.n_features
         self.estep = make_estep(cfg, self.rows, self.dtype)
         # In psi_mode "pooled" the prior's scale comes from the over-clustered start, so it is

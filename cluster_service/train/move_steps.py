@@ -62,7 +62,7 @@ def cell_stats(engine, n_cells: list[int]) -> SuffStats:
     n = engine.x.shape[0]
     bins = torch.empty(n, dtype=torch.long, device=engine.device)
     for sl in iter_chunks(n, stats_chunk_rows(d, M, engine.cfg.chunk_size)):
-        xc, zc = engine.x[sl], z[sl]
+        xc, zc = engine.x[sl].to(engine.dtype), z[sl]
         dist = (xc[:, None, :] - centroids[zc]).square().sum(-1)  # (n, M); inf for unused cells
         bins[sl] = zc * M + torch.nan_to_num(dist, nan=math.inf).argmin(-1)
     # summed grouped by cell: K M cells of a few rows each per chunk would be many tiny matmuls

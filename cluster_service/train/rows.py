@@ -20,7 +20,8 @@ from cluster_service.core.niw import STAT_DTYPE, SuffStats
 
 @dataclass
 class Rows:
-    """x: (n_local, d) centred rows in the compute dtype; global_index: (n_local,) their positions
+    """x: (n_local, d) centred rows in the storage dtype (FitConfig.row_dtype; readers upcast
+    chunk by chunk); global_index: (n_local,) their positions
     in the global row order (0..n_global-1); g2l: (n_global,) the local position of each global
     row, -1 where another process holds it; comm: the reducer (train.comm)."""
 
@@ -33,7 +34,7 @@ class Rows:
     @classmethod
     def centred(cls, x: torch.Tensor, global_index: torch.Tensor | None, n_global: int | None, comm,
                 device: torch.device, dtype: torch.dtype) -> tuple[Rows, torch.Tensor, torch.Tensor]:
-        """The rows x (n_local, d) centred on the global mean, in dtype on device. -> (rows,
+        """The rows x (n_local, d) centred on the global mean, stored in dtype on device. -> (rows,
         shift (d,) the global mean, data_var (d,) the global per-feature variance), float64.
         Chunk by chunk: no float64 copy of all rows."""
         n_local = x.shape[0]
