@@ -192,3 +192,19 @@ def test_assignment_parts_of_two_ranks_read_as_one_table_in_row_order(tmp_path):
     assert pd.read_parquet(runs.assignments_path(tmp_path))["id"].tolist() == list(range(100, 112))
     with pytest.raises(FileNotFoundError):
         runs.read_assignments(tmp_path / "nothing")
+
+
+@pytest.mark.filterwarnings("ignore::cluster_service.config.ScheduleWarning")
+def test_rows_kept_as_bfloat16_fit_like_float32():
+    """row_dtype bfloat16: the engine holds its rows in 2 bytes each, its statistics stay float64,
+    and the fit finds the same clusters as with float32 rows (the rounding is 2^-9 of a row)."""
+    from cluster_service.train.fit import fit
+
+    x = _data(1500)
+    cfg = CFG.replace(**{"schedule.epochs": 10})
+    ref, half = fit(x, cfg), fit(x, cfg.replace(row_dtype="bfloat16"))
+    assert half.engine.x.dtype == torch.bfloat16 and ref.engine.x.dtype == torch.float32
+    assert half.engine.last_stats[0].scatter.dtype == torch.float64
+    assert half.n_clusters == ref.n_clusters
+    assert (half.clusters == ref.clusters).mean() > 0.99
+    assert half.history[-1].log_marginal == pytest.approx(ref.history[-1].log_marginal, rel=1e-3)
