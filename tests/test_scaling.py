@@ -179,8 +179,8 @@ def test_assignment_parts_of_two_ranks_read_as_one_table_in_row_order(tmp_path):
     (runs.assignments_path(tmp_path)).mkdir(parents=True)
     (runs.assignments_path(tmp_path) / "part-000000000006.parquet").write_bytes(b"an earlier layout's part")
     names = []
-    for rank, gidx in held.items():
-        g = gidx[::-1]  # in any order
+    for gidx in held.values():  # each rank's rows, in any order
+        g = gidx[::-1]
         names += runs.write_assignment_parts(tmp_path, _Model(), g, 100 + g, g % 3, -g.astype(float), g * 0.5)
     runs.keep_assignment_parts(tmp_path, names)
     assert sorted(names) == ["part-000000000000.parquet", "part-000000000004.parquet", "part-000000000008.parquet"]

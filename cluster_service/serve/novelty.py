@@ -81,7 +81,8 @@ def novelty_table(clusters: np.ndarray, log_density: np.ndarray, n_clusters: int
     ranges = reduce_max(density_ranges(groups, values, n_clusters + 1))
     lo, hi = -ranges[:, 0], ranges[:, 1]
     t_edges = np.linspace(-COARSE_LIMIT, COARSE_LIMIT, COARSE_BINS + 1)
-    coarse = reduce_sum(_histograms(groups, _signed_log(values), t_edges[:1], t_edges[-1:], COARSE_BINS, n_clusters + 1))
+    coarse = reduce_sum(_histograms(groups, _signed_log(values), t_edges[:1], t_edges[-1:], COARSE_BINS,
+                                    n_clusters + 1))
     counts = coarse.sum(1)
     cum = np.cumsum(coarse, axis=1)
     j = (cum < (LEVELS[1] * counts)[:, None]).sum(1)  # the coarse bin holding level LEVELS[1]

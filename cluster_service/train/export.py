@@ -21,7 +21,8 @@ from cluster_service.train.comm import unwrap
 def finish_fit(engine, manifest_hash: str | None = None,
                feature_space: dict | None = None) -> tuple[FittedModel, np.ndarray, np.ndarray, np.ndarray]:
     """The fitted model of a trained Engine, with its merge tree and its novelty calibrated on every
-    row of the fit (per-cluster histograms, all-reduced); and this process's rows' MAP (cluster (n_local,) int64, log_prob (n_local,) float64,
+    row of the fit (per-cluster histograms, all-reduced); and this process's rows' MAP (cluster
+    (n_local,) int64, log_prob (n_local,) float64,
     margin (n_local,) float64: best log-joint minus the runner-up's, +inf when K = 1), all from one
     scoring pass (the engine's: truncated at large K, so the end of a fit costs no (n, K) pass).
 

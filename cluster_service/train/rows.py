@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from cluster_service.core.gaussian import add_hard_stats_, chunk_rows, iter_chunks
-from cluster_service.core.truncated import row_hash
 from cluster_service.core.niw import STAT_DTYPE, SuffStats
+from cluster_service.core.truncated import row_hash
 
 
 @dataclass
