@@ -10,7 +10,8 @@ epoch: `bytes_moved` (EpochRecord.comm_bytes: statistics, samples, decisions; mu
 N) and, for the nets' DDP gradient all-reduce, `grad_bytes` (EpochRecord.grad_bytes: a fixed size
 per optimizer step, so per epoch it follows the number of steps). An all-reduce counts its tensor
 twice (out and back: the logical payload, not the ring's 2 (W - 1) / W); a broadcast or gather the
-pickled objects this rank sent or received. In one process nothing crosses: 0.
+pickled objects this rank sent or received. In one process (LocalComm, or a group of one) nothing
+crosses: 0.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class TorchDistComm:
         if dist.get_backend() == "nccl" and t.device.type != "cuda":
             t = t.to(self.device)
         dist.all_reduce(t, op=op)
-        self.bytes_moved += 2 * t.numel() * t.element_size()
+        self.bytes_moved += 2 * t.numel() * t.element_size() * (self.world_size > 1)
         return t
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,7 @@ class TorchDistComm:
     def broadcast_object(self, obj: Any) -> Any:
         box = [obj if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
-        size = len(pickle.dumps(box[0]))
+        size = len(pickle.dumps(box[0])) if self.world_size > 1 else 0
         self.bytes_moved += size * (self.world_size - 1) if self.rank == 0 else size
         return box[0]
 
@@ -103,7 +104,7 @@ def _counted_allreduce(comm: TorchDistComm, bucket):
     """DDP's gradient all-reduce (the mean over ranks, as DDP's default hook), counted in
     comm.grad_bytes."""
     t = bucket.buffer()
-    comm.grad_bytes += 2 * t.numel() * t.element_size()
+    comm.grad_bytes += 2 * t.numel() * t.element_size() * (comm.world_size > 1)
     t.div_(comm.world_size)
     return dist.all_reduce(t, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
