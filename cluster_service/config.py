@@ -194,10 +194,11 @@ class MoveConfig:
     # is higher. Finds what one cut misses (a cloud of many components, a small component
     # beside a large one). 0 = subnets' proposal only (the reference DeepDPM).
     split_cells: int = 32
-    # The cells' k-means trains on at most this many rows of each cluster (the same rows in
-    # every worker layout), gathered on rank 0: the move's traffic is bounded by K times this,
-    # whatever N is. Every row is then binned to its cluster's cells for the statistics.
-    split_sample: int = 4096
+    # The cells' k-means trains on at most this many rows per cell of each cluster (the same
+    # rows in every worker layout), gathered on rank 0: a split round sends at most
+    # K * split_cells * this rows, whatever N is (at ImageNet scale, 4 cells of ~1,280 rows: a
+    # fifth of the rows). Every row is then binned to its cluster's cells for the statistics.
+    split_sample_per_cell: int = 64
     # Delete proposals each merge round: this many of the largest clusters (by hard count) are
     # tested for removal, their rows going to their runner-up clusters (moves.propose_deletes,
     # accepted by the change of the CRP x NIW evidence). Aimed at a catch-all: a broad cluster
@@ -216,8 +217,8 @@ class MoveConfig:
             raise ConfigError(f"moves.max_clusters must be >= 1, got {self.max_clusters}")
         if self.delete_largest < 0:
             raise ConfigError(f"moves.delete_largest must be >= 0, got {self.delete_largest}")
-        if self.split_sample < 4:
-            raise ConfigError(f"moves.split_sample must be >= 4, got {self.split_sample}")
+        if self.split_sample_per_cell < 2:
+            raise ConfigError(f"moves.split_sample_per_cell must be >= 2, got {self.split_sample_per_cell}")
         if self.split_cells < 0 or self.split_cells == 1:
             raise ConfigError(f"moves.split_cells must be 0 (off) or >= 2, got {self.split_cells}")
 

@@ -28,7 +28,7 @@ CFG = FitConfig().replace(**{
     "device": "cpu", "init": "kmeans", "k_init": 6, "prior.psi_mode": "data_diag", "prior.nu_mode": "fixed",
     "schedule.epochs": 12, "schedule.warmup_epochs": 2, "schedule.subcluster_start": 2,
     "schedule.first_split": 4, "schedule.move_period": 8, "schedule.final_epochs": 2,
-    "net.batch_size": 4096, "net.min_steps_per_epoch": 4, "moves.split_sample": 64, "moves.split_cells": 4,
+    "net.batch_size": 4096, "net.min_steps_per_epoch": 4, "moves.split_sample_per_cell": 16, "moves.split_cells": 4,
 })
 N = 1200
 
@@ -112,6 +112,9 @@ def test_the_split_sample_is_the_same_in_every_worker_layout():
         members = torch.nonzero(z == g).flatten()
         smallest = members[keys[members].argsort()[:40]]
         assert sorted(smallest.tolist()) == sorted(whole[z[whole] == g].tolist())
+    caps = torch.tensor([3, 0, 7, 40, 1000])  # a cap per group (cells x rows per cell)
+    assert torch.bincount(z[_smallest_per_group(z, keys, caps)], minlength=5).tolist() == [
+        3, 0, 7, 40, int((z == 4).sum())]
 
 
 def _two_process_table(clusters, dens, n_clusters):

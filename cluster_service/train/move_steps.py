@@ -34,8 +34,9 @@ def cell_stats(engine, n_cells: list[int]) -> SuffStats:
     """Statistics of k-means cells inside every cluster, batch shape (K, max n_cells).
 
     Rows go to their exact MAP cluster; rank 0 runs k-means (n_cells[k] cells) on a sample of
-    cluster k, the moves.split_sample rows of smallest key (train.rows.sample_per_group: the same
-    rows in every worker layout, at most that many per cluster from each rank), and broadcasts the
+    cluster k, its moves.split_sample_per_cell * n_cells[k] rows of smallest key
+    (train.rows.sample_per_group: the same rows in every worker layout, at most that many from
+    each rank), and broadcasts the
     centroids; every rank bins its own rows by the nearest centroid of their cluster; one
     all-reduce. Unused cells stay empty.
     """
@@ -44,7 +45,8 @@ def cell_stats(engine, n_cells: list[int]) -> SuffStats:
     # keyed rows: k-means starts from each cluster's rows of smallest key, so a boundary row that
     # another worker layout puts in another cluster (float rounding) rarely changes a cluster's
     # start (index.kmeans)
-    xs, zs, keys = engine.rows.sample_per_group(z, engine.cfg.moves.split_sample, engine.cfg.seed)
+    cap = engine.cfg.moves.split_sample_per_cell * torch.tensor(n_cells, device=engine.device)
+    xs, zs, keys = engine.rows.sample_per_group(z, cap, engine.cfg.seed)
     centroids = None
     if engine.comm.rank == 0:
         centroids = np.full((K, M, d), np.inf, dtype=np.float32)

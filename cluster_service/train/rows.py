@@ -100,12 +100,12 @@ class Rows:
         order = torch.argsort(torch.cat([p[0] for p in parts]))
         return tuple(torch.cat([p[i] for p in parts])[order].to(self.device) for i in range(1, 2 + len(columns)))
 
-    def sample_per_group(self, z: torch.Tensor, cap: int, salt: int) -> tuple[torch.Tensor | None, ...]:
-        """Rank 0 gets, for every group g of the labels z (n_local,) int64, the `cap` rows of the
+    def sample_per_group(self, z: torch.Tensor, cap: torch.Tensor, salt: int) -> tuple[torch.Tensor | None, ...]:
+        """Rank 0 gets, for every group g of the labels z (n_local,) int64, the cap[g] rows of the
         group with the smallest keys row_hash(global index, salt) over all ranks, in global row
         order -> (x (m, d), z (m,), keys (m,)); other ranks get Nones. The keys depend on the
         global index only, so the sample is the same in every worker layout; each rank sends at
-        most cap rows per group (the global cap smallest are among the ranks' cap smallest)."""
+        most cap[g] rows of group g (the global cap[g] smallest are among the ranks' cap[g] smallest)."""
         keys = row_hash(self.global_index, salt)
         xs, zs, ks = self.on_rank0(_smallest_per_group(z, keys, cap), z, keys)
         if xs is None:
@@ -125,12 +125,14 @@ class Rows:
         return loc
 
 
-def _smallest_per_group(z: torch.Tensor, keys: torch.Tensor, cap: int) -> torch.Tensor:
-    """(n,) bool: the rows of each group of z (n,) with the `cap` smallest keys (n,) (distinct)."""
+def _smallest_per_group(z: torch.Tensor, keys: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: the rows of each group g of z (n,) with the cap[g] smallest keys (n,) (distinct);
+    cap: (n_groups,) int64, or a scalar."""
     by_key = torch.argsort(keys, stable=True)
     order = by_key[torch.argsort(z[by_key], stable=True)]  # grouped by z, by key inside a group
     zs = z[order]
     first = torch.searchsorted(zs, zs, right=False)  # each row's group start in `order`
     mask = torch.zeros_like(z, dtype=torch.bool)
-    mask[order] = torch.arange(z.shape[0], device=z.device) - first < cap
+    cap = torch.as_tensor(cap, device=z.device)
+    mask[order] = torch.arange(z.shape[0], device=z.device) - first < (cap[zs] if cap.dim() else cap)
     return mask
