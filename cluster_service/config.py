@@ -215,6 +215,11 @@ class MoveConfig:
     # is higher. Finds what one cut misses (a cloud of many components, a small component
     # beside a large one). 0 = subnets' proposal only (the reference DeepDPM).
     split_cells: int = 32
+    # The cells' k-means trains on at most this many rows per cell of each cluster (the same
+    # rows in every worker layout), gathered on rank 0: a split round sends at most
+    # K * split_cells * this rows, whatever N is (at ImageNet scale, 4 cells of ~1,280 rows: a
+    # fifth of the rows). Every row is then binned to its cluster's cells for the statistics.
+    split_sample_per_cell: int = 64
     # Delete proposals each merge round: this many of the largest clusters (by hard count) are
     # tested for removal, their rows going to their runner-up clusters (moves.propose_deletes,
     # accepted by the change of the CRP x NIW evidence). Aimed at a catch-all: a broad cluster
@@ -236,6 +241,8 @@ class MoveConfig:
             raise ConfigError(f"moves.max_clusters must be >= 1, got {self.max_clusters}")
         if self.delete_largest < 0:
             raise ConfigError(f"moves.delete_largest must be >= 0, got {self.delete_largest}")
+        if self.split_sample_per_cell < 2:
+            raise ConfigError(f"moves.split_sample_per_cell must be >= 2, got {self.split_sample_per_cell}")
         if self.split_cells < 0 or self.split_cells == 1:
             raise ConfigError(f"moves.split_cells must be 0 (off) or >= 2, got {self.split_cells}")
 
@@ -406,6 +413,10 @@ class FitConfig:
     net_mass: Literal["estep", "net"] = "estep"
     # Rows per chunk for E-step and statistics: memory is O(chunk * K + K * d^2).
     chunk_size: int = 8192
+    # How each process keeps its (centred) rows: "bfloat16" or "float16" halve the rows' memory
+    # (a row's relative rounding 2^-9 / 2^-12); every chunk is upcast to float32 where it is
+    # scored and its statistics are summed in float64, as with "float32".
+    row_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # The truncated E-step (train/estep.TruncatedEStep, core/truncated.py): this many clusters
     # scored exactly per row (its best ones of the last scoring, its nearest means, its best
     # cluster's neighbours in the cluster graph, one pseudo-random one) once K exceeds
@@ -429,6 +440,8 @@ class FitConfig:
             raise ConfigError(f"overcluster_factor must be > 0, got {self.overcluster_factor}")
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.row_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"row_dtype must be float32, bfloat16 or float16, got {self.row_dtype!r}")
         if self.candidates != 0 and self.candidates < 6:
             raise ConfigError(f"candidates must be 0 (always score all K) or >= 6, got {self.candidates}")
         if self.responsibilities not in ("net", "estep"):

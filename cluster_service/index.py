@@ -85,16 +85,28 @@ def nearest_clusters(means, n_neighbors: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+# Queries are converted to float32 this many rows at a time (rows kept as bfloat16 / float16 are
+# never copied whole); a multiple of FAISS's own query block (4096), so the results are the same.
+SEARCH_CHUNK = 1 << 16
+
+
+def _search(index: faiss.Index, x, k: int) -> np.ndarray:
+    """index.search of the rows x (n, d), SEARCH_CHUNK rows at a time -> ids (n, k) int64."""
+    n = x.shape[0]
+    if n <= SEARCH_CHUNK:
+        return index.search(_as_f32(x), k)[1].astype(np.int64)
+    return np.concatenate([index.search(_as_f32(x[i : i + SEARCH_CHUNK]), k)[1].astype(np.int64)
+                           for i in range(0, n, SEARCH_CHUNK)])
+
+
 def nearest_k(x, centroids, k: int) -> np.ndarray:
     """Each row's k nearest centroids, nearest first: (n, min(k, K)) int64."""
-    _, idx = flat_index(centroids).search(_as_f32(x), min(k, _as_f32(centroids).shape[0]))
-    return idx.astype(np.int64)
+    return _search(flat_index(centroids), x, min(k, _as_f32(centroids).shape[0]))
 
 
 def assign_nearest(x, centroids) -> np.ndarray:
     """Index of the nearest centroid for every row of x: (n,) int64."""
-    _, idx = flat_index(centroids).search(_as_f32(x), 1)
-    return idx[:, 0].astype(np.int64)
+    return _search(flat_index(centroids), x, 1)[:, 0]
 
 
 class MipsIndex:

@@ -21,6 +21,7 @@ from mlflow_helpers import client_for, metric_history
 
 from cluster_service.config import FitConfig
 from cluster_service.datasets import make_mixture
+from cluster_service.io import runs
 from cluster_service.ops.local_fit import run_fit
 from cluster_service.report import plots
 from cluster_service.report.evaluate import cluster_accuracy
@@ -114,7 +115,8 @@ def test_fit_run_on_server_has_params_epoch_metrics_and_artifacts(mlflow_server,
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     for field, name in [("n_clusters", "n_clusters"), ("log_marginal", "log_marginal"),
                         ("loss_cluster", "loss/cluster"), ("splits_accepted", "moves/splits_accepted"),
-                        ("time_total", "time/epoch")]:
+                        ("time_total", "time/epoch"), ("peak_memory", "memory/peak_rss"),
+                        ("comm_bytes", "comm/bytes")]:
         series = metric_history(client, run.info.run_id, name)
         assert [s for s, _ in series] == list(range(EPOCHS)), name
         np.testing.assert_allclose([v for _, v in series], [h[field] for h in history], rtol=1e-6)
@@ -214,7 +216,7 @@ def test_failures_mid_run_are_reported_then_tracking_stops(in_tmp, mixture_file,
     monkeypatch.setattr(MlflowClient, "log_batch", flaky)
     with caplog.at_level(logging.WARNING, logger="cluster_service.runtime.tracking"):
         summary = run_fit(mixture_file, in_tmp / "run", cfg)
-    assert summary["k_found"] >= 1 and (in_tmp / "run" / "assignments.parquet").is_file()
+    assert summary["k_found"] >= 1 and runs.assignment_parts(in_tmp / "run")
     failed = [r for r in caplog.records if "failed" in r.message]
     assert calls["n"] == tracking.MAX_CONSECUTIVE_FAILURES == len(failed)  # then it stops trying
     assert any("disabled" in r.message for r in caplog.records)

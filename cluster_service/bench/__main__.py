@@ -148,6 +148,8 @@ SECTIONS: list[tuple[str, list[tuple[str, str, str]]]] = [
     ("assign", [("Assignment throughput (d=128, K=1000)", "cluster_service.bench.assign", "bench_assign")]),
     ("epochs", [("Distributed epoch time (CPU workers)", "cluster_service.bench.distributed",
                  "bench_epoch_distributed")]),
+    ("workers_scaling", [("Workers: per-worker memory, bytes and epoch time (Ray Train CPU workers, small proxy)",
+                          "cluster_service.bench.distributed", "bench_workers_scaling")]),
     ("methods", [("Methods: kl vs ajs, with/without autoencoder", "cluster_service.bench.methods", "bench_methods")]),
     ("scaling", [("Epoch time vs N, K, d (CPU), with fitted exponents", "cluster_service.bench.perf", "bench_scaling"),
                  ("Top ops of one epoch (torch.profiler, N=20k d=32 K=32, CPU)", "cluster_service.bench.perf",

@@ -72,3 +72,71 @@ def bench_epoch_distributed(
             "stats_mb": round(8 * 3 * k * (1 + n_features + n_features**2) / 1e6, 2),  # K + 2K sets
         })
     return out
+
+
+class RankLog:
+    """Epoch callback run on every rank: appends the rank's record (bytes, peak memory, epoch time,
+    whether it was a split round) to DIR/rank<r>.jsonl, so that per-worker figures survive the fit."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = str(directory)
+
+    def __call__(self, rec, engine) -> None:
+        import json
+
+        row = {k: getattr(rec, k) for k in ("epoch", "n_clusters", "comm_bytes", "grad_bytes", "peak_memory",
+                                            "peak_device_memory", "time_total")}
+        row["split"] = rec.splits_proposed > 0
+        with open(Path(self.directory) / f"rank{engine.comm.rank}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def bench_workers_scaling(n_samples: int = 40_000, n_features: int = 32, n_clusters: int = 50,
+                          workers: Sequence[int] = (1, 2), seed: int = 0, row_dtype: str = "float32",
+                          work_dir: str | os.PathLike | None = None) -> list[dict]:
+    """W Ray Train CPU workers against one worker on a small ImageNet-like proxy (defaults, moves
+    included), one row per worker count: each worker's peak RSS (MB), comm_bytes per epoch
+    (median of split rounds and of the other epochs, KB), DDP gradient bytes per epoch (KB), median
+    epoch time (s), K, NMI, and ARI against the W = 1 run's assignments."""
+    import json
+    import warnings
+
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from cluster_service.datasets import make_imagenet_proxy
+    from cluster_service.io.runs import read_assignments
+    from cluster_service.io.shards import write_shards
+
+    root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="bench-scaling-"))
+    x, y = make_imagenet_proxy(n_samples, n_features, n_clusters, seed=seed)
+    shards = root / "shards"
+    if not manifest_path(shards).is_file():
+        write_shards(shards, np.arange(n_samples, dtype=np.int64), x, y,
+                     rows_per_shard=-(-n_samples // (2 * max(workers))))
+    cfg = FitConfig(seed=seed, row_dtype=row_dtype)
+    out, ref = [], None
+    for w in workers:
+        run_dir, logs = root / f"run-{w}w", root / f"ranks-{w}w"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
+        logs.mkdir(parents=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit_distributed(shards, run_dir, cfg, w, max_failures=0, callbacks=[RankLog(logs)])
+        ranks = [[json.loads(line) for line in (logs / f"rank{r}.jsonl").read_text().splitlines()] for r in range(w)]
+        z = read_assignments(run_dir, ["cluster"]).column("cluster").to_numpy()
+        ref = z if ref is None else ref
+        r0 = ranks[0]
+        split = [r["comm_bytes"] for r in r0 if r["split"]]
+        other = [r["comm_bytes"] for r in r0[1:] if not r["split"]]
+        out.append({
+            "workers": w, "n_samples": n_samples, "n_features": n_features, "row_dtype": row_dtype,
+            "peak_rss_mb_per_worker": "/".join(f"{max(r['peak_memory'] for r in rk) / 1e6:.0f}" for rk in ranks),
+            "comm_kb_split_epoch": round(float(np.median(split)) / 1e3, 1) if split else 0.0,
+            "comm_kb_other_epoch": round(float(np.median(other)) / 1e3, 1) if other else 0.0,
+            "grad_kb_epoch": round(float(np.median([r["grad_bytes"] for r in r0])) / 1e3, 1),
+            "epoch_s": round(float(np.median([r["time_total"] for r in r0[1:]])), 3),
+            "K": r0[-1]["n_clusters"], "NMI": round(float(normalized_mutual_info_score(y, z)), 4),
+            "ARI_vs_W1": round(float(adjusted_rand_score(ref, z)), 4),
+        })
+    return out

@@ -41,8 +41,9 @@ def _scores(y: np.ndarray, z: np.ndarray) -> dict:
 def _assigned(out_dir: Path, ids: np.ndarray) -> np.ndarray:
     import pyarrow.parquet as pq
 
-    files = [out_dir / "assignments.parquet"] if (out_dir / "assignments.parquet").is_file() else sorted(
-        out_dir.glob("*.parquet"))
+    from cluster_service.io.runs import assignment_parts
+
+    files = assignment_parts(out_dir) or sorted(out_dir.glob("*.parquet"))
     tables = [pq.read_table(p, columns=["id", "cluster"]) for p in files]
     got = {int(i): int(c) for t in tables for i, c in zip(t["id"].to_numpy(), t["cluster"].to_numpy(), strict=True)}
     return np.array([got[int(i)] for i in ids])

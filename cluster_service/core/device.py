@@ -15,3 +15,12 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)
+
+
+def peak_memory(device: torch.device) -> tuple[int, int]:
+    """(this process's peak resident bytes so far, the peak bytes torch allocated on `device` so far:
+    0 off CUDA)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return rss, int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0

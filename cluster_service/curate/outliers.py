@@ -32,7 +32,8 @@ def outlier_scores(run: FittedRun) -> tuple[np.ndarray, np.ndarray]:
     counts = np.bincount(c, minlength=model.n_clusters)
     logdet = logdet_from_cholesky(torch.from_numpy(model.chol)).numpy()
     held_out = leave_one_out_log_density(run.log_prob - model.log_weights[c], counts[c], logdet[c],
-                                         float(model.prior["kappa"]), float(model.prior["nu"]), model.n_features)
+                                         float(model.prior["kappa"]), float(model.prior["nu"]), model.n_features,
+                                         model.prior["family"])
     return 1.0 - tail_probability(model.novelty, c, held_out), held_out
 
 

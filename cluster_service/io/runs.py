@@ -1,7 +1,12 @@
 """The run directory: its layout, its one writer (one process and Ray Train alike) and its one reader.
 
     RUN_DIR/model/               the fitted model (cluster_service.serve.model)
-    RUN_DIR/assignments.parquet  `assignments_table` (id, cluster, log_prob, margin, novelty, ...), row order
+    RUN_DIR/assignments.parquet/ `assignments_table` (id, cluster, log_prob, margin, novelty, ...) as part
+                                 files part-<first global row, 12 digits>.parquet, one per contiguous
+                                 run of rows, each written by the process that holds those rows; in
+                                 file-name order they are the data's row order. pyarrow, pandas
+                                 (read_parquet of the directory) and DuckDB (read_parquet('.../*.parquet'))
+                                 read them as one table
     RUN_DIR/config.json          the resolved FitConfig
     RUN_DIR/history.json         one record per epoch (EpochRecord.as_dict)
     RUN_DIR/lineage.json         an update's old -> new cluster ids (also in model/)
@@ -10,7 +15,8 @@
     RUN_DIR/outliers.parquet     `cluster-service outliers` (cluster_service.curate.outliers)
     RUN_DIR/sample.parquet       `cluster-service sample` (cluster_service.curate.sample)
 
-Every file is written under a temporary name and renamed, so a killed writer never leaves half files.
+Every file is written under a temporary name and renamed, so a killed writer never leaves half files
+(a temporary name starts with ".", which the readers skip).
 Readers name these files through this module only (`model_dir`, `read_assignments`, `read_history`,
 `read_summary`, `read_lineage`); loading the model itself is serve.model's.
 """
@@ -72,20 +78,58 @@ def write_run(
     config: dict,
     history: list[dict],
 ) -> Path:
-    """Write everything of a finished fit but the summary (see `write_summary`).
+    """Write everything of a finished fit in one process but the summary (see `write_summary`): the
+    W = 1 case of `write_run_files` + `write_assignment_parts` + `keep_assignment_parts`.
 
     model: FittedModel or AEModel (.save(dir), .version); ids, clusters, log_prob, margin: (n,) in
     the data's row order; config: FitConfig.to_dict(); history: EpochRecord dicts."""
+    write_run_files(out_dir, model, config, history)
+    parts = write_assignment_parts(out_dir, model, np.arange(len(ids)), ids, clusters, log_prob, margin)
+    keep_assignment_parts(out_dir, parts)
+    return Path(out_dir)
+
+
+def write_run_files(out_dir: str | os.PathLike, model, config: dict, history: list[dict]) -> Path:
+    """The run's model/, config.json and history.json (one process writes them)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(out_dir / MODEL_DIR)
-    mixture = getattr(model, "mixture", model)  # the latent mixture in autoencoder mode
-    novelty, novel = mixture.novelty_of(clusters, log_prob, NOVELTY_FPR)
-    write_parquet_atomic(assignments_table(ids, clusters, log_prob, margin, model.version, novelty, novel),
-                         out_dir / ASSIGNMENTS)
     write_text_atomic(json.dumps(config, indent=2), out_dir / CONFIG)
     write_text_atomic(json.dumps(history, indent=1), out_dir / HISTORY)
     return out_dir
+
+
+def write_assignment_parts(out_dir: str | os.PathLike, model, global_index: np.ndarray, ids: np.ndarray,
+                           clusters: np.ndarray, log_prob: np.ndarray, margin: np.ndarray) -> list[str]:
+    """This process's rows of the assignments: global_index (n_local,) their positions in the data's
+    row order; ids, clusters, log_prob, margin (n_local,). One part file per contiguous run of
+    positions, named by its first. Returns the file names written."""
+    mixture = getattr(model, "mixture", model)  # the latent mixture in autoencoder mode
+    novelty, novel = mixture.novelty_of(clusters, log_prob, NOVELTY_FPR)
+    gidx = np.asarray(global_index, dtype=np.int64)
+    order = np.argsort(gidx, kind="stable")
+    gidx = gidx[order]
+    table = assignments_table(np.asarray(ids)[order], np.asarray(clusters)[order], np.asarray(log_prob)[order],
+                              np.asarray(margin)[order], model.version, novelty[order], novel[order])
+    starts = np.flatnonzero(np.diff(gidx, prepend=-2) != 1)  # where a run of consecutive positions begins
+    ends = np.append(starts[1:], gidx.size)
+    names = []
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        names.append(f"part-{int(gidx[a]):012d}.parquet")
+        write_parquet_atomic(table.slice(a, b - a), assignments_path(out_dir) / names[-1])
+    return names
+
+
+def keep_assignment_parts(out_dir: str | os.PathLike, names: list[str]) -> None:
+    """After every process wrote its parts: remove the parts of an earlier run in the same directory
+    (another worker layout names other parts), and an assignments.parquet file of old."""
+    path = assignments_path(out_dir)
+    if path.is_file():
+        path.unlink()
+    keep = set(names)
+    for old in path.glob("part-*.parquet"):
+        if old.name not in keep:
+            old.unlink()
 
 
 def stop_summary(history: list) -> dict:
@@ -123,19 +167,25 @@ def model_dir_of(path: str | os.PathLike) -> Path:
 
 
 def assignments_path(run_dir: str | os.PathLike) -> Path:
-    """RUN_DIR/assignments.parquet."""
+    """RUN_DIR/assignments.parquet, the directory of the part files."""
     return Path(run_dir) / ASSIGNMENTS
 
 
+def assignment_parts(run_dir: str | os.PathLike) -> list[Path]:
+    """The part files of the run's assignments, in row order."""
+    path = assignments_path(run_dir)
+    return sorted(path.glob("part-*.parquet")) if path.is_dir() else []
+
+
 def read_assignments(run_dir: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
-    """The run's assignments (row order), only `columns` when given; FileNotFoundError naming the
-    file when the directory holds none."""
+    """The run's assignments (row order), every part as one table, only `columns` when given;
+    FileNotFoundError naming the directory when it holds none."""
     import pyarrow.parquet as pq
 
-    path = assignments_path(run_dir)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (is {run_dir} a run directory?)")
-    return pq.read_table(path, columns=columns)
+    parts = assignment_parts(run_dir)
+    if not parts:
+        raise FileNotFoundError(f"{assignments_path(run_dir)}: no assignment parts (is {run_dir} a run directory?)")
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
 
 
 def read_history(run_dir: str | os.PathLike) -> list[dict]:

@@ -77,6 +77,10 @@ METRIC_NAMES = {
     "time_estep": "time/estep",
     "log_densities": "estep/log_densities",
     "truncated": "estep/truncated",
+    "comm_bytes": "comm/bytes",
+    "grad_bytes": "comm/grad_bytes",
+    "peak_memory": "memory/peak_rss",
+    "peak_device_memory": "memory/peak_device",
 }
 
 

@@ -9,8 +9,8 @@ submission in ops/submit.py; all connect through runtime/ray_session.ensure_ray)
                -> restore ray.train.get_checkpoint(), or initialise
                -> run_schedule: every epoch ray.train.report(metrics); every `checkpoint_every`
                   epochs rank 0 adds Checkpoint(engine.state_dict(), history)
-               -> exact MAP assignment of local rows; rank 0 gathers (row, id, cluster, log_prob)
-                  only and writes RUN_DIR/model/ and RUN_DIR/assignments.parquet
+               -> exact MAP assignment of local rows; every rank writes its assignment parts
+                  (RUN_DIR/assignments.parquet/part-*.parquet), rank 0 RUN_DIR/model/
 
 The worker differs from the single-process `cluster_service.train.fit.fit` by the comm it gives the
 engine and by the Ray calls marked `# RAY`. A failed worker makes Ray Train restart the whole
@@ -166,6 +166,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
         comm = TorchDistComm(device)
         engine = Engine(cfg, x, torch.from_numpy(rows.global_index), rows.n_global, comm, device)
         del x
+        rows.x = None  # the engine keeps its own centred copy (in cfg.row_dtype): not two copies of the rows
         history: list[dict] = []
         checkpoint = ray.train.get_checkpoint()  # RAY
         if checkpoint is not None:
@@ -211,19 +212,19 @@ def _maybe_fail(fault: FaultInjection, rank: int, epoch: int) -> None:
 
 
 def write_outputs(engine: Engine, rows: LocalRows, out_dir: Path, history: list[dict]) -> None:
-    """Exact MAP assignment on every rank; rank 0 gathers ids, clusters, log-probabilities and margins
-    (never features) and writes the run directory (cluster_service.io.runs) in global row order."""
-    from cluster_service.io.runs import write_run
+    """Exact MAP assignment on every rank; every rank writes its own assignment parts (ids, clusters,
+    log-probabilities, margins: never features; cluster_service.io.runs), rank 0 the model, config and
+    history, then, once every rank's part names reached it, removes parts of an earlier run."""
+    from cluster_service.io import runs
     from cluster_service.train.export import finish_fit
 
     model, clusters, log_prob, margin = finish_fit(engine, rows.manifest_hash, rows.feature_space)  # every rank
-    parts = engine.comm.gather_object((rows.global_index, rows.ids, clusters, log_prob, margin))
-    if parts is None:  # not rank 0
+    names = runs.write_assignment_parts(out_dir, model, rows.global_index, rows.ids, clusters, log_prob, margin)
+    names = engine.comm.gather_object(names)  # one name per shard: a barrier, not rows
+    if names is None:  # not rank 0
         return
-    gidx, ids, clusters, log_prob, margin = (np.concatenate([p[i] for p in parts]) for i in range(5))
-    order = np.argsort(gidx, kind="stable")
-    write_run(out_dir, model, ids[order], clusters[order], log_prob[order], margin[order],
-              engine.cfg.to_dict(), history)
+    runs.write_run_files(out_dir, model, engine.cfg.to_dict(), history)
+    runs.keep_assignment_parts(out_dir, [n for part in names for n in part])
 
 
 # ---- the driver -----------------------------------------------------------------------------
@@ -284,7 +285,7 @@ def fit_distributed(
 ) -> dict:
     """Fit DeepDPM with `num_workers` Ray Train workers (DDP; gloo on CPU, NCCL on GPU).
 
-    Writes RUN_DIR/model/, assignments.parquet (global row order), history.json, config.json,
+    Writes RUN_DIR/model/, assignments.parquet/ (parts, global row order by name), history.json, config.json,
     summary.json; checkpoints go to `storage_path` (default RUN_DIR/checkpoints; use shared storage
     on a multi-node cluster). Returns the summary dict.
     """

@@ -141,19 +141,23 @@ class FittedModel:
             best[sl] = lj[np.arange(lj.shape[0]), cluster[sl]]
         return cluster, best
 
-    def calibrate_novelty(self, clusters: np.ndarray, log_prob: np.ndarray) -> None:
+    def calibrate_novelty(self, clusters: np.ndarray, log_prob: np.ndarray, reduce_sum=None, reduce_max=None) -> None:
         """Store the novelty calibration: clusters (n,) and log_prob (n,) = log pi_k + log N(x; mu_k,
         Sigma_k) of the training rows' assigned clusters, each row scored as held out
-        (serve.novelty.leave_one_out_log_density)."""
+        (serve.novelty.leave_one_out_log_density). With the rows spread over processes, every
+        process calls it on its rows with reduce_sum / reduce_max (numpy array -> the array summed
+        / maximised over processes) and gets the same calibration (serve.novelty.novelty_table)."""
         from cluster_service.serve.novelty import leave_one_out_log_density, novelty_table
 
+        reduce_sum, reduce_max = reduce_sum or (lambda a: a), reduce_max or (lambda a: a)
         clusters = np.asarray(clusters)
-        counts = np.bincount(clusters, minlength=self.n_clusters)
+        counts = reduce_sum(np.bincount(clusters, minlength=self.n_clusters).astype(np.float64))
         logdet = logdet_from_cholesky(torch.from_numpy(self.chol)).numpy()  # (K,) log |Sigma_k|
         held_out = leave_one_out_log_density(np.asarray(log_prob) - self.log_weights[clusters], counts[clusters],
                                              logdet[clusters], float(self.prior["kappa"]),
                                              float(self.prior["nu"]), self.n_features, self.prior["family"])
-        self.novelty = novelty_table(clusters, held_out, self.n_clusters)
+        self.novelty = novelty_table(clusters, held_out, self.n_clusters, reduce_sum=reduce_sum,
+                                     reduce_max=reduce_max)
 
     def novelty_of(self, clusters: np.ndarray, log_prob: np.ndarray, fpr: float) -> tuple[np.ndarray, np.ndarray]:
         """(novelty (n,) in [0, 1], novel (n,) bool) of rows with these assignments (see serve.novelty);

@@ -25,6 +25,12 @@ from cluster_service.config import NOVELTY_FPR
 DEFAULT_FPR = NOVELTY_FPR
 # Tail levels at which quantiles are stored: fine in the lower tail, where thresholds live.
 LEVELS = np.array([0.0, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
+# Bins of each cluster's calibration histogram (novelty_table): quantiles within 1/1024 of the
+# cluster's log-density range; the all-reduced summary is (K + 1) x 1024 float64.
+HIST_BINS = 1024
+# The coarse grid that finds each cluster's lower tail: COARSE_BINS bins of sign(x) log(1 + |x|)
+# over +-COARSE_LIMIT (|x| up to 1e26; a bin is a factor 1.13 in 1 + |x|).
+COARSE_BINS, COARSE_LIMIT = 1024, 60.0
 
 
 def leave_one_out_log_density(log_density: np.ndarray, counts: np.ndarray, logdet: np.ndarray, kappa: float,
@@ -53,20 +59,87 @@ def leave_one_out_log_density(log_density: np.ndarray, counts: np.ndarray, logde
     return const - 0.5 * logdet_loo - 0.5 * maha2_loo
 
 
-def novelty_table(clusters: np.ndarray, log_density: np.ndarray, n_clusters: int,
-                  min_members: int = 50) -> dict[str, np.ndarray]:
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def novelty_table(clusters: np.ndarray, log_density: np.ndarray, n_clusters: int, min_members: int = 50,
+                  reduce_sum=_same, reduce_max=_same, n_bins: int = HIST_BINS) -> dict[str, np.ndarray]:
     """Calibration from the training rows: clusters (n,) assigned cluster; log_density (n,)
     log N(x; mu_k, Sigma_k) of that cluster. Returns arrays: levels (L,), quantiles (K, L) (rows of
-    small clusters are the pooled quantiles), train_counts (K,)."""
-    clusters, log_density = np.asarray(clusters), np.asarray(log_density, dtype=np.float64)
-    pooled = np.quantile(log_density, LEVELS) if log_density.size else np.zeros(LEVELS.size)
+    small clusters are the pooled quantiles), train_counts (K,).
+
+    The quantiles are read off mergeable summaries, so that the rows may sit in many processes
+    (`reduce_sum` / `reduce_max`: identity in one process, all-reduces of (K + 1, ...) arrays in a
+    distributed fit, whatever n is): each cluster's exact range (and the pooled one, row K); a
+    coarse histogram on a fixed grid of sign(x) log(1 + |x|), which finds where each cluster's
+    lowest stored level (LEVELS[1]) lies whatever outliers the range holds (a row alone on a
+    direction scores -1e20); then n_bins equal bins from there to the maximum, the rows below in
+    one more bin. A quantile is within one fine bin of the rows' exact one; level 0 is the exact
+    minimum."""
+    clusters, log_density = np.asarray(clusters, dtype=np.int64), np.asarray(log_density, dtype=np.float64)
+    groups = np.concatenate([clusters, np.full(clusters.size, n_clusters)])  # each row in its cluster and pooled
+    values = np.concatenate([log_density, log_density])
+    ranges = reduce_max(density_ranges(groups, values, n_clusters + 1))
+    lo, hi = -ranges[:, 0], ranges[:, 1]
+    t_edges = np.linspace(-COARSE_LIMIT, COARSE_LIMIT, COARSE_BINS + 1)
+    coarse = reduce_sum(_histograms(groups, _signed_log(values), t_edges[:1], t_edges[-1:], COARSE_BINS,
+                                    n_clusters + 1))
+    counts = coarse.sum(1)
+    cum = np.cumsum(coarse, axis=1)
+    j = (cum < (LEVELS[1] * counts)[:, None]).sum(1)  # the coarse bin holding level LEVELS[1]
+    start = np.clip(_signed_exp(t_edges[j]), lo, hi)  # fewer than LEVELS[1] of the rows lie below
+    fine = reduce_sum(_histograms(groups, values, start, hi, n_bins, n_clusters + 1, underflow=True))
+    pooled = _histogram_quantiles(fine[-1], lo[-1], start[-1], hi[-1]) if counts[-1] > 0 else np.zeros(LEVELS.size)
     quantiles = np.tile(pooled, (n_clusters, 1))
-    counts = np.bincount(clusters, minlength=n_clusters).astype(np.int64)
-    order = np.argsort(clusters, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    for k in np.flatnonzero(counts >= min_members):
-        quantiles[k] = np.quantile(log_density[order[bounds[k]:bounds[k + 1]]], LEVELS)
-    return {"levels": LEVELS.copy(), "quantiles": quantiles, "train_counts": counts}
+    for k in np.flatnonzero(counts[:-1] >= min_members):
+        quantiles[k] = _histogram_quantiles(fine[k], lo[k], start[k], hi[k])
+    return {"levels": LEVELS.copy(), "quantiles": quantiles, "train_counts": np.rint(counts[:-1]).astype(np.int64)}
+
+
+def density_ranges(groups: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
+    """(n_groups, 2) float64: (-min, max) of values (n,) per group of groups (n,); -inf where a
+    group has no row. Both columns merge by a maximum."""
+    out = np.full((n_groups, 2), -np.inf)
+    np.maximum.at(out[:, 0], groups, -values)
+    np.maximum.at(out[:, 1], groups, values)
+    return out
+
+
+def _histograms(groups: np.ndarray, values: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_bins: int,
+                n_groups: int, underflow: bool = False) -> np.ndarray:
+    """(n_groups, n_bins [+ 1]) float64 counts of values (n,) on each group's n_bins equal bins over
+    [lo, hi] ((n_groups,) or (1,) each; values outside go to the end bins), with underflow a first
+    bin of the values below lo."""
+    lo, hi = (np.broadcast_to(v, (n_groups,))[groups] for v in (lo, hi))
+    width = np.where(hi > lo, hi - lo, 1.0)
+    b = np.clip(np.floor((values - lo) / width * n_bins), 0, n_bins - 1).astype(np.int64)
+    if underflow:
+        b = np.where(values < lo, 0, b + 1)
+    size = n_bins + underflow
+    return np.bincount(groups * size + b, minlength=n_groups * size).reshape(n_groups, size).astype(np.float64)
+
+
+def _histogram_quantiles(hist: np.ndarray, lo: float, start: float, hi: float) -> np.ndarray:
+    """(L,) the LEVELS quantiles of the rows counted in hist (1 + n_bins,): the rows in [lo, start)
+    then n_bins equal bins over [start, hi]; rows spread evenly inside a bin."""
+    cum = np.concatenate([[0.0], np.cumsum(hist)])
+    edges = np.concatenate([[lo], np.linspace(start, hi, hist.size)])
+    target = LEVELS * cum[-1]
+    j = np.clip(np.searchsorted(cum, target, side="left"), 1, hist.size)  # first edge with cum >= target
+    step = cum[j] - cum[j - 1]
+    frac = np.where(step > 0, (target - cum[j - 1]) / np.where(step > 0, step, 1.0), 0.0)
+    out = edges[j - 1] + frac * (edges[j] - edges[j - 1])
+    out[0] = lo  # level 0: the minimum itself
+    return out
+
+
+def _signed_log(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.sign(x) * np.log1p(np.abs(x)), -COARSE_LIMIT, COARSE_LIMIT)
+
+
+def _signed_exp(t: np.ndarray) -> np.ndarray:
+    return np.sign(t) * np.expm1(np.abs(t))
 
 
 def tail_probability(table: dict[str, np.ndarray], clusters: np.ndarray, log_density: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch
 
 from cluster_service.config import SCHEMA_VERSION, FitConfig
 from cluster_service.core import moves as mv
-from cluster_service.core.device import resolve_device
+from cluster_service.core.device import peak_memory, resolve_device
 from cluster_service.core.gaussian import row_argmax
 from cluster_service.core.nets import (
     ClusterNet,
@@ -81,10 +81,13 @@ class EpochRecord:
     deletes_proposed: int = 0  # moves.delete_largest: clusters tested for deletion this epoch
     deletes_accepted: int = 0
     stopped: str = ""  # on the last epoch of a fit: why it ended (core.schedule.Convergence)
+    comm_bytes: int = 0  # this rank's bytes through collectives (train.comm), DDP gradients aside
+    grad_bytes: int = 0  # this rank's bytes of the nets' DDP gradient all-reduce (per step: fixed)
+    peak_memory: int = 0  # this rank's peak resident bytes so far
+    peak_device_memory: int = 0  # its peak bytes allocated on the GPU so far (0 on CPU)
 
     def as_dict(self) -> dict:
         return asdict(self)
-
 
 
 class Engine:
@@ -109,11 +112,11 @@ class Engine:
         self.device = device or resolve_device(cfg.device)
         # Dense per-row math (densities, responsibilities, outer-product matmuls) in float32 on
         # every device, each chunk's sums accumulated in float64; the rows are kept centred in
-        # float32 (half the memory). Statistics, the M-step, move decisions and the final MAP
-        # assignment are float64.
+        # cfg.row_dtype (float32, or half that in bfloat16 / float16), upcast chunk by chunk.
+        # Statistics, the M-step, move decisions and the final MAP assignment are float64.
         self.dtype = torch.float32
         self.rows, self.shift, self.data_var = Rows.centred(x, global_index, n_global, self.comm, self.device,
-                                                            self.dtype)
+                                                            getattr(torch, cfg.row_dtype))
         self.x, self.n_global, self.n_features = self.rows.x, self.rows.n_global, self.rows.n_features
         self.estep = make_estep(cfg, self.rows, self.dtype)
         # In psi_mode "pooled" the prior's scale comes from the over-clustered start, so it is
@@ -320,7 +323,7 @@ class Engine:
     # ---- the driver -------------------------------------------------------------------------
 
     def run_epoch(self, plan: EpochPlan) -> EpochRecord:
-        t0 = time.perf_counter()
+        t0, bytes0, grad0 = time.perf_counter(), self.comm.bytes_moved, self.comm.grad_bytes
         frozen = plan.epoch <= self.frozen_until
         use_estep = self.cfg.responsibilities == "estep" or frozen or not plan.m_step
         scores = self.estep.score(self.params, self.epoch)
@@ -351,6 +354,7 @@ class Engine:
             self.frozen_until = plan.epoch + self.cfg.schedule.freeze_epochs
         t5 = time.perf_counter()
         self.epoch = plan.epoch + 1
+        rss, device_peak = peak_memory(self.device)
         return EpochRecord(
             epoch=plan.epoch, n_clusters=self.n_clusters, loss_cluster=loss_cl, loss_sub=loss_sub,
             log_marginal=log_ml, size_entropy=entropy, splits_proposed=sp, splits_accepted=sa,
@@ -358,6 +362,8 @@ class Engine:
             time_total=t5 - t0, time_train=t1 - t0, time_stats=t2 - t1, time_reduce=t3 - t2,
             time_mstep=t4 - t3, time_moves=t5 - t4, time_estep=t_estep - t0, log_densities=evaluated,
             truncated=scores.truncated, deletes_proposed=dp, deletes_accepted=da,
+            comm_bytes=self.comm.bytes_moved - bytes0, grad_bytes=self.comm.grad_bytes - grad0,
+            peak_memory=rss, peak_device_memory=device_peak,
         )
 
     # ---- outputs ---------------------------------------------------------------------------

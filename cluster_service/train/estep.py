@@ -217,7 +217,7 @@ class DenseScores:
         rows = stats_chunk_rows(d, 3 * K if dense else K, e.chunk_size)
         log_c = None if use_estep or e.net_mass == "net" else self._mass_calibration(rows, net)
         for sl in iter_chunks(x.shape[0], rows):
-            xc = x[sl]
+            xc = x[sl].to(dtype)  # rows stored compact (FitConfig.row_dtype) are upcast here
             log_r = self._log_r(xc, use_estep, net)
             z = row_argmax(log_r)  # the best cluster (subclusters), before any calibration
             if log_c is not None:

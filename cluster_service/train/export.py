@@ -21,20 +21,20 @@ from cluster_service.train.comm import unwrap
 def finish_fit(engine, manifest_hash: str | None = None,
                feature_space: dict | None = None) -> tuple[FittedModel, np.ndarray, np.ndarray, np.ndarray]:
     """The fitted model of a trained Engine, with its merge tree and its novelty calibrated on every
-    row of the fit; and this process's rows' MAP (cluster (n_local,) int64, log_prob (n_local,) float64,
+    row of the fit (per-cluster histograms, all-reduced); and this process's rows' MAP (cluster
+    (n_local,) int64, log_prob (n_local,) float64,
     margin (n_local,) float64: best log-joint minus the runner-up's, +inf when K = 1), all from one
     scoring pass (the engine's: truncated at large K, so the end of a fit costs no (n, K) pass).
 
-    Every rank calls it (the tree's statistics and the calibration rows are collectives); every rank
+    Every rank calls it (the tree's statistics and the calibration histograms are collectives); every rank
     returns the same model."""
     engine.settle(engine.cfg.schedule.settle_steps)
     clusters, log_prob, runner_up, margin = engine.assign_top2()
     tree = cluster_tree(engine, clusters, runner_up)
     model = model_from_engine(engine, manifest_hash, feature_space=feature_space, tree=tree)
-    parts = engine.comm.gather_object((clusters, log_prob))  # on rank 0: every rank's, in rank order
-    if parts is not None:
-        model.calibrate_novelty(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-    model.novelty = engine.comm.broadcast_object(model.novelty)
+    comm = engine.comm  # the calibration's histograms are all-reduced: no row leaves its process
+    model.calibrate_novelty(clusters, log_prob, lambda a: comm.all_reduce_sum(torch.from_numpy(a)).cpu().numpy(),
+                            lambda a: comm.all_reduce_max(torch.from_numpy(a)).cpu().numpy())
     return model, clusters, log_prob, margin
 
 

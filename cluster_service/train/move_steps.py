@@ -18,7 +18,6 @@ import torch
 
 from cluster_service import index as faiss_index
 from cluster_service.core import moves as mv
-from cluster_service.core import truncated as tr
 from cluster_service.core.gaussian import add_grouped_stats_, add_hard_stats_, iter_chunks, stats_chunk_rows
 from cluster_service.core.niw import STAT_DTYPE, SuffStats
 
@@ -34,17 +33,20 @@ def cells_per_cluster(engine, counts: torch.Tensor) -> list[int]:
 def cell_stats(engine, n_cells: list[int]) -> SuffStats:
     """Statistics of k-means cells inside every cluster, batch shape (K, max n_cells).
 
-    Rows go to their exact MAP cluster; rank 0 runs k-means (n_cells[k] cells) on its rows of
-    cluster k and broadcasts the centroids; every rank bins its rows by the nearest centroid
-    of their cluster; one all-reduce. Unused cells stay empty.
+    Rows go to their exact MAP cluster; rank 0 runs k-means (n_cells[k] cells) on a sample of
+    cluster k, its moves.split_sample_per_cell * n_cells[k] rows of smallest key
+    (train.rows.sample_per_group: the same rows in every worker layout, at most that many from
+    each rank), and broadcasts the
+    centroids; every rank bins its own rows by the nearest centroid of their cluster; one
+    all-reduce. Unused cells stay empty.
     """
     K, d, M = engine.n_clusters, engine.n_features, max(n_cells)
     z = torch.from_numpy(engine.assign()[0]).to(engine.device)
-    # every row on rank 0, with its key: k-means starts from each cluster's rows of smallest
-    # key, so a boundary row that another worker layout puts in another cluster (float
-    # rounding) rarely changes a cluster's start (index.kmeans)
-    keys = tr.row_hash(engine.rows.global_index, engine.cfg.seed)
-    xs, zs, keys = engine.rows.on_rank0(torch.ones_like(z, dtype=torch.bool), z, keys)
+    # keyed rows: k-means starts from each cluster's rows of smallest key, so a boundary row that
+    # another worker layout puts in another cluster (float rounding) rarely changes a cluster's
+    # start (index.kmeans)
+    cap = engine.cfg.moves.split_sample_per_cell * torch.tensor(n_cells, device=engine.device)
+    xs, zs, keys = engine.rows.sample_per_group(z, cap, engine.cfg.seed)
     centroids = None
     if engine.comm.rank == 0:
         centroids = np.full((K, M, d), np.inf, dtype=np.float32)
@@ -62,7 +64,7 @@ def cell_stats(engine, n_cells: list[int]) -> SuffStats:
     n = engine.x.shape[0]
     bins = torch.empty(n, dtype=torch.long, device=engine.device)
     for sl in iter_chunks(n, stats_chunk_rows(d, M, engine.cfg.chunk_size)):
-        xc, zc = engine.x[sl], z[sl]
+        xc, zc = engine.x[sl].to(engine.dtype), z[sl]
         dist = (xc[:, None, :] - centroids[zc]).square().sum(-1)  # (n, M); inf for unused cells
         bins[sl] = zc * M + torch.nan_to_num(dist, nan=math.inf).argmin(-1)
     # summed grouped by cell: K M cells of a few rows each per chunk would be many tiny matmuls
