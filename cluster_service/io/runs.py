@@ -23,6 +23,7 @@ Readers name these files through this module only (`model_dir`, `read_assignment
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -114,9 +115,15 @@ def write_assignment_parts(out_dir: str | os.PathLike, model, global_index: np.n
     starts = np.flatnonzero(np.diff(gidx, prepend=-2) != 1)  # where a run of consecutive positions begins
     ends = np.append(starts[1:], gidx.size)
     names = []
-    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-        names.append(f"part-{int(gidx[a]):012d}.parquet")
-        write_parquet_atomic(table.slice(a, b - a), assignments_path(out_dir) / names[-1])
+    try:
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            names.append(f"part-{int(gidx[a]):012d}.parquet")
+            write_parquet_atomic(table.slice(a, b - a), assignments_path(out_dir) / names[-1])
+    except BaseException:
+        # each part is whole or absent (temp + rename); a directory this failure left empty goes too
+        with contextlib.suppress(OSError):
+            assignments_path(out_dir).rmdir()
+        raise
     return names
 
 
