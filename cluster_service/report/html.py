@@ -380,8 +380,11 @@ def curation_sections(run_dir, curated, ids, clusters, sizes, paths, thumbs, dat
 
 
 def _readable(value):
-    """A summary value as a person reads it: floats to 3 decimals (summary.json keeps them whole)."""
-    return round(value, 3) if isinstance(value, float) else value
+    """A summary value as a person reads it: floats to 3 decimals, small ones to 2 significant digits
+    (kappa 1e-4 is not 0)."""
+    if not isinstance(value, float):
+        return value
+    return f"{value:.2g}" if value != 0 and abs(value) < 0.01 else round(value, 3)
 
 
 def _page(run_dir, summary, figures, panels, order, sizes, missing, the_map="", sections=()) -> str:
