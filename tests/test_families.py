@@ -15,7 +15,8 @@ from cluster_service.train.fit import fit
 
 
 def _axis_mixture(n_per: int, d: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """k clusters with diagonal covariances (per-coordinate standard deviations e^-2..e^2, log-uniform) and n_per rows each."""
+    """k clusters with diagonal covariances (per-coordinate standard deviations e^-2..e^2,
+    log-uniform) and n_per rows each."""
     rng = np.random.default_rng(seed)
     means = rng.normal(0, 3.0, size=(k, d))
     scales = np.exp(rng.uniform(-2.0, 2.0, size=(k, d)))

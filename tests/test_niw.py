@@ -260,6 +260,7 @@ def test_diag_family_map_is_the_coordinatewise_mode():
     mean, chol = map_estimate(diag, stats_from_points(torch.from_numpy(x)))
     xbar, m0 = x.mean(0), prior.mean.numpy()
     kappa_n, nu_n = diag.kappa + n, diag.nu + n
-    scale = diag.nu * np.diag(prior.psi.numpy()) + ((x - xbar) ** 2).sum(0) + diag.kappa * n / kappa_n * (xbar - m0) ** 2
+    scale = (diag.nu * np.diag(prior.psi.numpy()) + ((x - xbar) ** 2).sum(0)
+             + diag.kappa * n / kappa_n * (xbar - m0) ** 2)
     np.testing.assert_allclose(mean.numpy(), (diag.kappa * m0 + n * xbar) / kappa_n, rtol=1e-10)
     np.testing.assert_allclose(chol.numpy(), np.diag(np.sqrt(scale / (nu_n + 3))), rtol=1e-9)

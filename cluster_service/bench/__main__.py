@@ -177,7 +177,8 @@ SECTIONS: list[tuple[str, list[tuple[str, str, str]]]] = [
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    ap.add_argument("--sections", default="speed,quality,krecovery,rowsperdim,truncation,workers,scaling,assign,epochs,methods,"
+    ap.add_argument("--sections", default="speed,quality,krecovery,rowsperdim,truncation,workers,scaling,assign,"
+                    "epochs,methods,"
                     "pipeline,features",
                     help="comma-separated")
     ap.add_argument("--gpu", action="store_true", help="run the GPU sections (needs CUDA)")

@@ -60,7 +60,8 @@ def table(rows: list[dict], d: int, k: int) -> str:
     seeds = ", ".join(map(str, sorted({r["seed"] for r in rows})))
     lines = [f"Overlap mixtures (`datasets.make_overlap_mixture`, {k} components in {d}-d, sizes within 2:1), "
              f"`rows / dim` x {d} rows a component, seeds {seeds} (means). kappa: the one the defaults chose.", "",
-             "| Bayes acc | rows / dim | FAISS k-means given K: NMI | defaults: K, NMI, family, kappa | before: K, NMI |",
+             "| Bayes acc | rows / dim | FAISS k-means given K: NMI | defaults: K, NMI, family, kappa "
+             "| before: K, NMI |",
              "|---|---|---|---|---|"]
 
     def of(b: float, ratio: float, method: str) -> list[dict]:

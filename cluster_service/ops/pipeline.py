@@ -103,10 +103,10 @@ def finish_run(out_dir: str | os.PathLike, result, x: np.ndarray, labels: np.nda
                tracker=None, report: bool = True, announce: bool = True) -> dict:
     """The one end of a run (the one-process fit, the distributed fit, an update), once its directory
     is written and its summary made (report.evaluate.run_summary, the one place the labels are
-    scored): the model the evidence chose (report.evaluate.model_choice); the tracker's final metrics (those scores, not new ones), model, history and plots when
-    it is active; summary.json, with `mlflow_run` when tracked; report.html. result: .model,
-    .history, .clusters (n,) and .n_clusters of the run; x (m, d): its first m rows, for the plots;
-    labels (n,) or None. Returns the summary."""
+    scored): the model the evidence chose (report.evaluate.model_choice); the tracker's final
+    metrics (those scores, not new ones), model, history and plots when it is active; summary.json,
+    with `mlflow_run` when tracked; report.html. result: .model, .history, .clusters (n,) and
+    .n_clusters of the run; x (m, d): its first m rows, for the plots; labels (n,) or None. Returns the summary."""
     from cluster_service.io.runs import model_dir, write_summary
     from cluster_service.report.evaluate import Scores, model_choice
     from cluster_service.serve.model import load_model
@@ -116,8 +116,8 @@ def finish_run(out_dir: str | os.PathLike, result, x: np.ndarray, labels: np.nda
     if "note" in summary:
         print(f"note: {summary['note']}", flush=True)
     if tracker is not None and tracker.active:
-        scores = Scores(**{k: summary[k] for k in ("nmi", "ari", "acc", "k_found", "k_true", "n_labelled")}) if "nmi" in summary \
-            else None
+        keys = ("nmi", "ari", "acc", "k_found", "k_true", "n_labelled")
+        scores = Scores(**{k: summary[k] for k in keys}) if "nmi" in summary else None
         final = {f"final/{k}": float(v) for k, v in summary.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)}
         tracker.log_result(result, x, labels, model_dir(out_dir), {**final, "fit_seconds": float(summary["seconds"])},

@@ -151,11 +151,10 @@ class Engine:
             self.rebuild_for_k(mv.apply_prunes(keep, self.params, self.sub_params))
 
     def initialize_from(self, means: np.ndarray, chol: np.ndarray, prior: dict) -> None:
-        """Continue from a fitted model instead of a fresh start (`cluster-service update`): its
-        prior (the model's dict: kappa, nu, psi, family) and clusters (means (K, d), chol (K, d, d), original coordinates) assign
-        this engine's rows; clusters that receive no row are dropped; MAP parameters, weights and
-        subclusters are re-estimated from those rows; nets start fresh (the warm-up trains them
-        against the model's responsibilities). Splits then add clusters for new data."""
+        """Continue from a fitted model (`cluster-service update`): its prior (dict: kappa, nu, psi,
+        family) and clusters (means (K, d), chol (K, d, d), original coordinates) assign this engine's
+        rows; clusters without a row are dropped; MAP parameters, weights and subclusters come from
+        those rows; fresh nets (the warm-up trains them on the model's responsibilities)."""
         dev = self.device
         self.prior = NIWPrior(float(prior["kappa"]), float(prior["nu"]), torch.zeros_like(self.shift),
                               torch.as_tensor(np.asarray(prior["psi"]), dtype=STAT_DTYPE, device=dev), prior["family"])
@@ -312,10 +311,9 @@ class Engine:
 
     @torch.no_grad()
     def settle(self, steps: int) -> None:
-        """EM steps after the last epoch (schedule.settle_steps): E-step-weighted statistics ->
-        M-step of the clusters (no moves, no nets). The net-weighted M-step carries float
-        differences of the nets' training into the parameters; EM from there reaches the same
-        fixed point in every worker layout."""
+        """EM steps after the last epoch (schedule.settle_steps), no moves or nets: the net-weighted
+        M-step carries the nets' float differences into the parameters; EM from there reaches the
+        same fixed point in every worker layout."""
         for _ in range(steps):
             stats, _ = self.accumulate(True, subclusters=False)
             self.m_step(self.rows.reduce_stats(stats), None, clusters=True, subclusters=False)
@@ -370,8 +368,8 @@ class Engine:
 
     @torch.no_grad()
     def assign(self) -> tuple[np.ndarray, np.ndarray]:
-        """MAP assignment argmax_k log pi_k + log N(x; mu_k, Sigma_k) of the local rows, k over every
-        cluster (dense E-step) or over each row's candidates (truncated E-step). Returns (cluster (n,) int64, log_prob (n,) float64)."""
+        """MAP argmax_k log pi_k + log N(x; mu_k, Sigma_k) of the local rows, k over every cluster (dense
+        E-step) or each row's candidates (truncated). -> (cluster (n,) int64, log_prob (n,) float64)."""
         cluster, best, _, _ = self.assign_top2()
         return cluster, best
 
