@@ -3,7 +3,6 @@ rich: progress bars and tables). Commands parse arguments and call library funct
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -11,14 +10,12 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cluster_service.config import (
     CHECKPOINT_EVERY,
-    DUPLICATE_THRESHOLD,
     NOVELTY_FPR,
     TOP_M,
     ConfigError,
@@ -27,13 +24,10 @@ from cluster_service.config import (
     check_train_resources,
 )
 from cluster_service.io import runs
+from cluster_service.ops.cli_app import _log_line, _rate_lines, app, console, out, readable
 from cluster_service.ops.jobconfig import load_fit_config
 from cluster_service.ops.local_fit import run_fit
 from cluster_service.runtime.ray_session import VERBOSE_ENV
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="DeepDPM clustering that infers K.")
-console = Console(stderr=True)
-out = Console()
 
 
 def main() -> None:
@@ -80,34 +74,6 @@ class FitProgress:
         total = done if rec.get("stopped") else None
         self.progress.update(self.task, completed=done, k=rec["n_clusters"], loss=rec["loss_cluster"],
                              **({"total": total} if total else {}))
-
-
-def _log_line(line: str) -> None:
-    """A plain progress line on stderr, as written (no markup, no wrapping)."""
-    console.print(line, markup=False, highlight=False, soft_wrap=True)
-
-
-def _rate_lines(what: str, unit: str, quiet: bool):
-    """Plain `RateLines` for assign and extract when stderr is not a terminal, else None (the bar)."""
-    from cluster_service.ops.progress import RateLines
-
-    return None if quiet or console.is_terminal else RateLines(what, unit, emit=_log_line)
-
-
-def readable(key: str, value) -> str:
-    """A summary value as a person reads it: seconds to 0.1 s with minutes beside them, large numbers
-    to 0.1, scores and other floats to 3 decimals (small ones to 2 significant digits)."""
-    from cluster_service.ops.progress import duration
-
-    if isinstance(value, bool) or not isinstance(value, float):
-        return str(value)
-    if "seconds" in key:
-        return f"{value:,.1f}" + (f" ({duration(value)})" if value >= 60 else "")
-    if abs(value) >= 100:
-        return f"{value:,.1f}"
-    if value != 0 and abs(value) < 0.01:
-        return f"{value:.2g}"
-    return f"{value:.3f}"
 
 
 def print_summary(summary: dict, title: str) -> None:
@@ -286,6 +252,8 @@ def demo(
         summary = run_fit(data_dir / f"{name}.npz", out_dir / name, cfg, progress=lambda epochs: FitProgress(epochs))
         print_summary(summary, f"demo: {name}")
         run_dir = str(out_dir / name)
+        from cluster_service.ops.curate_cli import duplicates, outliers, sample
+
         # 16-d data: a cosine of .95 is common between rows that are merely close (the default is
         # measured on 128-d embeddings), so the demo asks for near-exact copies
         duplicates(run_dir, threshold=0.999, neighbours=3, data=None, no_report=True, quiet=True)
@@ -389,222 +357,6 @@ def gallery(
 
 
 # ---- curation: what people do with the clusters (cluster_service.curate) ------------------------
-
-RunArg = Annotated[str, typer.Argument(help="run directory of a fit (model/, assignments.parquet, summary.json)")]
-DataOpt = Annotated[Path | None, typer.Option(
-    "--data", help="the fitted rows, where summary.json's data path has moved")]
-NoReportOpt = Annotated[bool, typer.Option("--no-report", help="do not rebuild RUN_DIR/report.html")]
-
-
-@contextlib.contextmanager
-def row_progress(what: str, quiet: bool):
-    """A `(done, total)` callback: a bar on a terminal, plain lines every 30 s in a log."""
-    lines = _rate_lines(what, "rows", quiet)
-    progress = Progress(TextColumn(f"[bold]{what}"), BarColumn(), TextColumn("{task.completed}/{task.total} rows"),
-                        TimeElapsedColumn(), console=console, disable=quiet or lines is not None)
-    with progress:
-        task = progress.add_task(what, total=None)
-
-        def show(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-            if lines is not None:
-                lines(done, total)
-
-        yield show
-
-
-def _refresh_report(run_dir: Path, no_report: bool) -> None:
-    if no_report:
-        return
-    from cluster_service.report.html import build_report
-
-    out.print(f"report: {build_report(run_dir)} (its sections show this)", soft_wrap=True)
-
-
-@app.command()
-def duplicates(
-    run_dir: RunArg,
-    threshold: Annotated[float, typer.Option(help=(
-        "cosine similarity (of mean-centred rows) at which two rows are near-duplicates; in (0, 1], "
-        "1 = exact copies; the default is measured (BENCHMARKS.md, Near-duplicates)"))] = DUPLICATE_THRESHOLD,
-    neighbours: Annotated[int, typer.Option(help="nearest clusters searched beside each row's own")] = 3,
-    data: DataOpt = None,
-    no_report: NoReportOpt = False,
-    quiet: Annotated[bool, typer.Option(help="no progress")] = False,
-) -> None:
-    """Near-duplicate groups: FAISS search inside each cluster and its nearest clusters; every member
-    within the threshold of its group's representative (no chaining). Writes RUN_DIR/duplicates.parquet
-    (id, group, representative, similarity, cluster, path)."""
-    import time
-
-    from cluster_service.curate.duplicates import check_threshold, duplicates_table, find_duplicates
-    from cluster_service.curate.run import open_run
-    from cluster_service.io.atomic import write_parquet_atomic
-
-    check_threshold(threshold)
-    if neighbours < 0:
-        raise ValueError(f"--neighbours must be >= 0, got {neighbours}")
-    run = open_run(run_dir, data)
-    x = run.features()
-    t0 = time.perf_counter()
-    with row_progress("duplicates", quiet) as show:
-        dup = find_duplicates(x, run.clusters, run.model.means, threshold, neighbours, progress=show)
-    seconds = time.perf_counter() - t0
-    path = write_parquet_atomic(duplicates_table(run, dup), run.run_dir / runs.DUPLICATES)
-    out.print(f"{path}: {dup.n_groups} group(s) holding {dup.n_rows} of {run.n_rows} rows at similarity >= "
-              f"{threshold:g}; {int(dup.removable.sum())} could go (all but each group's representative); "
-              f"{readable('seconds', seconds)} s", soft_wrap=True)
-    if dup.n_rows > run.n_rows / 4:
-        console.print(f"note: {dup.n_rows / run.n_rows:.0%} of the rows are in groups: in {x.shape[1]} dimensions a "
-                      f"cosine of {threshold:g} is common between rows that are merely close; raise --threshold "
-                      "(the default is measured on 128-d embeddings)", markup=False, soft_wrap=True)
-    if run.paths is None:
-        out.print(f"no image paths: {run.why_no_paths()}", soft_wrap=True)
-    _refresh_report(run.run_dir, no_report)
-
-
-@app.command()
-def outliers(
-    run_dir: RunArg,
-    per_cluster: Annotated[int, typer.Option(help="most unusual rows kept per cluster")] = 10,
-    top: Annotated[int, typer.Option(help="most unusual rows kept overall")] = 100,
-    no_report: NoReportOpt = False,
-) -> None:
-    """Calibrated outlier scores (the model's novelty: 1 - the row's tail probability among its cluster's
-    training rows by log-density). Writes RUN_DIR/outliers.parquet: the top rows per cluster and overall."""
-    from cluster_service.curate.outliers import flagged, top_outliers
-    from cluster_service.curate.run import open_run
-    from cluster_service.io.atomic import write_parquet_atomic
-
-    if per_cluster < 0 or top < 0 or per_cluster + top == 0:
-        raise ValueError(f"--per-cluster and --top must be >= 0 and not both 0, got {per_cluster} and {top}")
-    run = open_run(run_dir)
-    table = top_outliers(run, per_cluster, top)
-    path = write_parquet_atomic(table, run.run_dir / runs.OUTLIERS)
-    scores = table.column("score").to_numpy()
-    out.print(f"{path}: {table.num_rows} rows (top {per_cluster} per cluster, top {top} overall); "
-              f"scores {scores.min():.3f}-{scores.max():.3f}; {int(flagged(run).sum())} of {run.n_rows} rows in "
-              f"their cluster's {NOVELTY_FPR:.0%} tail", soft_wrap=True)
-    if run.paths is None:
-        out.print(f"gallery skipped: {run.why_no_paths()}", soft_wrap=True)
-    _refresh_report(run.run_dir, no_report)
-
-
-@app.command()
-def sample(
-    run_dir: RunArg,
-    n: Annotated[int, typer.Option("--n", help="rows to draw")],
-    level: Annotated[int | None, typer.Option(help="balance over the groups of this merge-tree level first")] = None,
-    drop_outliers: Annotated[bool, typer.Option("--drop-outliers", help=(
-        "leave out the rows in their cluster's 1% tail (the outliers command's score > .99)"))] = False,
-    keep_duplicates: Annotated[bool, typer.Option("--keep-duplicates", help=(
-        "draw without duplicates.parquet (by default all but one row of each duplicate group is left out, "
-        "so run `duplicates` first)"))] = False,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    no_report: NoReportOpt = False,
-) -> None:
-    """A sample balanced over the clusters (or over a merge-tree level, then its clusters). Writes
-    RUN_DIR/sample.parquet (id, path, cluster[, group])."""
-    from cluster_service.curate.outliers import flagged
-    from cluster_service.curate.run import open_run
-    from cluster_service.curate.sample import draw_sample, rows_of_ids, sample_table
-    from cluster_service.io.atomic import write_parquet_atomic
-
-    if n <= 0:
-        raise ValueError(f"--n must be > 0, got {n}")
-    run = open_run(run_dir)
-    if level is not None:
-        run.model.cut_level(k=level)  # a level outside 1..K or a model without a tree: its own message
-    exclude = np.zeros(run.n_rows, bool)
-    if not keep_duplicates:
-        dup = runs.read_curated(run.run_dir, runs.DUPLICATES)
-        if dup is None:
-            raise FileNotFoundError(f"{run.run_dir / runs.DUPLICATES}: not found; run `cluster-service duplicates "
-                                    f"{run.run_dir}` first, or pass --keep-duplicates")
-        ids, reps = (dup.column(c).to_numpy(zero_copy_only=False) for c in ("id", "representative"))
-        exclude[rows_of_ids(run, ids[ids != reps])] = True
-    n_dup = int(exclude.sum())
-    outlier = flagged(run) if drop_outliers else np.zeros(run.n_rows, bool)
-    exclude |= outlier
-    rows, group = draw_sample(run, n, level, exclude, seed)
-    table = sample_table(run, rows, group)
-    path = write_parquet_atomic(table, run.run_dir / runs.SAMPLE)
-    counts = np.bincount(run.clusters[rows], minlength=run.n_clusters)
-    used = counts[counts > 0]
-    out.print(f"{path}: {rows.size} rows from {used.size} of {run.n_clusters} clusters (per cluster {used.min()}-"
-              f"{used.max()}); left out: {n_dup} duplicate(s)" + (f", {int(outlier.sum())} outlier(s)"
-                                                                  if drop_outliers else ""), soft_wrap=True)
-    if run.paths is None:
-        out.print(f"path column empty: {run.why_no_paths()}", soft_wrap=True)
-    _refresh_report(run.run_dir, no_report)
-
-
-@app.command()
-def export(
-    run_dir: RunArg,
-    out_path: Annotated[Path, typer.Option("--out", help="folder of symlinks, or a .csv file")],
-    cluster: Annotated[int | None, typer.Option(help="export this cluster")] = None,
-    level: Annotated[int | None, typer.Option(help="export every group of this merge-tree level")] = None,
-    images: Annotated[Path | None, typer.Option(help="root for relative image paths in the shards")] = None,
-) -> None:
-    """Export a cluster, or every group of a merge-tree level, for labelling tools: OUT ending in .csv
-    gets id, path, cluster[, group]; any other OUT becomes a folder of symlinks to the images, one
-    sub-folder per cluster or group."""
-    from cluster_service.curate.export import export_csv, export_links, export_rows
-    from cluster_service.curate.run import open_run
-
-    if (cluster is None) == (level is None):
-        raise ValueError("give exactly one of --cluster K or --level L")
-    run = open_run(run_dir)
-    rows, label = export_rows(run, cluster, level)
-    what = "cluster" if cluster is not None else "group"
-    if out_path.suffix == ".csv":
-        path = export_csv(run, rows, label, out_path, what, images)
-        out.print(f"{path}: {rows.size} rows", soft_wrap=True)
-    else:
-        path = export_links(run, rows, label, out_path, what, images)
-        out.print(f"{path}/: {int((run.paths[rows] != '').sum())} links in {np.unique(label).size} folder(s)",
-                  soft_wrap=True)
-
-
-shards_app = typer.Typer(no_args_is_help=True, help="Feature-shard directories (Parquet + _manifest.json).")
-app.add_typer(shards_app, name="shards")
-
-
-@shards_app.command("import")
-def shards_import(
-    src: Annotated[Path, typer.Argument(help=".npy / .npz (X, optional y) or a .parquet / .csv table")],
-    out_dir: Annotated[Path, typer.Option("--out", help="shard directory to write (must be empty)")],
-    rows_per_shard: Annotated[int | None, typer.Option(help="rows per shard (default 65536)")] = None,
-) -> None:
-    """Turn an array file or a table into a shard directory (what `fit --workers`, `assign` and the
-    jobs read). Tables: a `feature` list column or numeric columns; optional `id` and `label`."""
-    from cluster_service.io.features import import_features
-
-    manifest = import_features(src, out_dir, rows_per_shard)
-    out.print(f"{out_dir}: {manifest['rows']} rows in {len(manifest['shards'])} shard(s), d={manifest['d']}",
-              soft_wrap=True)
-
-
-@shards_app.command("validate")
-def shards_validate(
-    shard_dir: Annotated[Path, typer.Argument(help="directory of Parquet feature shards (with _manifest.json)")],
-) -> None:
-    """Check a shard directory completely; print every problem (file, row, what), exit 1 if any."""
-    from cluster_service.io.shard_validation import validate_shards
-
-    problems = validate_shards(shard_dir)
-    for p in problems:
-        out.print(str(p), markup=False, highlight=False, soft_wrap=True)
-    if problems:
-        console.print(f"[bold red]{len(problems)} problem(s)[/] in {shard_dir}")
-        raise typer.Exit(1)
-    from cluster_service.io.shards import load_manifest
-
-    manifest, _ = load_manifest(shard_dir)
-    out.print(f"{shard_dir}: valid — {manifest.get('rows')} rows in {len(manifest['shards'])} shard(s), "
-              f"d={manifest['d']}", soft_wrap=True)
-
 
 @app.command()
 def extract(
@@ -805,3 +557,7 @@ def cluster_down(
 
 if __name__ == "__main__":
     main()
+
+
+from cluster_service.ops import curate_cli as _curate_cli  # noqa: E402,F401  (registers its commands on app)
+from cluster_service.ops import shards_cli as _shards_cli  # noqa: E402,F401

@@ -380,11 +380,11 @@ def curation_sections(run_dir, curated, ids, clusters, sizes, paths, thumbs, dat
 
 
 def _readable(value):
-    """A summary value as a person reads it: floats to 3 decimals, small ones to 2 significant digits
+    """A summary value as a person reads it: floats to 3 decimals, small ones as 1.0e-04
     (kappa 1e-4 is not 0)."""
     if not isinstance(value, float):
         return value
-    return f"{value:.2g}" if value != 0 and abs(value) < 0.01 else round(value, 3)
+    return f"{value:.1e}" if value != 0 and abs(value) < 0.01 else round(value, 3)
 
 
 def _page(run_dir, summary, figures, panels, order, sizes, missing, the_map="", sections=()) -> str:
