@@ -39,12 +39,15 @@ def row_progress(what: str, quiet: bool):
         yield show
 
 
-def _refresh_report(run_dir: Path, no_report: bool) -> None:
+def _refresh_report(run, no_report: bool, without_paths: str) -> None:
+    """Say what a run without image paths skipped (`without_paths: why`), then rebuild its report."""
+    if run.paths is None:
+        out.print(f"{without_paths}: {run.why_no_paths()}", soft_wrap=True)
     if no_report:
         return
     from cluster_service.report.html import build_report
 
-    out.print(f"report: {build_report(run_dir)} (its sections show this)", soft_wrap=True)
+    out.print(f"report: {build_report(run.run_dir)} (its sections show this)", soft_wrap=True)
 
 
 @app.command()
@@ -84,9 +87,7 @@ def duplicates(
         console.print(f"note: {dup.n_rows / run.n_rows:.0%} of the rows are in groups: in {x.shape[1]} dimensions a "
                       f"cosine of {threshold:g} is common between rows that are merely close; raise --threshold "
                       "(the default is measured on 128-d embeddings)", markup=False, soft_wrap=True)
-    if run.paths is None:
-        out.print(f"no image paths: {run.why_no_paths()}", soft_wrap=True)
-    _refresh_report(run.run_dir, no_report)
+    _refresh_report(run, no_report, "no image paths")
 
 
 @app.command()
@@ -111,9 +112,7 @@ def outliers(
     out.print(f"{path}: {table.num_rows} rows (top {per_cluster} per cluster, top {top} overall); "
               f"scores {scores.min():.3f}-{scores.max():.3f}; {int(flagged(run).sum())} of {run.n_rows} rows in "
               f"their cluster's {NOVELTY_FPR:.0%} tail", soft_wrap=True)
-    if run.paths is None:
-        out.print(f"gallery skipped: {run.why_no_paths()}", soft_wrap=True)
-    _refresh_report(run.run_dir, no_report)
+    _refresh_report(run, no_report, "gallery skipped")
 
 
 @app.command()
@@ -160,9 +159,7 @@ def sample(
     out.print(f"{path}: {rows.size} rows from {used.size} of {run.n_clusters} clusters (per cluster {used.min()}-"
               f"{used.max()}); left out: {n_dup} duplicate(s)" + (f", {int(outlier.sum())} outlier(s)"
                                                                   if drop_outliers else ""), soft_wrap=True)
-    if run.paths is None:
-        out.print(f"path column empty: {run.why_no_paths()}", soft_wrap=True)
-    _refresh_report(run.run_dir, no_report)
+    _refresh_report(run, no_report, "path column empty")
 
 
 @app.command()

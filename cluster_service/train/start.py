@@ -51,12 +51,11 @@ def data_prior(cfg: PriorConfig, data_var: torch.Tensor, within_cov: torch.Tenso
     return prior if cfg.covariance != "diag" else with_family(prior, "diag")  # "auto" starts full
 
 
-def with_family(prior: NIWPrior, family: str, nu: float | None = None, kappa: float | None = None) -> NIWPrior:
-    """`prior` in covariance `family`, with nu given as the full family's (d + offset): a "diag" block
-    is one coordinate, so its nu is that less d - 1 (the same excess over the block's dimension)."""
-    nu = prior.nu if nu is None else nu
-    nu = nu - (prior.n_features - 1) if family == "diag" else nu
-    return NIWPrior(prior.kappa if kappa is None else kappa, nu, prior.mean, prior.psi, family)
+def with_family(prior: NIWPrior, family: str) -> NIWPrior:
+    """`prior` (nu given as the full family's, d + offset) in covariance `family`: a "diag" block is one
+    coordinate, so its nu is that less d - 1 (the same excess over the block's dimension)."""
+    nu = prior.nu - (prior.n_features - 1) if family == "diag" else prior.nu
+    return NIWPrior(prior.kappa, nu, prior.mean, prior.psi, family)
 
 
 def kmeans_stats(rows: Rows, n_clusters: int, seed: int) -> SuffStats:
@@ -142,7 +141,7 @@ def starting_partition(cfg: FitConfig, rows: Rows, data_var: torch.Tensor,
     families = ("full", "diag") if cfg.prior.covariance == "auto" else (cfg.prior.covariance,)
 
     def grid(kappa: float) -> list[NIWPrior]:
-        return [with_family(NIWPrior(kappa, nus[0], prior.mean, psi), family, nu)
+        return [with_family(NIWPrior(kappa, nu, prior.mean, psi), family)
                 for family in families for nu in nus for psi in psis]
 
     kappa_eb = between_within_kappa(cells) if cells.count.shape[0] > 1 else 0.0
