@@ -13,7 +13,7 @@ learns). DeepDPM's ImageNet-50 alternation, with the alpha-JS paper's clustering
 A thin driver: the Engine never knows it sees codes, and no engine step is copied here.
 
 Distribution: `fit_autoencoder` takes the same (comm, global_index, n_global) as `Engine`. The AE
-is wrapped with `comm.wrap` (DDP), mini-batches come from one global permutation shared by all
+is wrapped with `comm.wrap` (DDP), mini-batches come from one global permutation (train.shuffle) shared by all
 ranks (each rank trains on its members of the global batch; loss scaled by world / batch as in
 `Engine.train_nets`), the input normalisation is all-reduced, and the Engine all-reduces the
 latent statistics exactly as on raw features. A Ray worker calls it with a `TorchDistComm`.
@@ -40,6 +40,7 @@ from cluster_service.train.comm import LocalComm, unwrap
 from cluster_service.train.engine import Engine, EpochRecord
 from cluster_service.train.export import finish_fit
 from cluster_service.train.fit import EpochCallback, FitResult, run_schedule
+from cluster_service.train.shuffle import epoch_order
 
 
 class Autoencoder(nn.Module):
@@ -112,9 +113,9 @@ class AEEpochRecord:
 class _AETrainer:
     """The AE, its optimizer and the normalised local rows; one method per epoch kind."""
 
-    def __init__(self, cfg: FitConfig, x: torch.Tensor, g2l: torch.Tensor, n_global: int, comm, device):
+    def __init__(self, cfg: FitConfig, x: torch.Tensor, global_index: torch.Tensor, n_global: int, comm, device):
         a = cfg.autoencoder
-        self.cfg, self.comm, self.device, self.g2l, self.n_global = cfg, comm, device, g2l, n_global
+        self.cfg, self.comm, self.device, self.global_index, self.n_global = cfg, comm, device, global_index, n_global
         n_local, d = x.shape
         moments = torch.cat([torch.tensor([float(n_local)], dtype=torch.float64, device=device), x.sum(0)])
         moments = comm.all_reduce_sum(moments)
@@ -135,13 +136,12 @@ class _AETrainer:
         a = self.cfg.autoencoder
         t0 = time.perf_counter()
         B, world = a.batch_size, self.comm.world_size
-        perm = torch.randperm(self.n_global, generator=self.gen).to(self.device)
+        order = epoch_order(self.global_index, self.n_global, self.gen)
         tot_rec = tot_cl = 0.0
         self.ae.train()
         for start in range(0, self.n_global, B):
             nb = min(B, self.n_global - start)
-            loc = self.g2l[perm[start : start + nb]]
-            xb = self.x[loc[loc >= 0]]
+            xb = self.x[order.rows(start, start + nb)]
             z, x_hat = self.ae(xb)
             rec = (x_hat - xb).square().mean(-1)  # (n,)
             loss = a.recon_weight * rec.sum()
@@ -241,7 +241,7 @@ def fit_autoencoder(
     x_np = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     check_features(x_np, "features", min_rows=1 if n_global else max(2, cfg.k_init))
     n_global = int(n_global if n_global is not None else x_np.shape[0])
-    gi, g2l = _row_index(x_np.shape[0], global_index, n_global)
+    gi = torch.arange(x_np.shape[0]) if global_index is None else torch.as_tensor(global_index, dtype=torch.long)
     xt = torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float64)).to(device)
     round_cfg = cfg.replace(**{"schedule.epochs": a.round_epochs})
 
@@ -268,7 +268,7 @@ def fit_autoencoder(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        trainer = _AETrainer(cfg, xt, g2l.to(device), n_global, comm, device)
+        trainer = _AETrainer(cfg, xt, gi.to(device), n_global, comm, device)
         del xt
         for e in range(a.pretrain_epochs):
             ae_history.append(trainer.epoch(None, "pretrain", 0, e))
@@ -286,14 +286,6 @@ def fit_autoencoder(
     return AEFitResult(
         model, history, round_starts, ae_history, k_per_round, codes, clusters, log_prob, engine, margin
     )
-
-
-def _row_index(n_local: int, global_index: torch.Tensor | None, n_global: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global row of each local row (n_local,), local row of each global row (n_global,), -1 elsewhere)."""
-    gi = torch.arange(n_local) if global_index is None else torch.as_tensor(global_index, dtype=torch.long)
-    g2l = torch.full((n_global,), -1, dtype=torch.long)
-    g2l[gi] = torch.arange(n_local)
-    return gi, g2l
 
 
 def _export(trainer: _AETrainer, mixture: FittedModel) -> AEModel:

@@ -6,7 +6,7 @@
 The same `Engine` runs in one process (`LocalComm`) and in every Ray Train worker
 (`TorchDistComm`): each process holds only its own rows (train.rows); statistics are summed with
 one all-reduce per epoch; rank 0's move decisions are broadcast. Mini-batches are drawn from one
-global permutation shared by all ranks (each rank trains on its members of the global batch
+global permutation shared by all ranks (train.shuffle; each rank trains on its members of the global batch
 and gradients are summed), so N workers follow the single-process run up to float rounding.
 The E-step is one object behind one interface (dense, or truncated to candidate sets); the
 start (k-means, evidence grid, prior) is train.start.
@@ -48,6 +48,7 @@ from cluster_service.train import move_steps, start
 from cluster_service.train.comm import LocalComm, unwrap
 from cluster_service.train.estep import Scores, make_estep, net_log_responsibilities
 from cluster_service.train.rows import Rows
+from cluster_service.train.shuffle import epoch_order
 
 # The subnets take one optimizer step per this many rows per subnet (see train_nets).
 SUB_ROWS_PER_NET = 8
@@ -214,7 +215,7 @@ class Engine:
         # The subnets step once per SUB_ROWS_PER_NET * K rows (at least every batch): at large K a
         # batch holds about one row per subnet, and a step per batch is mostly optimizer work.
         sub_every = max(1, math.ceil(SUB_ROWS_PER_NET * self.n_clusters / B))
-        perm = torch.randperm(self.n_global, generator=self.batch_gen).to(self.device)
+        order = epoch_order(self.rows.global_index, self.n_global, self.batch_gen)
         sub_means = self.sub_params.means.float()
         world = self.comm.world_size
         amp = self._train_autocast(scores.truncated)
@@ -224,9 +225,7 @@ class Engine:
         self.cluster_net.train()
         self.subnets.train()
         for s in range(steps):
-            pos = (torch.arange(s * B, (s + 1) * B, device=self.device)) % self.n_global
-            loc = self.rows.g2l[perm[pos]]
-            loc = loc[loc >= 0]
+            loc = order.rows(s * B, (s + 1) * B)
             xb = self.x[loc].float()
             with amp:
                 logits = self.cluster_net(xb)

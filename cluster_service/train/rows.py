@@ -22,12 +22,11 @@ from cluster_service.core.truncated import row_hash
 class Rows:
     """x: (n_local, d) centred rows in the storage dtype (FitConfig.row_dtype; readers upcast
     chunk by chunk); global_index: (n_local,) their positions
-    in the global row order (0..n_global-1); g2l: (n_global,) the local position of each global
-    row, -1 where another process holds it; comm: the reducer (train.comm)."""
+    in the global row order (0..n_global-1); comm: the reducer (train.comm). Nothing here is
+    n_global long: a rank holds its own rows and their indices only."""
 
     x: torch.Tensor
     global_index: torch.Tensor
-    g2l: torch.Tensor
     n_global: int
     comm: object
 
@@ -40,8 +39,6 @@ class Rows:
         n_local = x.shape[0]
         n_global = int(n_global if n_global is not None else n_local)
         gi = torch.arange(n_local) if global_index is None else torch.as_tensor(global_index, dtype=torch.long)
-        g2l = torch.full((n_global,), -1, dtype=torch.long)
-        g2l[gi] = torch.arange(n_local)
         x = torch.as_tensor(x)
         rows = chunk_rows(4 * x.shape[1], n_local)
         total = torch.zeros(x.shape[1], dtype=STAT_DTYPE, device=device)
@@ -57,7 +54,7 @@ class Rows:
             sq += xc.square().sum(0)
             xc_all[sl] = xc.to(dtype)
         data_var = comm.all_reduce_sum(sq) / moments[0]
-        return cls(xc_all, gi.to(device), g2l.to(device), n_global, comm), shift, data_var
+        return cls(xc_all, gi.to(device), n_global, comm), shift, data_var
 
     @property
     def n_features(self) -> int:
@@ -117,12 +114,13 @@ class Rows:
         """Where the rows of global_index (m,) sit in this process, when they are exactly this
         process's rows (a checkpoint of the same worker layout); else None."""
         gi = global_index.to(self.device)
-        inside = gi < self.n_global
-        loc = torch.full_like(gi, -1)
-        loc[inside] = self.g2l[gi[inside]]
-        if bool((loc < 0).any()) or gi.shape[0] != self.x.shape[0]:
+        if gi.shape[0] != self.x.shape[0]:
             return None
-        return loc
+        mine, where = torch.sort(self.global_index)
+        at = torch.searchsorted(mine, gi).clamp_max(mine.shape[0] - 1)
+        if not bool((mine[at] == gi).all()):
+            return None
+        return where[at]
 
 
 def _smallest_per_group(z: torch.Tensor, keys: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
