@@ -18,6 +18,7 @@ import torch
 from cluster_service.config import FitConfig
 from cluster_service.datasets import make_mixture
 from cluster_service.io import runs
+from cluster_service.ops import cost
 from cluster_service.serve.novelty import LEVELS, novelty_table
 from cluster_service.train.rows import _smallest_per_group
 
@@ -85,6 +86,22 @@ def test_two_gloo_ranks_move_the_same_bytes_at_n_and_4n_rows(tmp_path):
         # the nets' gradients: the same steps per epoch (min_steps_per_epoch) at both sizes
         np.testing.assert_array_equal(large["grad"], small["grad"])
         assert (small["grad"] > 0).all()
+        # the cost model (ops.cost) of the same workload: the statistics' all-reduce is the bytes of an
+        # epoch without moves; the gradients at most its both-nets figure, at least the clustering net's
+        for n, rec in ((N, small), (4 * N, large)):
+            moves = rec["split"] | rec["merge"]
+            ks = rec["k"].tolist()
+            for e, (comm, grad, moved) in enumerate(zip(rec["comm"], rec["grad"], moves, strict=True)):
+                # the nets and statistics of an epoch have the K it began with or the one it ended with
+                est = []
+                for k in {ks[max(0, e - 1)], ks[e]}:
+                    w = cost.Workload(n, 8, int(k), 2, CFG.candidates, CFG.row_dtype, CFG.net.batch_size,
+                                      CFG.net.min_steps_per_epoch, CFG.net.cluster_hidden, CFG.net.sub_hidden)
+                    est.append((w, cost.estimate(w, cost.DEVICES["cpu"])))
+                if not moved:
+                    assert any(abs(comm - x.stats_comm_bytes) <= 0.1 * x.stats_comm_bytes for _, x in est), (e, comm)
+                assert min(2 * 4 * w.cluster_net_params * w.steps for w, _ in est) <= grad
+                assert grad <= max(x.grad_comm_bytes for _, x in est), (e, grad)
 
 
 def test_one_process_moves_no_bytes():

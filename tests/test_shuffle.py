@@ -36,7 +36,7 @@ def test_windows_are_the_same_in_every_layout():
     seen = []
     for lo in range(0, n + batch, batch):  # one window past the end: it wraps to the start
         whole = one.rows(lo, lo + batch)
-        parts = torch.cat([gi[o.rows(lo, lo + batch)] for gi, o in zip(ranks, orders)])
+        parts = torch.cat([gi[o.rows(lo, lo + batch)] for gi, o in zip(ranks, orders, strict=True)])
         assert len(whole) == batch
         assert torch.equal(torch.sort(whole).values, torch.sort(parts).values)
         seen.append(whole)

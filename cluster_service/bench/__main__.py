@@ -150,6 +150,8 @@ SECTIONS: list[tuple[str, list[tuple[str, str, str]]]] = [
                  "bench_epoch_distributed")]),
     ("workers_scaling", [("Workers: per-worker memory, bytes and epoch time (Ray Train CPU workers, small proxy)",
                           "cluster_service.bench.distributed", "bench_workers_scaling")]),
+    ("scaling_table", [("Workers and rows: per-worker memory, bytes and epoch time beside the cost model",
+                        "cluster_service.bench.distributed", "bench_scaling_table")]),
     ("methods", [("Methods: kl vs ajs, with/without autoencoder", "cluster_service.bench.methods", "bench_methods")]),
     ("scaling", [("Epoch time vs N, K, d (CPU), with fitted exponents", "cluster_service.bench.perf", "bench_scaling"),
                  ("Top ops of one epoch (torch.profiler, N=20k d=32 K=32, CPU)", "cluster_service.bench.perf",

@@ -93,11 +93,12 @@ class RankLog:
 
 def bench_workers_scaling(n_samples: int = 40_000, n_features: int = 32, n_clusters: int = 50,
                           workers: Sequence[int] = (1, 2), seed: int = 0, row_dtype: str = "float32",
-                          work_dir: str | os.PathLike | None = None) -> list[dict]:
+                          work_dir: str | os.PathLike | None = None, config: dict | None = None) -> list[dict]:
     """W Ray Train CPU workers against one worker on a small ImageNet-like proxy (defaults, moves
     included), one row per worker count: each worker's peak RSS (MB), comm_bytes per epoch
     (median of split rounds and of the other epochs, KB), DDP gradient bytes per epoch (KB), median
-    epoch time (s), K, NMI, and ARI against the W = 1 run's assignments."""
+    epoch time (s), K, NMI, and ARI against the W = 1 run's assignments. config: FitConfig overrides
+    (e.g. a short schedule)."""
     import json
     import warnings
 
@@ -113,7 +114,7 @@ def bench_workers_scaling(n_samples: int = 40_000, n_features: int = 32, n_clust
     if not manifest_path(shards).is_file():
         write_shards(shards, np.arange(n_samples, dtype=np.int64), x, y,
                      rows_per_shard=-(-n_samples // (2 * max(workers))))
-    cfg = FitConfig(seed=seed, row_dtype=row_dtype)
+    cfg = FitConfig(seed=seed, row_dtype=row_dtype).replace(**(config or {}))
     out, ref = [], None
     for w in workers:
         run_dir, logs = root / f"run-{w}w", root / f"ranks-{w}w"
@@ -132,6 +133,8 @@ def bench_workers_scaling(n_samples: int = 40_000, n_features: int = 32, n_clust
         out.append({
             "workers": w, "n_samples": n_samples, "n_features": n_features, "row_dtype": row_dtype,
             "peak_rss_mb_per_worker": "/".join(f"{max(r['peak_memory'] for r in rk) / 1e6:.0f}" for rk in ranks),
+            "peak_bytes": max(max(r["peak_memory"] for r in rk) for rk in ranks),
+            "K_median": int(np.median([r["n_clusters"] for r in r0])),
             "comm_kb_split_epoch": round(float(np.median(split)) / 1e3, 1) if split else 0.0,
             "comm_kb_other_epoch": round(float(np.median(other)) / 1e3, 1) if other else 0.0,
             "grad_kb_epoch": round(float(np.median([r["grad_bytes"] for r in r0])) / 1e3, 1),
@@ -140,3 +143,48 @@ def bench_workers_scaling(n_samples: int = 40_000, n_features: int = 32, n_clust
             "ARI_vs_W1": round(float(adjusted_rand_score(ref, z)), 4),
         })
     return out
+
+
+SHORT_SCHEDULE = {"schedule.epochs": 12, "schedule.warmup_epochs": 2, "schedule.subcluster_start": 2,
+                  "schedule.first_split": 5, "schedule.move_period": 4, "schedule.final_epochs": 3,
+                  "schedule.freeze_epochs": 1}
+
+
+def bench_scaling_table(scales: Sequence[tuple[int, Sequence[int]]] = ((128_000, (1, 2, 4)), (1_280_000, (1, 2))),
+                        n_features: int = 128, n_clusters: int = 100, seed: int = 0,
+                        work_dir: str | os.PathLike | None = None) -> str:
+    """The scaling table of issue 42: make_imagenet_proxy(N, 128, 100) at each N with each worker
+    count W (Ray Train CPU workers, the defaults on a 12-epoch schedule with one split and one merge
+    round, SHORT_SCHEDULE), and beside each measured point the cost model (ops.cost) with its CPU
+    constants fitted to all the points of this run."""
+    from cluster_service.ops import cost
+
+    root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="bench-scale-table-"))
+    rows = []
+    for n, workers in scales:
+        for r in bench_workers_scaling(n, n_features, n_clusters, workers, seed, work_dir=root / f"n{n}",
+                                       config=SHORT_SCHEDULE):
+            rows.append(r)
+    cfg = FitConfig()
+
+    def workload(r: dict) -> cost.Workload:
+        return cost.Workload(r["n_samples"], n_features, r["K_median"], r["workers"], cfg.candidates, cfg.row_dtype,
+                             cfg.net.batch_size, cfg.net.min_steps_per_epoch, cfg.net.cluster_hidden,
+                             cfg.net.sub_hidden)
+
+    device = cost.fit_device([(workload(r), r["epoch_s"], r["peak_bytes"]) for r in rows], cost.DEVICES["cpu"])
+    lines = [f"Fitted CPU constants: {device.flops / 1e9:.1f} Gflop/s, {device.step_overhead * 1e3:.2f} ms a step, "
+             f"base memory {device.base_memory / 1e9:.2f} GB (bandwidth {device.bandwidth / 1e9:.0f} GB/s and "
+             f"{device.epoch_overhead} s an epoch assumed).", "",
+             "| rows | W | peak RSS per worker MB (model) | comm KB split epoch / other | grad KB epoch | "
+             "epoch s (model) | K | NMI | ARI vs W = 1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = cost.estimate(workload(r), device)
+        lines.append(f"| {r['n_samples']:,} | {r['workers']} | {r['peak_rss_mb_per_worker']} "
+                     f"({e.memory_bytes / 1e6:,.0f}) | {r['comm_kb_split_epoch']:,} / {r['comm_kb_other_epoch']:,} | "
+                     f"{r['grad_kb_epoch']:,} | {r['epoch_s']:.2f} ({e.epoch_seconds:.2f}) | {r['K']} | {r['NMI']} | "
+                     f"{r['ARI_vs_W1']} |")
+    import json
+
+    (root / "scaling_rows.json").write_text(json.dumps(rows, indent=1))
+    return "\n".join(lines)

@@ -222,12 +222,44 @@ def plan(
     config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
     epochs: Annotated[int | None, typer.Option(help="training epochs")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set schedule.epochs=60")] = None,
+    rows: Annotated[int | None, typer.Option(help="rows to fit: also print the cost model's memory and time")] = None,
+    dim: Annotated[int, typer.Option(help="feature dimension")] = 128,
+    clusters: Annotated[int, typer.Option(help="clusters K expected (the moves' range)")] = 1000,
+    workers: Annotated[int, typer.Option(help="Ray Train workers")] = 1,
+    device: Annotated[str, typer.Option(help="cpu | cuda (cost model constants: ops.cost.DEVICES)")] = "cpu",
 ) -> None:
-    """Print the training schedule (warm-up, subclusters, split and merge epochs)."""
+    """Print the training schedule (warm-up, subclusters, split and merge epochs); with --rows, the
+    cost model's memory per worker, bytes between workers and time (ops.cost)."""
     from cluster_service.core.schedule import build_plan, format_plan
+    from cluster_service.ops import cost
 
     cfg = load_fit_config(config, set_, **{"schedule.epochs": epochs})
-    out.print(format_plan(build_plan(cfg.schedule), cfg.schedule))
+    schedule = build_plan(cfg.schedule)
+    out.print(format_plan(schedule, cfg.schedule))
+    if rows is None:
+        return
+    if device not in cost.DEVICES:
+        raise typer.BadParameter(f"--device must be one of {', '.join(cost.DEVICES)}, got {device!r}")
+    for name, value in (("--rows", rows), ("--dim", dim), ("--clusters", clusters), ("--workers", workers)):
+        if value < 1:
+            raise typer.BadParameter(f"{name} must be at least 1, got {value}")
+    dev = cost.DEVICES[device]
+    w = cost.Workload(rows, dim, clusters, workers, cfg.candidates, cfg.row_dtype, cfg.net.batch_size,
+                      cfg.net.min_steps_per_epoch, cfg.net.cluster_hidden, cfg.net.sub_hidden)
+    e = cost.estimate(w, dev)
+    gb = 1e9
+    out.print(f"\nCost model ({dev.name}; {dev.source}): {rows:,} x {dim}, K {clusters:,}, {workers} worker(s), "
+              f"{w.scored} clusters scored a row, rows as {cfg.row_dtype}")
+    out.print(f"  memory per worker  {e.memory_bytes / gb:,.2f} GB (rows {e.rows_bytes / gb:,.2f}, statistics "
+              f"{e.stats_bytes / gb:,.2f}, base {dev.base_memory / gb:,.2f})")
+    out.print(f"  bytes per epoch    statistics {e.stats_comm_bytes / gb:,.3f} GB, gradients "
+              f"{e.grad_comm_bytes / gb:,.3f} GB a worker")
+    hours = len(schedule) * e.epoch_seconds / 3600
+    out.print(f"  epoch              {e.epoch_seconds:,.1f} s (compute {e.compute_seconds:,.1f}, comm "
+              f"{e.comm_seconds:,.1f}); {len(schedule)} epochs at most: {hours:,.2f} h")
+    if e.memory_bytes > dev.memory_cap:
+        out.print(f"  [bold red]over the {dev.memory_cap / gb:,.0f} GB a worker has: add workers or use "
+                  f"--set row_dtype=bfloat16[/]")
 
 
 @app.command()
