@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from cli_helpers import run_inprocess
 
 from cluster_service.datasets import make_mixture
 
@@ -21,19 +22,6 @@ FAST = ["--set", "schedule.epochs=30", "--quiet"]
 
 def run(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
-
-
-def run_inprocess(capsys, monkeypatch, *args) -> subprocess.CompletedProcess:
-    from cluster_service.ops import cli
-
-    monkeypatch.setattr(sys, "argv", ["cluster-service", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 @pytest.fixture(scope="module")

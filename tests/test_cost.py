@@ -2,9 +2,9 @@
 its fit to measured points, and `cluster-service plan --rows`."""
 
 import math
-import sys
 
 import pytest
+from cli_helpers import run_inprocess
 
 from cluster_service.ops import cost
 
@@ -14,16 +14,8 @@ def _w(**kw) -> cost.Workload:
 
 
 def _plan(capsys, monkeypatch, *args) -> tuple[int, str]:
-    from cluster_service.ops import cli
-
-    monkeypatch.setattr(sys, "argv", ["cluster-service", "plan", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    got = capsys.readouterr()
-    return code, " ".join((got.out + got.err).split())
+    r = run_inprocess(capsys, monkeypatch, "plan", *args)
+    return r.returncode, " ".join((r.stdout + r.stderr).split())
 
 
 def test_memory_per_worker_falls_as_one_over_w_plus_a_constant():

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cli_helpers
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -66,17 +67,9 @@ def planted_data(root: Path):
 
 
 def run_inprocess(capsys, monkeypatch, *args) -> subprocess.CompletedProcess:
-    """The CLI's main() in this process: the same exit codes and messages, no interpreter start-up."""
-    from cluster_service.ops import cli
-
-    monkeypatch.setattr(sys, "argv", ["cluster-service", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, " ".join(captured.err.split()))
+    """cli_helpers.run_inprocess with stderr on one line (rich wraps long messages)."""
+    r = cli_helpers.run_inprocess(capsys, monkeypatch, *args)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout, " ".join(r.stderr.split()))
 
 
 @pytest.fixture
