@@ -118,12 +118,15 @@ def bench_workers_scaling(n_samples: int = 40_000, n_features: int = 32, n_clust
     out, ref = [], None
     for w in workers:
         run_dir, logs = root / f"run-{w}w", root / f"ranks-{w}w"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(logs, ignore_errors=True)
-        logs.mkdir(parents=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fit_distributed(shards, run_dir, cfg, w, max_failures=0, callbacks=[RankLog(logs)])
+        if not (run_dir / "summary.json").is_file():  # a finished run in a kept work_dir is read back
+            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(logs, ignore_errors=True)
+            logs.mkdir(parents=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # more workers than cores: each gets its share (Ray would otherwise wait for free CPUs)
+                fit_distributed(shards, run_dir, cfg, w, max_failures=0, callbacks=[RankLog(logs)],
+                                cpus_per_worker=min(1.0, (os.cpu_count() or 1) / w))
         ranks = [[json.loads(line) for line in (logs / f"rank{r}.jsonl").read_text().splitlines()] for r in range(w)]
         z = read_assignments(run_dir, ["cluster"]).column("cluster").to_numpy()
         ref = z if ref is None else ref
@@ -157,7 +160,6 @@ def bench_scaling_table(scales: Sequence[tuple[int, Sequence[int]]] = ((128_000,
     count W (Ray Train CPU workers, the defaults on a 12-epoch schedule with one split and one merge
     round, SHORT_SCHEDULE), and beside each measured point the cost model (ops.cost) with its CPU
     constants fitted to all the points of this run."""
-    from cluster_service.ops import cost
 
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="bench-scale-table-"))
     rows = []
@@ -165,6 +167,16 @@ def bench_scaling_table(scales: Sequence[tuple[int, Sequence[int]]] = ((128_000,
         for r in bench_workers_scaling(n, n_features, n_clusters, workers, seed, work_dir=root / f"n{n}",
                                        config=SHORT_SCHEDULE):
             rows.append(r)
+    import json
+
+    (root / "scaling_rows.json").write_text(json.dumps(rows, indent=1))
+    return scaling_markdown(rows, n_features)
+
+
+def scaling_markdown(rows: list[dict], n_features: int = 128) -> str:
+    """The scaling table from bench_workers_scaling rows, the cost model fitted to them beside each."""
+    from cluster_service.ops import cost
+
     cfg = FitConfig()
 
     def workload(r: dict) -> cost.Workload:
@@ -173,10 +185,11 @@ def bench_scaling_table(scales: Sequence[tuple[int, Sequence[int]]] = ((128_000,
                              cfg.net.sub_hidden)
 
     device = cost.fit_device([(workload(r), r["epoch_s"], r["peak_bytes"]) for r in rows], cost.DEVICES["cpu"])
-    lines = [f"Fitted CPU constants: {device.flops / 1e9:.1f} Gflop/s, {device.step_overhead * 1e3:.2f} ms a step, "
-             f"base memory {device.base_memory / 1e9:.2f} GB (bandwidth {device.bandwidth / 1e9:.0f} GB/s and "
-             f"{device.epoch_overhead} s an epoch assumed).", "",
-             "| rows | W | peak RSS per worker MB (model) | comm KB split epoch / other | grad KB epoch | "
+    lines = [f"Fitted CPU constants: {device.flops / 1e9:.1f} Gflop/s a worker ({device.parallel:g} at full speed), "
+             f"{device.step_overhead * 1e3:.2f} ms a step (+{device.sync_overhead * 1e3:.2f} ms with W > 1), "
+             f"{device.epoch_overhead:.2f} s an epoch; base memory {device.base_memory / 1e9:.2f} GB "
+             f"(+{device.dist_memory / 1e9:.2f} GB with W > 1); bandwidth {device.bandwidth / 1e9:.0f} GB/s assumed.",
+             "", "| rows | W | peak RSS per worker MB (model) | comm KB split epoch / other | grad KB epoch | "
              "epoch s (model) | K | NMI | ARI vs W = 1 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = cost.estimate(workload(r), device)
@@ -184,7 +197,4 @@ def bench_scaling_table(scales: Sequence[tuple[int, Sequence[int]]] = ((128_000,
                      f"({e.memory_bytes / 1e6:,.0f}) | {r['comm_kb_split_epoch']:,} / {r['comm_kb_other_epoch']:,} | "
                      f"{r['grad_kb_epoch']:,} | {r['epoch_s']:.2f} ({e.epoch_seconds:.2f}) | {r['K']} | {r['NMI']} | "
                      f"{r['ARI_vs_W1']} |")
-    import json
-
-    (root / "scaling_rows.json").write_text(json.dumps(rows, indent=1))
     return "\n".join(lines)
