@@ -70,6 +70,9 @@ def test_one_cluster_summary_says_why_and_what_would_help():
     assert "rows per dimension" in note["note"] and "--pca-dim" in note["note"] and "covariance=diag" in note["note"]
     assert note["rows_per_dim"] == round(500 / 256, 2) and note["covariance"] == "full"
     assert "note" not in model_choice(5000, 8, 4, {"family": "diag", "kappa": 0.5})
+    # the diagonal family chosen: no advice to choose it
+    diag = model_choice(500, 256, 1, {"family": "diag", "kappa": 1e-4})["note"]
+    assert "covariance=diag" not in diag and "already the simplest" in diag
 
 
 def test_covariance_and_kappa_mode_are_validated():

@@ -83,7 +83,10 @@ def model_choice(n_samples: int, n_features: int, k_found: int, prior: dict) -> 
             f"one cluster: the evidence preferred a single {family}-covariance Gaussian to every partition tried "
             f"({n_samples} rows in {n_features} dimensions; a cluster of sqrt(n) rows would have "
             f"{n_samples ** 0.5 / n_features:.2g} rows per dimension). If you expect structure: fewer dimensions "
-            "(`extract --pca-dim D`), more rows, or a simpler family (`--set prior.covariance=diag`)")
+            "(`extract --pca-dim D`), more rows"
+            + (", or a simpler family (`--set prior.covariance=diag`)" if family == "full" else
+               f" ({family} is already the simplest family offered)")
+            + ". Clusters that overlap heavily can leave one Gaussian the most probable model in every family.")
     return out
 
 
