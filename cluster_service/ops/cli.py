@@ -251,8 +251,8 @@ def plan(
     out.print(f"\nCost model ({dev.name}; {dev.source}): {rows:,} x {dim}, K {clusters:,}, {workers} worker(s), "
               f"{w.scored} clusters scored a row, rows as {cfg.row_dtype}")
     out.print(f"  memory per worker  {e.memory_bytes / gb:,.2f} GB (rows and their indices "
-              f"{e.rows_bytes / gb:,.2f}, statistics "
-              f"{e.stats_bytes / gb:,.2f}, base {dev.base_memory / gb:,.2f}"
+              f"{e.rows_bytes / gb:,.2f}, statistics {e.stats_bytes / gb:,.2f}, a split round's cells "
+              f"{e.cells_bytes / gb:,.2f}, base {dev.base_memory / gb:,.2f}"
               f"{f', process group {dev.dist_memory / gb:,.2f}' if workers > 1 else ''})")
     out.print(f"  bytes per epoch    statistics {e.stats_comm_bytes / gb:,.3f} GB (a split round "
               f"+{e.split_comm_bytes / gb:,.3f}), gradients "
