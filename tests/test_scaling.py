@@ -95,8 +95,7 @@ def test_two_gloo_ranks_move_the_same_bytes_at_n_and_4n_rows(tmp_path):
                 # the nets and statistics of an epoch have the K it began with or the one it ended with
                 est = []
                 for k in {ks[max(0, e - 1)], ks[e]}:
-                    w = cost.Workload(n, 8, int(k), 2, CFG.candidates, CFG.row_dtype, CFG.net.batch_size,
-                                      CFG.net.min_steps_per_epoch, CFG.net.cluster_hidden, CFG.net.sub_hidden)
+                    w = cost.Workload.from_config(CFG, n, 8, int(k), 2)
                     est.append((w, cost.estimate(w, cost.DEVICES["cpu"])))
                 if not moved:
                     assert any(abs(comm - x.stats_comm_bytes) <= 0.1 * x.stats_comm_bytes for _, x in est), (e, comm)

@@ -177,12 +177,8 @@ def scaling_markdown(rows: list[dict], n_features: int = 128) -> str:
     """The scaling table from bench_workers_scaling rows, the cost model fitted to them beside each."""
     from cluster_service.ops import cost
 
-    cfg = FitConfig()
-
     def workload(r: dict) -> cost.Workload:
-        return cost.Workload(r["n_samples"], n_features, r["K_median"], r["workers"], cfg.candidates, cfg.row_dtype,
-                             cfg.net.batch_size, cfg.net.min_steps_per_epoch, cfg.net.cluster_hidden,
-                             cfg.net.sub_hidden)
+        return cost.Workload.from_config(FitConfig(), r["n_samples"], n_features, r["K_median"], r["workers"])
 
     device = cost.fit_device([(workload(r), r["epoch_s"], r["peak_bytes"]) for r in rows], cost.DEVICES["cpu"])
     lines = [f"Fitted CPU constants: {device.flops / 1e9:.1f} Gflop/s a worker ({device.parallel:g} at full speed), "

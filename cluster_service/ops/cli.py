@@ -244,8 +244,7 @@ def plan(
         if value < 1:
             raise typer.BadParameter(f"{name} must be at least 1, got {value}")
     dev = cost.DEVICES[device]
-    w = cost.Workload(rows, dim, clusters, workers, cfg.candidates, cfg.row_dtype, cfg.net.batch_size,
-                      cfg.net.min_steps_per_epoch, cfg.net.cluster_hidden, cfg.net.sub_hidden)
+    w = cost.Workload.from_config(cfg, rows, dim, clusters, workers)
     e = cost.estimate(w, dev)
     gb = 1e9
     out.print(f"\nCost model ({dev.name}; {dev.source}): {rows:,} x {dim}, K {clusters:,}, {workers} worker(s), "

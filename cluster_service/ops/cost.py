@@ -35,6 +35,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from cluster_service.train.engine import SUB_ROWS_PER_NET
+
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -95,11 +97,18 @@ class Workload:
     sub_hidden: int = 32
     split_cells: int = 32
 
+    @classmethod
+    def from_config(cls, cfg, rows: int, dim: int, clusters: int, workers: int) -> Workload:
+        """The workload of a fit with FitConfig `cfg` (candidates, row dtype, batch, nets, cells)."""
+        return cls(rows, dim, clusters, workers, cfg.candidates, cfg.row_dtype, cfg.net.batch_size,
+                   cfg.net.min_steps_per_epoch, cfg.net.cluster_hidden, cfg.net.sub_hidden, cfg.moves.split_cells)
+
     @property
     def cells(self) -> int:
-        """k-means cells a cluster at a split round (train.move_steps.cells_per_cluster: one per
-        2 (d + 2) rows, 2 to split_cells), for clusters of the mean size."""
-        return max(2, min(self.split_cells, self.rows // max(1, self.clusters) // (2 * (self.dim + 2))))
+        """k-means cells a cluster at a split round, for clusters of the mean size."""
+        from cluster_service.train.move_steps import split_cells
+
+        return split_cells(self.rows // max(1, self.clusters), self.dim, self.split_cells)
 
     @property
     def scored(self) -> int:
@@ -118,8 +127,10 @@ class Workload:
 
     @property
     def batch(self) -> int:
-        """The global batch (train.engine: smaller on small data, for min_steps steps an epoch)."""
-        return max(1, min(self.batch_size, math.ceil(self.rows / self.min_steps)))
+        """The global batch (train.shuffle.global_batch, as the engine takes it)."""
+        from cluster_service.train.shuffle import global_batch
+
+        return global_batch(self.rows, self.batch_size, self.min_steps)
 
     @property
     def steps(self) -> int:
@@ -163,7 +174,7 @@ def estimate(w: Workload, device: Device) -> Estimate:
     flops = n_w * per_row + w.clusters * w.dim**3
     stats_comm = 2 * stats_set * (w.workers > 1)
     split_comm = 2 * cells_set * (w.workers > 1)
-    sub_every = max(1, math.ceil(8 * w.clusters / w.batch))  # train.engine.SUB_ROWS_PER_NET
+    sub_every = max(1, math.ceil(SUB_ROWS_PER_NET * w.clusters / w.batch))
     grad_comm = 2 * 4 * (w.cluster_net_params * w.steps + w.subnet_params * math.ceil(w.steps / sub_every))
     grad_comm *= w.workers > 1
     compute = flops / (device.flops * min(1.0, device.parallel / w.workers))

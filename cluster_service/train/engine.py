@@ -48,7 +48,7 @@ from cluster_service.train import move_steps, start
 from cluster_service.train.comm import LocalComm, unwrap
 from cluster_service.train.estep import Scores, make_estep, net_log_responsibilities
 from cluster_service.train.rows import Rows
-from cluster_service.train.shuffle import epoch_order
+from cluster_service.train.shuffle import epoch_order, global_batch
 
 # The subnets take one optimizer step per this many rows per subnet (see train_nets).
 SUB_ROWS_PER_NET = 8
@@ -210,7 +210,7 @@ class Engine:
         / n_global."""
         cfg = self.cfg.net
         # one pass over the rows, in at least min_steps_per_epoch steps (smaller batches on small data)
-        B = max(1, min(cfg.batch_size, math.ceil(self.n_global / cfg.min_steps_per_epoch)))
+        B = global_batch(self.n_global, cfg.batch_size, cfg.min_steps_per_epoch)
         steps = math.ceil(self.n_global / B)
         # The subnets step once per SUB_ROWS_PER_NET * K rows (at least every batch): at large K a
         # batch holds about one row per subnet, and a step per batch is mostly optimizer work.

@@ -22,11 +22,15 @@ from cluster_service.core.gaussian import add_grouped_stats_, add_hard_stats_, i
 from cluster_service.core.niw import STAT_DTYPE, SuffStats
 
 
+def split_cells(count: int, n_features: int, max_cells: int) -> int:
+    """k-means cells used to propose splits of a cluster of `count` rows: one per 2 (d + 2) rows
+    (enough for a full covariance), at least 2, at most max_cells (moves.split_cells)."""
+    return max(2, min(max_cells, int(count) // (2 * (n_features + 2))))
+
+
 def cells_per_cluster(engine, counts: torch.Tensor) -> list[int]:
-    """k-means cells used to propose splits of each cluster: one per 2 (d + 2) points (enough
-    for a full covariance), at least 2, at most moves.split_cells. counts: (K,)."""
-    per = 2 * (engine.n_features + 2)
-    return [max(2, min(engine.cfg.moves.split_cells, int(c) // per)) for c in counts.tolist()]
+    """split_cells of each cluster. counts: (K,)."""
+    return [split_cells(c, engine.n_features, engine.cfg.moves.split_cells) for c in counts.tolist()]
 
 
 @torch.no_grad()

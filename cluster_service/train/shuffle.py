@@ -11,6 +11,8 @@ every worker.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _M1, _M2 = 0x9E3779B1, 0x85EBCA6B  # odd 32-bit multipliers (golden ratio; murmur3's finaliser)
@@ -70,6 +72,12 @@ class EpochOrder:
             parts.append(self.order[int(bounds[0]):int(bounds[1])])
             lo += b - a
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def global_batch(n_global: int, batch_size: int, min_steps: int) -> int:
+    """Rows of one global mini-batch: batch_size, smaller on small data so that an epoch has at least
+    min_steps steps."""
+    return max(1, min(batch_size, math.ceil(n_global / min_steps)))
 
 
 def epoch_order(global_index: torch.Tensor, n_global: int, gen: torch.Generator) -> EpochOrder:
